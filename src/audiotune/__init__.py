@@ -1,0 +1,2 @@
+"""audiotune."""
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Source formats, audio decoding and the Dataset schema."""
