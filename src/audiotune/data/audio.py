@@ -1,0 +1,123 @@
+"""Audio decoding, down-mixing, resampling, silence handling and FLAC encoding.
+
+Decoding uses soundfile (libsndfile: WAV, FLAC, MP3, OGG); resampling uses soxr.
+Errors come out as :class:`AudioError` with a quarantine reason and a sentence
+naming the file.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+from audiotune.data import reasons
+
+
+class AudioError(Exception):
+    """Audio that cannot be used; ``reason`` is a quarantine reason code."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def _wav_shortfall(path: str) -> int:
+    """Bytes missing from a RIFF/WAVE file's ``data`` chunk (libsndfile silently reads what is there)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return 0
+        pos = 12
+        while pos + 8 <= size:
+            f.seek(pos)
+            chunk = f.read(8)
+            length = int.from_bytes(chunk[4:8], "little")
+            if chunk[:4] == b"data":
+                if length in (0, 0xFFFFFFFF):  # streaming writers leave the size unset
+                    return 0
+                return max(0, pos + 8 + length - size)
+            pos += 8 + length + (length & 1)
+    return 0
+
+
+def load_audio(path: str, target_sr: int) -> np.ndarray:
+    """Decode ``path`` to float32 mono at ``target_sr``.
+
+    Raises:
+        AudioError: missing file, undecodable or truncated data, or no samples.
+    """
+    if not os.path.isfile(path):
+        raise AudioError(reasons.MISSING_AUDIO, f"{path}: audio file does not exist")
+    try:
+        with sf.SoundFile(path) as f:
+            declared = f.frames
+            data = f.read(dtype="float32", always_2d=True)
+            sr = f.samplerate
+    except (sf.LibsndfileError, RuntimeError, ValueError, TypeError, OSError) as err:
+        raise AudioError(reasons.UNDECODABLE_AUDIO, f"{path}: cannot decode audio ({err})") from None
+    missing = _wav_shortfall(path) if path.lower().endswith((".wav", ".wave")) else 0
+    if missing > 0:
+        raise AudioError(
+            reasons.UNDECODABLE_AUDIO, f"{path}: truncated WAV ({missing} bytes of the data chunk are missing)"
+        )
+    if declared > 0 and len(data) < declared * 0.98 and declared - len(data) > 1024:
+        raise AudioError(
+            reasons.UNDECODABLE_AUDIO,
+            f"{path}: truncated audio (header declares {declared} frames, {len(data)} decoded)",
+        )
+    if data.size == 0:
+        raise AudioError(reasons.EMPTY_AUDIO, f"{path}: audio has no samples")
+    mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+    if not np.isfinite(mono).all():
+        raise AudioError(reasons.UNDECODABLE_AUDIO, f"{path}: audio contains NaN or infinite samples")
+    if sr != target_sr:
+        mono = soxr.resample(mono, sr, target_sr, quality="HQ")
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def peak_dbfs(wav: np.ndarray) -> float:
+    """Peak level in dB relative to full scale (-inf for digital silence)."""
+    peak = float(np.max(np.abs(wav))) if wav.size else 0.0
+    return 20.0 * np.log10(peak) if peak > 0 else float("-inf")
+
+
+def is_silent(wav: np.ndarray, threshold_db: float) -> bool:
+    """True when the peak level is below ``threshold_db`` dBFS."""
+    return peak_dbfs(wav) < threshold_db
+
+
+def trim_silence(wav: np.ndarray, sr: int, top_db: float = 40.0, frame_ms: float = 20.0,
+                 margin_ms: float = 20.0) -> np.ndarray:
+    """Cut leading and trailing frames quieter than ``top_db`` below the loudest frame."""
+    frame = max(1, int(sr * frame_ms / 1000))
+    n = len(wav) // frame
+    if n == 0:
+        return wav
+    rms = np.sqrt(np.mean(wav[: n * frame].reshape(n, frame).astype(np.float64) ** 2, axis=1) + 1e-20)
+    db = 20 * np.log10(rms)
+    loud = np.flatnonzero(db > db.max() - top_db)
+    if loud.size == 0:
+        return wav
+    margin = int(sr * margin_ms / 1000)
+    start = max(0, loud[0] * frame - margin)
+    end = min(len(wav), (loud[-1] + 1) * frame + margin)
+    return wav[start:end]
+
+
+def encode_flac(wav: np.ndarray, sr: int) -> bytes:
+    """16-bit FLAC bytes of a mono float signal (clipped to [-1, 1])."""
+    buf = io.BytesIO()
+    sf.write(buf, np.clip(wav, -1.0, 1.0), sr, format="FLAC", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def decode_flac(data: bytes) -> tuple[np.ndarray, int]:
+    """Decode FLAC (or any soundfile format) bytes to float32 mono and its sample rate."""
+    wav, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    return (wav.mean(axis=1) if wav.shape[1] > 1 else wav[:, 0]), sr

@@ -1,0 +1,86 @@
+"""The Dataset artifact's row schema, its deterministic split, and a bounded shard writer."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+
+DATASET_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("speaker", pa.string()),
+        pa.field("task", pa.string(), nullable=False),
+        pa.field("text", pa.string()),
+        pa.field("audio", pa.binary()),
+        pa.field("duration_s", pa.float32()),
+        pa.field("prompt_text", pa.string()),
+        pa.field("prompt_audio", pa.binary()),
+        pa.field("tags", pa.list_(pa.string())),
+        pa.field("lyrics", pa.string()),
+        pa.field("meta", pa.string()),
+    ]
+)
+COLUMNS = DATASET_SCHEMA.names
+SPLITS = ("train", "val")
+_SPLIT_SALT = b"audiotune-split-v1:"
+
+
+def split_of(row_id: str, val_fraction: float) -> str:
+    """Deterministic split from a hash of the row id alone.
+
+    The choice depends on nothing but the id, so re-runs and added rows never
+    move an existing row between train and val.
+    """
+    if val_fraction <= 0:
+        return "train"
+    digest = hashlib.sha256(_SPLIT_SALT + row_id.encode("utf-8")).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    return "val" if u < val_fraction else "train"
+
+
+class ShardWriter:
+    """Writes rows of one split into ``part-00000.parquet`` ... bounded by rows and bytes."""
+
+    def __init__(self, directory: Path, max_rows: int, max_bytes: int):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.max_rows = max_rows
+        self.max_bytes = max_bytes
+        self.shards: list[dict[str, Any]] = []
+        self._buffer: list[dict[str, Any]] = []
+        self._bytes = 0
+        self.rows = 0
+
+    def add(self, row: dict[str, Any]) -> None:
+        """Buffer one row; flush a shard when a bound is reached."""
+        self._buffer.append(row)
+        self._bytes += len(row.get("audio") or b"") + len(row.get("prompt_audio") or b"") + 256
+        self.rows += 1
+        if len(self._buffer) >= self.max_rows or self._bytes >= self.max_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered rows as the next shard."""
+        if not self._buffer:
+            return
+        name = f"part-{len(self.shards):05d}.parquet"
+        table = pa.Table.from_pylist(self._buffer, schema=DATASET_SCHEMA)
+        pq.write_table(table, self.directory / name, compression="zstd", row_group_size=256)
+        self.shards.append({"file": name, "rows": table.num_rows})
+        log.debug("wrote %s/%s (%d rows)", self.directory.name, name, table.num_rows)
+        self._buffer = []
+        self._bytes = 0
+
+
+def read_rows(directory: str | Path, columns: list[str] | None = None) -> Iterator[dict[str, Any]]:
+    """Iterate the rows of every shard of a local split directory, in shard order."""
+    for path in sorted(Path(directory).glob("part-*.parquet")):
+        table = pq.read_table(path, columns=columns)
+        yield from table.to_pylist()

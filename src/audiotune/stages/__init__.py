@@ -1,0 +1,1 @@
+"""One recipe per stage: read inputs, build, run, publish."""

@@ -1,0 +1,456 @@
+"""Local paths and ``s3://bucket/prefix`` URIs behind one small API, and atomic publish of artifacts.
+
+S3 goes through boto3 with the standard AWS environment (``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3``,
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``, profiles), so MinIO and other
+S3-compatible stores work unchanged. Every artifact is a directory with a ``manifest.json`` at its root;
+:func:`publish_dir` makes it appear all at once: a local directory by a final rename, an S3 prefix by
+writing ``manifest.json`` last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+_WORKERS = 8
+_UPLOAD_ATTEMPTS = 3
+_DELETE_BATCH = 1000
+
+_T = TypeVar("_T")
+_clients: dict[tuple[str | None, ...], Any] = {}
+_clients_lock = threading.Lock()
+
+
+# ---------------------------------------------------------------------------------------------- URIs
+
+
+def is_s3(uri: str | os.PathLike) -> bool:
+    """Whether ``uri`` names an S3 location (``s3://bucket/key``)."""
+    return str(uri).startswith("s3://")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """Split ``s3://bucket/some/key`` into ``("bucket", "some/key")``.
+
+    Raises:
+        ValueError: When ``uri`` is not an S3 URI or names no bucket.
+    """
+    if not is_s3(uri):
+        raise ValueError(f"not an s3:// URI: {uri}")
+    bucket, _, key = str(uri)[len("s3://"):].partition("/")
+    if not bucket:
+        raise ValueError(f"s3 URI without a bucket: {uri}")
+    return bucket, key.strip("/")
+
+
+def join(uri: str | os.PathLike, *parts: str) -> str:
+    """Join path parts onto a local path or an S3 URI, with ``/`` separators on S3."""
+    if not is_s3(uri):
+        return str(Path(uri, *parts))
+    base = str(uri).rstrip("/")
+    tail = "/".join(p.strip("/") for p in parts if p and p.strip("/"))
+    return f"{base}/{tail}" if tail else base
+
+
+
+def _client_key() -> tuple[str | None, ...]:
+    env = os.environ
+    return (
+        env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"),
+        env.get("AWS_ACCESS_KEY_ID"),
+        env.get("AWS_DEFAULT_REGION") or env.get("AWS_REGION"),
+        env.get("AWS_PROFILE"),
+    )
+
+
+def client() -> Any:
+    """The boto3 S3 client for the current AWS environment, cached per process and per endpoint.
+
+    A custom endpoint (MinIO, a test server) gets path-style addressing, which such stores expect.
+    """
+    key = _client_key()
+    with _clients_lock:
+        cached = _clients.get(key)
+        if cached is not None:
+            return cached
+        import boto3
+        from botocore.config import Config
+
+        s3_options = {"addressing_style": "path"} if key[0] else {}
+        config = Config(retries={"max_attempts": 5, "mode": "adaptive"}, s3=s3_options)
+        made = boto3.session.Session().client("s3", config=config)
+        _clients[key] = made
+        log.debug("S3 client for endpoint %s", key[0] or "AWS default")
+        return made
+
+
+def _is_missing(err: Exception) -> bool:
+    from botocore.exceptions import ClientError
+
+    if not isinstance(err, ClientError):
+        return False
+    code = str(err.response.get("Error", {}).get("Code", ""))
+    return code in {"404", "NoSuchKey", "NotFound"}
+
+
+def _head(bucket: str, key: str) -> dict | None:
+    """``head_object`` metadata, or None when the object does not exist (other errors propagate)."""
+    from botocore.exceptions import ClientError
+
+    if not key:
+        return None
+    try:
+        return client().head_object(Bucket=bucket, Key=key)
+    except ClientError as err:
+        if _is_missing(err):
+            return None
+        raise
+
+
+def _iter_keys(bucket: str, prefix: str) -> Iterator[str]:
+    """Every object key below ``prefix`` (a directory prefix ending in ``/`` or empty)."""
+    paginator = client().get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            yield obj["Key"]
+
+
+def _dir_prefix(key: str) -> str:
+    return f"{key}/" if key else ""
+
+
+def _retry(what: str, fn: Callable[[], _T]) -> _T:
+    """Run an upload, retrying transient failures (on top of botocore's own per-request retries)."""
+    from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import ConnectionClosedError, EndpointConnectionError, ReadTimeoutError
+
+    transient = (S3UploadFailedError, ConnectionClosedError, EndpointConnectionError, ReadTimeoutError)
+    for attempt in range(1, _UPLOAD_ATTEMPTS + 1):
+        try:
+            return fn()
+        except transient as err:
+            if attempt == _UPLOAD_ATTEMPTS:
+                raise
+            delay = 0.5 * 2 ** (attempt - 1)
+            log.warning("%s failed (%s); retrying in %.1fs", what, err, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+
+def exists(uri: str | os.PathLike) -> bool:
+    """Whether ``uri`` is an existing file, or a directory / S3 prefix holding at least one object."""
+    if not is_s3(uri):
+        return Path(uri).exists()
+    bucket, key = split_s3(str(uri))
+    if _head(bucket, key) is not None:
+        return True
+    page = client().list_objects_v2(Bucket=bucket, Prefix=_dir_prefix(key), MaxKeys=1)
+    return bool(page.get("Contents"))
+
+
+def read_bytes(uri: str | os.PathLike) -> bytes:
+    """The content of a file.
+
+    Raises:
+        FileNotFoundError: When the file (or S3 object) does not exist.
+    """
+    if not is_s3(uri):
+        return Path(uri).read_bytes()
+    from botocore.exceptions import ClientError
+
+    bucket, key = split_s3(str(uri))
+    try:
+        return client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    except ClientError as err:
+        if _is_missing(err):
+            raise FileNotFoundError(f"{uri} does not exist") from err
+        raise
+
+
+def read_text(uri: str | os.PathLike, encoding: str = "utf-8") -> str:
+    """The content of a text file (see :func:`read_bytes`)."""
+    return read_bytes(uri).decode(encoding)
+
+
+def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
+    """Write a file, creating parent directories; a local file is replaced atomically."""
+    if is_s3(uri):
+        bucket, key = split_s3(str(uri))
+        client().put_object(Bucket=bucket, Key=key, Body=data)
+        return
+    path = Path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(uri: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:
+    """Write a text file (see :func:`write_bytes`)."""
+    write_bytes(uri, text.encode(encoding))
+
+
+def list_files(uri: str | os.PathLike) -> list[str]:
+    """Relative ``/``-separated paths of every file below a directory or S3 prefix, sorted.
+
+    A missing directory or an empty prefix gives an empty list.
+    """
+    if not is_s3(uri):
+        root = Path(uri)
+        if not root.is_dir():
+            return []
+        return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    bucket, key = split_s3(str(uri))
+    prefix = _dir_prefix(key)
+    return sorted(k[len(prefix):] for k in _iter_keys(bucket, prefix) if not k.endswith("/"))
+
+
+
+def download(uri: str | os.PathLike, local_path: str | os.PathLike) -> Path:
+    """Copy a file, or every file below a directory / S3 prefix, to ``local_path``.
+
+    Returns:
+        ``local_path`` as a Path: the file, or the directory that mirrors the prefix.
+
+    Raises:
+        FileNotFoundError: When ``uri`` names neither a file nor a non-empty prefix.
+    """
+    dest = Path(local_path)
+    if not is_s3(uri):
+        src = Path(uri)
+        if src.is_dir():
+            shutil.copytree(src, dest, dirs_exist_ok=True)
+        elif src.is_file():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest)
+        else:
+            raise FileNotFoundError(f"{uri} does not exist")
+        return dest
+    bucket, key = split_s3(str(uri))
+    s3 = client()
+    if _head(bucket, key) is not None:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        s3.download_file(bucket, key, str(dest))
+        return dest
+    files = list_files(uri)
+    if not files:
+        raise FileNotFoundError(f"{uri} does not exist (no object and no objects below it)")
+    prefix = _dir_prefix(key)
+
+    def fetch(rel: str) -> None:
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        s3.download_file(bucket, prefix + rel, str(target))
+
+    _run_all(fetch, files)
+    log.debug("downloaded %d files from %s to %s", len(files), uri, dest)
+    return dest
+
+
+def _run_all(fn: Callable[[str], None], items: list[str]) -> None:
+    """Apply ``fn`` to every item on a small thread pool; the first error propagates."""
+    if len(items) <= 1:
+        for item in items:
+            fn(item)
+        return
+    with ThreadPoolExecutor(max_workers=min(_WORKERS, len(items))) as pool:
+        for future in [pool.submit(fn, item) for item in items]:
+            future.result()
+
+
+def _upload_files(local_dir: Path, uri: str, rels: list[str]) -> None:
+    bucket, key = split_s3(uri)
+    prefix = _dir_prefix(key)
+    s3 = client()
+
+    def put(rel: str) -> None:
+        _retry(f"upload of {rel} to {uri}", lambda: s3.upload_file(str(local_dir / rel), bucket, prefix + rel))
+
+    _run_all(put, rels)
+
+
+def upload_dir(local_dir: str | os.PathLike, uri: str | os.PathLike) -> None:
+    """Copy every file below ``local_dir`` to a directory or S3 prefix (existing files are replaced)."""
+    src = Path(local_dir)
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src} is not a directory")
+    if not is_s3(uri):
+        shutil.copytree(src, Path(uri), dirs_exist_ok=True)
+        return
+    rels = list_files(src)
+    _upload_files(src, str(uri), rels)
+    log.debug("uploaded %d files from %s to %s", len(rels), src, uri)
+
+
+def delete(uri: str | os.PathLike) -> None:
+    """Remove a file or a whole directory / S3 prefix; a missing one is not an error."""
+    if not is_s3(uri):
+        _remove_local(Path(uri))
+        return
+    bucket, key = split_s3(str(uri))
+    s3 = client()
+    keys = list(_iter_keys(bucket, _dir_prefix(key)))
+    if key and _head(bucket, key) is not None:
+        keys.append(key)
+    for start in range(0, len(keys), _DELETE_BATCH):
+        batch = [{"Key": k} for k in keys[start:start + _DELETE_BATCH]]
+        reply = s3.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+        if reply.get("Errors"):
+            first = reply["Errors"][0]
+            raise OSError(f"could not delete {len(reply['Errors'])} objects under {uri}, e.g. "
+                          f"{first.get('Key')}: {first.get('Message')}")
+
+
+def _remove_local(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "audiotune"
+
+
+def local_copy(uri: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """A local path holding ``uri``: a local path as is, an S3 file or prefix downloaded into a cache.
+
+    The cache entry is keyed by the URI. It is reused only when ``uri`` is an artifact whose
+    ``manifest.json`` still has the ETag and modification time seen at download; otherwise each call
+    downloads afresh (into a temporary name, then renamed into place).
+
+    Args:
+        uri: Local path or S3 URI.
+        cache_dir: Cache root; defaults to ``$XDG_CACHE_HOME/audiotune`` or ``~/.cache/audiotune``.
+    """
+    if not is_s3(uri):
+        return Path(uri)
+    uri = str(uri).rstrip("/")
+    bucket, key = split_s3(uri)
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    name = key.rsplit("/", 1)[-1] or bucket
+    root = _cache_root(cache_dir)
+    entry = root / f"{name}-{digest}"
+    stamp_file = root / f".{name}-{digest}.manifest-stamp"
+    head = _head(bucket, join(key, MANIFEST)) if key else None
+    stamp = json.dumps([head["ETag"], str(head["LastModified"])]) if head else None
+    if stamp and entry.exists() and stamp_file.exists() and stamp_file.read_text() == stamp:
+        log.debug("cache hit for %s at %s", uri, entry)
+        return entry
+    root.mkdir(parents=True, exist_ok=True)
+    stamp_file.unlink(missing_ok=True)
+    tmp = root / f".{name}-{digest}.tmp-{uuid.uuid4().hex}"
+    try:
+        download(uri, tmp)
+        _remove_local(entry)
+        os.rename(tmp, entry)
+    finally:
+        _remove_local(tmp)
+    if stamp:
+        stamp_file.write_text(stamp)
+    log.info("downloaded %s to %s", uri, entry)
+    return entry
+
+
+
+def require_missing_or_overwrite(uri: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse an existing target unless ``overwrite``.
+
+    Raises:
+        FileExistsError: When ``uri`` exists and ``overwrite`` is False.
+    """
+    if not overwrite and exists(uri):
+        raise FileExistsError(f"{uri} already exists; choose another output or set overwrite")
+
+
+@contextmanager
+def publish_dir(uri: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Stage an artifact directory locally and publish it atomically when the block succeeds.
+
+    Locally the staging directory is a hidden sibling of the target (``.<name>.tmp-<uuid>``) that is
+    renamed onto the target. On S3 every file but ``manifest.json`` is uploaded first and
+    ``manifest.json`` last, so a reader that waits for the manifest never sees half an artifact.
+    When the block raises, the staging directory is removed and nothing is published.
+
+    Args:
+        uri: Target directory or S3 prefix.
+        overwrite: Replace an existing target. Otherwise an existing target is refused on entry.
+
+    Yields:
+        The local staging directory to write the artifact into.
+
+    Raises:
+        FileExistsError: When the target exists (on entry, or again at publish) and not ``overwrite``.
+    """
+    require_missing_or_overwrite(uri, overwrite)
+    if is_s3(uri):
+        staging = Path(tempfile.mkdtemp(prefix="audiotune-publish-"))
+    else:
+        target = Path(uri)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
+        staging.mkdir()
+    try:
+        yield staging
+        if is_s3(uri):
+            _publish_s3(staging, str(uri).rstrip("/"), overwrite)
+        else:
+            _publish_local(staging, Path(uri), overwrite)
+    finally:
+        _remove_local(staging)
+
+
+def _publish_local(staging: Path, target: Path, overwrite: bool) -> None:
+    if not (target.exists() or target.is_symlink()):
+        os.rename(staging, target)
+        log.info("published %s", target)
+        return
+    if not overwrite:
+        raise FileExistsError(f"{target} appeared while it was being written; nothing was published")
+    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex}"
+    os.rename(target, old)
+    try:
+        os.rename(staging, target)
+    except OSError:
+        os.rename(old, target)
+        raise
+    _remove_local(old)
+    log.info("published %s (replaced the previous one)", target)
+
+
+def _publish_s3(staging: Path, uri: str, overwrite: bool) -> None:
+    if exists(uri):
+        if not overwrite:
+            raise FileExistsError(f"{uri} appeared while it was being written; nothing was published")
+        delete(join(uri, MANIFEST))
+        delete(uri)
+    rels = list_files(staging)
+    has_manifest = MANIFEST in rels
+    _upload_files(staging, uri, [r for r in rels if r != MANIFEST])
+    if has_manifest:
+        _upload_files(staging, uri, [MANIFEST])
+    else:
+        log.warning("published %s without a %s at its root", uri, MANIFEST)
+    log.info("published %s (%d files)", uri, len(rels))

@@ -1,0 +1,1 @@
+"""Text tokenizers, audio tokenizers (a registry), mel and speaker features."""

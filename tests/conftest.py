@@ -1,0 +1,116 @@
+"""Real servers on 127.0.0.1 for integration tests: an S3 server (moto) and an MLflow tracking server.
+
+Both are started once per test session on free ports, as subprocesses in their own process groups,
+and stopped (the whole group) at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_http(url: str, proc: subprocess.Popen, log_path: Path, timeout: float) -> None:
+    """Poll ``url`` until it answers; fail with the server's log if it dies or times out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer within {timeout:.0f}s:\n{log_path.read_text()[-4000:]}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Terminate the server's whole process group, killing it if it lingers."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    except ProcessLookupError:
+        pass
+
+
+def _start(cmd: list[str], health: str, log_path: Path, timeout: float, env: dict | None = None) -> subprocess.Popen:
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=env, cwd=log_path.parent)
+    try:
+        _wait_http(health, proc, log_path, timeout)
+    except BaseException:
+        _stop(proc)
+        raise
+    return proc
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> Iterator[str]:
+    """A moto S3 server on 127.0.0.1; yields its endpoint URL."""
+    port = _free_port()
+    workdir = tmp_path_factory.mktemp("moto")
+    url = f"http://127.0.0.1:{port}"
+    proc = _start([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                  f"{url}/moto-api/", workdir / "server.log", timeout=30)
+    yield url
+    _stop(proc)
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch) -> Iterator[str]:
+    """AWS environment pointing at the S3 server, and a fresh bucket; yields ``s3://<bucket>``."""
+    import boto3
+
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE",
+                 "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    yield f"s3://{bucket}"
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> Iterator[str]:
+    """An MLflow tracking server (SQLite store, proxied local artifacts) on 127.0.0.1; yields its URL."""
+    port = _free_port()
+    workdir = tmp_path_factory.mktemp("mlflow")
+    url = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+           "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
+           "--artifacts-destination", str(workdir / "artifacts"), "--workers", "1"]
+    proc = _start(cmd, f"{url}/health", workdir / "server.log", timeout=90, env=env)
+    yield url
+    _stop(proc)

@@ -1,0 +1,61 @@
+"""Small audio and corpus builders shared by the tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+
+def tone(seconds: float, sr: int, channels: int = 1, freq: float = 220.0, amp: float = 0.3,
+         seed: int = 0) -> np.ndarray:
+    """A harmonic tone with a little noise; shape (frames,) or (frames, channels)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(round(seconds * sr))) / sr
+    x = amp * (np.sin(2 * np.pi * freq * t) + 0.3 * np.sin(2 * np.pi * 2 * freq * t))
+    x = x + 0.01 * rng.standard_normal(len(t))
+    x = x.astype(np.float32)
+    if channels > 1:
+        x = np.stack([x * (0.5 + 0.5 * c / channels) for c in range(channels)], axis=1)
+    return x
+
+
+def write_audio(path: Path, seconds: float = 1.0, sr: int = 22050, channels: int = 1, fmt: str | None = None,
+                seed: int = 0, freq: float = 220.0) -> Path:
+    """Write a tone to ``path`` (format from the extension unless ``fmt``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kwargs = {}
+    if fmt is None and path.suffix.lower() == ".mp3":
+        fmt = "MP3"
+    if fmt:
+        kwargs["format"] = fmt
+    sf.write(path, tone(seconds, sr, channels, freq=freq, seed=seed), sr, **kwargs)
+    return path
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    """Write rows (dicts, or raw str/bytes lines) as a JSONL file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        for row in rows:
+            if isinstance(row, bytes):
+                f.write(row + b"\n")
+            elif isinstance(row, str):
+                f.write(row.encode() + b"\n")
+            else:
+                f.write(json.dumps(row).encode() + b"\n")
+    return path
+
+
+def good_corpus(root: Path, n: int, sr: int = 22050, start: int = 0) -> Path:
+    """A plain JSONL corpus of ``n`` good rows (ids utt00000 ...), returns the manifest path."""
+    rows = []
+    for i in range(start, start + n):
+        rel = f"wavs/utt{i:05d}.wav"
+        write_audio(root / rel, seconds=0.5 + (i % 5) * 0.2, sr=sr, seed=i, freq=150 + 10 * (i % 7))
+        rows.append({"id": f"utt{i:05d}", "audio": rel, "text": f"sentence number {i}", "speaker": f"spk{i % 3}"})
+    return write_jsonl(root / "manifest.jsonl", rows)
