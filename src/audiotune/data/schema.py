@@ -30,6 +30,8 @@ DATASET_SCHEMA = pa.schema(
 COLUMNS = DATASET_SCHEMA.names
 SPLITS = ("train", "val")
 _SPLIT_SALT = b"audiotune-split-v1:"
+# FLAC is already compressed: spending zstd on it costs time and saves nothing.
+_COMPRESSION = {name: ("none" if name in ("audio", "prompt_audio") else "zstd") for name in DATASET_SCHEMA.names}
 
 
 def split_of(row_id: str, val_fraction: float) -> str:
@@ -72,7 +74,7 @@ class ShardWriter:
             return
         name = f"part-{len(self.shards):05d}.parquet"
         table = pa.Table.from_pylist(self._buffer, schema=DATASET_SCHEMA)
-        pq.write_table(table, self.directory / name, compression="zstd", row_group_size=256)
+        pq.write_table(table, self.directory / name, compression=_COMPRESSION, row_group_size=256)
         self.shards.append({"file": name, "rows": table.num_rows})
         log.debug("wrote %s/%s (%d rows)", self.directory.name, name, table.num_rows)
         self._buffer = []

@@ -148,11 +148,11 @@ def convert(cfg: AudiotuneConfig, source: str | None = None, output: str | None 
     log.info("convert: %s -> %s\n%s", source, output, dump_config(cfg))
     workers = num_workers(cfg.run.num_workers)
     settings = _settings(c)
-    start = time.perf_counter()
 
     with tempfile.TemporaryDirectory(prefix="audiotune-convert-") as tmp, \
             tracking.stage_run(cfg.tracking, "convert") as tracker, \
             storage.publish_dir(output, overwrite=c.overwrite) as staging:
+        start = time.perf_counter()  # the work itself, not MLflow's set-up
         tracker.log_params({"convert": c.model_dump(mode="json"), "run": cfg.run.model_dump(mode="json")})
         workdir = Path(tmp)
         fmt_name, items = _read_source(source, fmt, c, workdir, "source")

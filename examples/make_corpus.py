@@ -1,0 +1,220 @@
+"""Generate a small multi-speaker speech corpus for the demo and the tests.
+
+With ``espeak-ng`` on PATH the speakers are espeak voices (English, plus Mandarin
+through the ``cmn-latn-pinyin`` voice with pinyin input); otherwise a built-in
+synthesizer makes voiced, speech-like audio (harmonics through moving formants),
+so the demo works on any machine. Writes ``manifest.jsonl`` in the
+Step-Audio-EditX layout and ``wavs/<speaker>/<id>.wav``.
+
+    python examples/make_corpus.py --out demo/corpus [--speakers 4] [--utts 8] [--backend auto|espeak|synth]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+log = logging.getLogger("make_corpus")
+
+ENGLISH = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Please call Stella and ask her to bring these things.",
+    "A rainbow is a division of white light into many beautiful colors.",
+    "The birch canoe slid on the smooth planks.",
+    "Glue the sheet to the dark blue background.",
+    "It is easy to tell the depth of a well.",
+    "These days a chicken leg is a rare dish.",
+    "Rice is often served in round bowls.",
+    "The juice of lemons makes fine punch.",
+    "The box was thrown beside the parked truck.",
+    "Four hours of steady work faced us.",
+    "A large size in stockings is hard to sell.",
+    "The boy was there when the sun rose.",
+    "A rod is used to catch pink salmon.",
+    "The source of the huge river is the clear spring.",
+    "Kick the ball straight and follow through.",
+    "Help the woman get back to her feet.",
+    "A pot of tea helps to pass the evening.",
+    "Smoky fires lack flame and heat.",
+    "The soft cushion broke the man's fall.",
+    "The salt breeze came across from the sea.",
+    "The girl at the booth sold fifty bonds.",
+    "The small pup gnawed a hole in the sock.",
+    "The fish twisted and turned on the bent hook.",
+    "Press the pants and sew a button on the vest.",
+    "The swan dive was far short of perfect.",
+    "The beauty of the view stunned the young boy.",
+    "Two blue fish swam in the tank.",
+    "Her purse was full of useless trash.",
+    "The colt reared and threw the tall rider.",
+    "It snowed, rained, and hailed the same morning.",
+    "Read verse out loud for pleasure.",
+    "Hoist the load to your left shoulder.",
+    "Take the winding path to reach the lake.",
+    "Note closely the size of the gas tank.",
+    "Wipe the grease off his dirty face.",
+    "Mend the coat before you go out.",
+    "The wrist was badly strained and hung limp.",
+    "The stray cat gave birth to kittens.",
+    "The young girl gave no clear response.",
+]
+PINYIN = [
+    "ni3 hao3, huan1 ying2 shi3 yong4 yu3 yin1 he2 cheng2.",
+    "jin1 tian1 tian1 qi4 hen3 hao3.",
+    "wo3 men5 yi1 qi3 qu4 gong1 yuan2 san4 bu4 ba5.",
+    "zhe4 shi4 yi2 ge4 ce4 shi4 ju4 zi5.",
+    "qing3 ba3 chuang1 hu5 da3 kai1.",
+    "ta1 mei3 tian1 zao3 shang5 he1 cha2.",
+    "xue2 xi2 yi1 men2 xin1 de5 yu3 yan2 xu1 yao4 shi2 jian1.",
+    "zhe4 ben3 shu1 fei1 chang2 you3 qu4.",
+    "wan3 shang5 wo3 men5 chi1 jiao3 zi5.",
+    "ming2 tian1 jian4.",
+]
+EDIT_TYPES = ["emotion", "speed", "style"]
+ESPEAK_VOICES = [  # (voice, words per minute, pitch 0-99)
+    ("en-us", 165, 40), ("en-gb", 150, 60), ("en-us+f3", 170, 70), ("en-gb-scotland", 140, 30),
+    ("en-us+m3", 155, 50), ("en-gb+f2", 160, 80), ("en-029", 150, 45), ("en-us+f4", 175, 65),
+]
+
+
+# ---------------------------------------------------------------- synth backend
+def _synth(text: str, sr: int, f0: float, formant_shift: float, rng: np.random.Generator) -> np.ndarray:
+    """Speech-like audio: a jittered harmonic source through two moving formants, one syllable per vowel group."""
+    words = text.split()
+    pieces = [np.zeros(int(0.12 * sr), dtype=np.float32)]
+    for word in words:
+        n_syl = max(1, sum(ch in "aeiouy" for ch in word.lower()) // 1)
+        for s in range(min(n_syl, 3)):
+            dur = rng.uniform(0.09, 0.16)
+            n = int(dur * sr)
+            t = np.arange(n) / sr
+            pitch = f0 * (1 + 0.08 * np.sin(2 * np.pi * rng.uniform(2, 5) * t + rng.uniform(0, 6)))
+            pitch *= 1 + 0.01 * rng.standard_normal(n).cumsum() / np.sqrt(np.arange(1, n + 1))
+            phase = 2 * np.pi * np.cumsum(pitch) / sr
+            ch = word[(s * 2) % len(word)].lower()
+            code = (ord(ch) % 13) / 12.0
+            f1 = (300 + 500 * code) * formant_shift
+            f2 = (900 + 1400 * ((ord(word[0].lower()) * 7 + s) % 11) / 10.0) * formant_shift
+            sig = np.zeros(n)
+            for k in range(1, 30):
+                fk = k * pitch
+                gain = np.exp(-((fk - f1) ** 2) / (2 * 120.0**2)) + 0.6 * np.exp(-((fk - f2) ** 2) / (2 * 180.0**2))
+                sig += (gain + 0.02) * np.sin(k * phase) / k**0.5
+            env = np.sin(np.pi * np.clip(t / dur, 0, 1)) ** 0.6
+            sig = sig * env + 0.004 * rng.standard_normal(n) * env
+            if ch in "sfztkpc":  # a little frication
+                sig[: n // 4] += 0.05 * rng.standard_normal(n // 4)
+            pieces.append(sig.astype(np.float32))
+        pieces.append(np.zeros(int(rng.uniform(0.04, 0.1) * sr), dtype=np.float32))
+    pieces.append(np.zeros(int(0.12 * sr), dtype=np.float32))
+    wav = np.concatenate(pieces)
+    return (0.5 * wav / (np.abs(wav).max() + 1e-9)).astype(np.float32)
+
+
+# --------------------------------------------------------------- espeak backend
+def _espeak_voices() -> set[str]:
+    out = subprocess.run(["espeak-ng", "--voices"], capture_output=True, text=True, check=False).stdout
+    names = set()
+    for line in out.splitlines()[1:]:
+        parts = line.split()
+        if len(parts) >= 4:
+            names.update({parts[1], parts[3]})
+    return names
+
+
+def _espeak(text: str, voice: str, wpm: int, pitch: int, sr: int, tmp: Path) -> np.ndarray:
+    out = tmp / "x.wav"
+    subprocess.run(["espeak-ng", "-v", voice, "-s", str(wpm), "-p", str(pitch), "-w", str(out), text],
+                   check=True, capture_output=True)
+    wav, native = sf.read(out, dtype="float32")
+    if wav.ndim > 1:
+        wav = wav.mean(axis=1)
+    if native != sr:
+        wav = soxr.resample(wav, native, sr, quality="HQ")
+    return wav.astype(np.float32)
+
+
+def make_corpus(out_dir: str | Path, n_speakers: int = 4, utts_per_speaker: int = 8, sample_rate: int = 22050,
+                seed: int = 0, backend: str = "auto", mandarin: bool = True, edit_fraction: float = 0.25) -> Path:
+    """Write the corpus and return the path of its ``manifest.jsonl``."""
+    out = Path(out_dir)
+    if backend == "auto":
+        backend = "espeak" if shutil.which("espeak-ng") else "synth"
+    if backend == "espeak" and not shutil.which("espeak-ng"):
+        raise RuntimeError("backend 'espeak' needs the espeak-ng executable (apt-get install espeak-ng)")
+    if out.exists():
+        shutil.rmtree(out / "wavs", ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    voices = ESPEAK_VOICES
+    has_pinyin = False
+    if backend == "espeak":
+        available = _espeak_voices()
+        voices = [v for v in ESPEAK_VOICES if v[0].split("+")[0] in available] or [("en", 160, 50)]
+        has_pinyin = "cmn-latn-pinyin" in available
+    rows, total = [], 0.0
+    with tempfile.TemporaryDirectory() as tmp:
+        for s in range(n_speakers):
+            spk = f"spk{s:02d}"
+            speaker_utts: list[dict] = []
+            mandarin_speaker = mandarin and s == n_speakers - 1 and n_speakers > 1 and (
+                backend == "synth" or has_pinyin)
+            sentences = PINYIN if mandarin_speaker else ENGLISH
+            order = rng.permutation(len(sentences))
+            f0 = float(rng.uniform(95, 240))
+            shift = float(rng.uniform(0.85, 1.2))
+            for u in range(utts_per_speaker):
+                text = sentences[order[u % len(sentences)]]
+                uid = f"{spk}_{u:03d}"
+                if backend == "espeak":
+                    voice, wpm, pitch = ("cmn-latn-pinyin", 150, 50) if mandarin_speaker else voices[s % len(voices)]
+                    wav = _espeak(text, voice, wpm, pitch, sample_rate, Path(tmp))
+                else:
+                    wav = _synth(text, sample_rate, f0, shift, rng)
+                rel = f"wavs/{spk}/{uid}.wav"
+                (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                sf.write(out / rel, wav, sample_rate, subtype="PCM_16")
+                total += len(wav) / sample_rate
+                row = {"id": uid, "target_audio_path": rel, "target_text": text, "speaker_id": spk}
+                if speaker_utts and rng.random() < edit_fraction:
+                    prompt = speaker_utts[int(rng.integers(len(speaker_utts)))]
+                    row.update(prompt_audio_path=prompt["target_audio_path"], prompt_text=prompt["target_text"],
+                               edit_type=EDIT_TYPES[int(rng.integers(len(EDIT_TYPES)))])
+                speaker_utts.append(row)
+                rows.append(row)
+    manifest = out / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    log.info("wrote %d utterances (%.1f s of audio, %d speakers, backend %s) to %s",
+             len(rows), total, n_speakers, backend, manifest)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="Output folder.")
+    parser.add_argument("--speakers", type=int, default=4)
+    parser.add_argument("--utts", type=int, default=8, help="Utterances per speaker.")
+    parser.add_argument("--sample-rate", type=int, default=22050)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backend", choices=("auto", "espeak", "synth"), default="auto")
+    parser.add_argument("--no-mandarin", action="store_true", help="No pinyin speaker.")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    start = time.perf_counter()
+    make_corpus(args.out, args.speakers, args.utts, args.sample_rate, args.seed, args.backend, not args.no_mandarin)
+    log.info("done in %.1f s", time.perf_counter() - start)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
