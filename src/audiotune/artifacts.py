@@ -17,6 +17,8 @@ MANIFEST = "manifest.json"
 
 DATASET = "audiotune.dataset"
 DATASET_VERSION = 1
+TOKENS = "audiotune.tokens"
+TOKENS_VERSION = 1
 
 
 class ArtifactError(Exception):

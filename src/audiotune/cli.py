@@ -38,6 +38,15 @@ def _cmd_convert(args: argparse.Namespace, cfg: AudiotuneConfig) -> int:
     return EXIT_OK
 
 
+def _cmd_tokenize(args: argparse.Namespace, cfg: AudiotuneConfig) -> int:
+    from audiotune.stages.tokenize import tokenize
+
+    result = tokenize(cfg, dataset=args.dataset, output=args.output, base_model=args.base_model)
+    print(json.dumps({"output": result.output, "rows": result.report["rows"],
+                      "throughput": result.report["throughput"]}))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="audiotune", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"audiotune {__version__}")
@@ -49,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=FORMATS, help="Source layout (default: autodetect).")
     _add_common(p)
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("tokenize", help="Tokenize a Dataset artifact into a Tokens artifact.")
+    p.add_argument("--dataset", required=True, help="Dataset artifact URI (local or s3://).")
+    p.add_argument("--base-model", help="Base model URI whose tokenizer to use (default: tokenize.base_model).")
+    _add_common(p)
+    p.set_defaults(func=_cmd_tokenize)
 
     p = sub.add_parser("config", help="Print the resolved config (YAML) or its JSON schema.")
     p.add_argument("--config", help="YAML config to resolve.")
@@ -75,10 +90,13 @@ def _failure_types() -> tuple[type[BaseException], ...]:
     from audiotune.artifacts import ArtifactError
     from audiotune.data.sources.base import SourceError
     from audiotune.stages.convert import ConvertError
+    from audiotune.stages.tokenize import TokenizeError
+    from audiotune.tokenization.audio_tokenizers import TokenizerError
+    from audiotune.tokenization.text import TextTokenizerError
     from audiotune.tracking import TrackingError
 
-    return (ArtifactError, SourceError, ConvertError, TrackingError, FileExistsError, FileNotFoundError,
-            BotoCoreError, ClientError)
+    return (ArtifactError, SourceError, ConvertError, TokenizeError, TokenizerError, TextTokenizerError,
+            TrackingError, FileExistsError, FileNotFoundError, BotoCoreError, ClientError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,8 +30,17 @@ DATASET_SCHEMA = pa.schema(
 COLUMNS = DATASET_SCHEMA.names
 SPLITS = ("train", "val")
 _SPLIT_SALT = b"audiotune-split-v1:"
-# FLAC is already compressed: spending zstd on it costs time and saves nothing.
-_COMPRESSION = {name: ("none" if name in ("audio", "prompt_audio") else "zstd") for name in DATASET_SCHEMA.names}
+
+
+def row_bytes(row: dict[str, Any]) -> int:
+    """Rough in-memory size of a row, to bound shard size."""
+    size = 64
+    for value in row.values():
+        if isinstance(value, (bytes, str)):
+            size += len(value)
+        elif isinstance(value, list):
+            size += 4 * (sum(len(v) for v in value) if value and isinstance(value[0], list) else len(value))
+    return size
 
 
 def split_of(row_id: str, val_fraction: float) -> str:
@@ -50,7 +59,11 @@ def split_of(row_id: str, val_fraction: float) -> str:
 class ShardWriter:
     """Writes rows of one split into ``part-00000.parquet`` ... bounded by rows and bytes."""
 
-    def __init__(self, directory: Path, max_rows: int, max_bytes: int):
+    def __init__(self, directory: Path, max_rows: int, max_bytes: int, schema: pa.Schema = DATASET_SCHEMA,
+                 uncompressed: tuple[str, ...] = ("audio", "prompt_audio")):
+        self.schema = schema
+        # FLAC (or float) blobs barely compress: spending zstd on them costs time and saves little.
+        self.compression = {n: ("none" if n in uncompressed else "zstd") for n in schema.names}
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.max_rows = max_rows
@@ -63,7 +76,7 @@ class ShardWriter:
     def add(self, row: dict[str, Any]) -> None:
         """Buffer one row; flush a shard when a bound is reached."""
         self._buffer.append(row)
-        self._bytes += len(row.get("audio") or b"") + len(row.get("prompt_audio") or b"") + 256
+        self._bytes += row_bytes(row)
         self.rows += 1
         if len(self._buffer) >= self.max_rows or self._bytes >= self.max_bytes:
             self.flush()
@@ -73,8 +86,8 @@ class ShardWriter:
         if not self._buffer:
             return
         name = f"part-{len(self.shards):05d}.parquet"
-        table = pa.Table.from_pylist(self._buffer, schema=DATASET_SCHEMA)
-        pq.write_table(table, self.directory / name, compression=_COMPRESSION, row_group_size=256)
+        table = pa.Table.from_pylist(self._buffer, schema=self.schema)
+        pq.write_table(table, self.directory / name, compression=self.compression, row_group_size=256)
         self.shards.append({"file": name, "rows": table.num_rows})
         log.debug("wrote %s/%s (%d rows)", self.directory.name, name, table.num_rows)
         self._buffer = []
