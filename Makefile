@@ -20,12 +20,14 @@ test: setup
 demo: setup
 	$(PY) examples/make_corpus.py --out demo/corpus
 	$(VENV)/bin/audiotune convert --source demo/corpus/manifest.jsonl --output demo/dataset --config examples/demo.yaml --set convert.overwrite=true
+	$(VENV)/bin/audiotune tokenize --dataset demo/dataset --output demo/tokens --config examples/demo.yaml --set tokenize.overwrite=true
 
 lint: setup
 	$(VENV)/bin/ruff check src tests components pipelines examples benchmarks
 
 bench: setup
 	$(PY) benchmarks/convert.py
+	$(PY) benchmarks/tokenize.py
 
 clean:
 	rm -rf demo mlruns
