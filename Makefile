@@ -26,8 +26,8 @@ lint: setup
 	$(VENV)/bin/ruff check src tests components pipelines examples benchmarks
 
 bench: setup
-	$(PY) benchmarks/convert.py
-	$(PY) benchmarks/tokenize.py
+	$(PY) -m benchmarks.convert
+	$(PY) -m benchmarks.tokenize
 
 clean:
 	rm -rf demo mlruns

@@ -5,7 +5,7 @@ Generates >= 10 minutes of 44.1 kHz stereo WAV (a JSONL manifest), converts it t
 single-process loop doing only the essential work (decode, down-mix, soxr
 resample, FLAC encode, one Parquet file) as the baseline.
 
-    python benchmarks/convert.py [--minutes 10] [--workers 0] [--out benchmarks/results/convert.json]
+    python -m benchmarks.convert [--minutes 10] [--workers 0] [--out benchmarks/results/convert.json]
 """
 
 from __future__ import annotations

@@ -5,40 +5,30 @@ stage, then tokenizes it with the tokenize stage, and, in the same run, with a
 plain single-process loop doing only the essential per-row work (FLAC decode,
 codes with the same fitted tokenizer, target mel) as the baseline.
 
-    python benchmarks/tokenize.py [--minutes 10] [--workers 0] [--out benchmarks/results/tokenize.json]
+    python -m benchmarks.tokenize [--minutes 10] [--workers 0] [--out benchmarks/results/tokenize.json]
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
+import platform
 import sys
+import tempfile
+import time
 from pathlib import Path
 
-# This file is named like the standard library's ``tokenize``: keep its folder off the import path.
-HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+import pyarrow.parquet as pq
+import torch
 
-import argparse  # noqa: E402
-import importlib.util  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import platform  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-import pyarrow.parquet as pq  # noqa: E402
-import torch  # noqa: E402
-
-from audiotune.config import load_config  # noqa: E402
-from audiotune.data.audio import decode_flac  # noqa: E402
-from audiotune.stages.convert import convert, num_workers  # noqa: E402
-from audiotune.stages.tokenize import tokenize  # noqa: E402
-from audiotune.tokenization.audio_tokenizers import load_audio_tokenizer  # noqa: E402
-from audiotune.tokenization.mel import MelExtractor  # noqa: E402
-
-_spec = importlib.util.spec_from_file_location("bench_convert", HERE / "convert.py")
-_bench_convert = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_bench_convert)
-make_corpus = _bench_convert.make_corpus  # the same corpus generator as the convert benchmark
+from audiotune.config import load_config
+from audiotune.data.audio import decode_flac
+from audiotune.stages.convert import convert, num_workers
+from audiotune.stages.tokenize import tokenize
+from audiotune.tokenization.audio_tokenizers import load_audio_tokenizer
+from audiotune.tokenization.mel import MelExtractor
+from benchmarks.convert import make_corpus  # the same corpus as the convert benchmark
 
 log = logging.getLogger("benchmarks.tokenize")
 

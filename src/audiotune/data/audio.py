@@ -82,10 +82,18 @@ def load_audio(path: str, target_sr: int) -> np.ndarray:
 
 
 def _downmix(data: np.ndarray) -> np.ndarray:
-    """Average the channels of [frames, channels] (a BLAS mat-vec: ~2x faster than ``mean(axis=1)``)."""
+    """Average the channels of [frames, channels].
+
+    Adds channel columns one by one: ~2x faster than ``mean(axis=1)`` and, unlike a
+    BLAS mat-vec, single-threaded, so worker processes do not oversubscribe cores.
+    """
     if data.shape[1] == 1:
         return data[:, 0]
-    return data @ np.full(data.shape[1], 1.0 / data.shape[1], dtype=data.dtype)
+    mono = data[:, 0].copy()
+    for c in range(1, data.shape[1]):
+        mono += data[:, c]
+    mono *= 1.0 / data.shape[1]
+    return mono
 
 
 def peak_dbfs(wav: np.ndarray) -> float:
