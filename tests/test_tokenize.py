@@ -185,3 +185,45 @@ def test_wrong_artifact_kind_is_refused(dataset, tmp_path, capsys):
     code = cli_main(["tokenize", "--dataset", str(tmp_path / "nothing"), "--output", str(tmp_path / "x"),
                      "--set", "tracking.enabled=false"])
     assert code == 1 and "manifest.json is missing" in capsys.readouterr().err
+
+
+def test_moss_ttsd_import_without_a_dataset(tmp_path, capsys):
+    from audiotune.tokenization.text import train_bpe
+    from tests.test_audio_tokenizers import _moss_record, _write_moss
+
+    rng = np.random.default_rng(3)
+    made = [_moss_record(rng, n) for n in (12, 20, 7, 15)]
+    _write_moss(tmp_path / "moss", "shard0", [r for r, _ in made], [12, 20, 7, 15])
+    base = tmp_path / "base"
+    train_bpe(["the base model tokenizer"] * 10, 270).save_pretrained(str(base))
+    moss = ["tokenize.audio_tokenizer.type=precomputed", f"tokenize.audio_tokenizer.moss_path={tmp_path / 'moss'}",
+            "tokenize.audio_tokenizer.num_codebooks=8", "tokenize.audio_tokenizer.vocab_size=1024",
+            "convert.val_fraction=0"]
+    # pickle is refused until the user says they trust the files: one clear line, exit 1
+    code = cli_main(["tokenize", "--base-model", str(base), "--output", str(tmp_path / "refused"),
+                     *[a for o in [*moss, "tracking.enabled=false"] for a in ("--set", o)]])
+    assert code == 1 and "trust_pickle: true" in capsys.readouterr().err
+    res = tokenize(_cfg(*moss, "tokenize.audio_tokenizer.trust_pickle=true"), dataset=None,
+                   output=str(tmp_path / "tok"), base_model=str(base))
+    rows = _rows(tmp_path / "tok", "train")
+    assert [r["id"] for r in rows] == [f"shard0.pkl#{i}" for i in range(4)]
+    for row, (_, codes) in zip(rows, made, strict=True):
+        assert np.array_equal(codes_from_row(row), codes) and len(row["text_ids"]) == 7
+    assert res.manifest["audio_tokenizer"]["num_codebooks"] == 8
+
+
+def test_onnx_speaker_embeddings_and_per_speaker_means(dataset, tmp_path):
+    from safetensors.numpy import load_file
+
+    from tests.test_speaker import _tiny_model
+
+    model = _tiny_model(tmp_path / "campplus.onnx", [1, 16])
+    out = tmp_path / "tok"
+    tokenize(_cfg("tokenize.speaker.type=onnx", f"tokenize.speaker.onnx_path={model}"), dataset=str(dataset),
+             output=str(out))
+    rows = _rows(out, "train") + _rows(out, "val")
+    assert all(len(r["speaker_embedding"]) == 16 for r in rows)
+    means = load_file(str(out / "tokenizer" / "speaker_embeddings.safetensors"))
+    assert set(means) == {"s0", "s1", "s2"}
+    s0 = np.mean([r["speaker_embedding"] for r in rows if r["speaker"] == "s0"], axis=0)
+    assert np.allclose(means["s0"], s0, atol=1e-5)

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("tokenize", help="Tokenize a Dataset artifact into a Tokens artifact.")
-    p.add_argument("--dataset", required=True, help="Dataset artifact URI (local or s3://).")
+    p.add_argument("--dataset", help="Dataset artifact URI (local or s3://); only a MOSS-TTSD import omits it.")
     p.add_argument("--base-model", help="Base model URI whose tokenizer to use (default: tokenize.base_model).")
     _add_common(p)
     p.set_defaults(func=_cmd_tokenize)

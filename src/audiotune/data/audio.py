@@ -49,6 +49,13 @@ def _wav_shortfall(path: str) -> int:
 def load_audio(path: str, target_sr: int) -> np.ndarray:
     """Decode ``path`` to float32 mono at ``target_sr``.
 
+    Args:
+        path: WAV, FLAC, MP3 or OGG file.
+        target_sr: Sample rate of the result; the audio is resampled (soxr, HQ) when it differs.
+
+    Returns:
+        A 1-D float32 array: the mean of the channels.
+
     Raises:
         AudioError: missing file, undecodable or truncated data, or no samples.
     """
@@ -109,19 +116,30 @@ def is_silent(wav: np.ndarray, threshold_db: float) -> bool:
 
 def trim_silence(wav: np.ndarray, sr: int, top_db: float = 40.0, frame_ms: float = 20.0,
                  margin_ms: float = 20.0) -> np.ndarray:
-    """Cut leading and trailing frames quieter than ``top_db`` below the loudest frame."""
+    """Cut leading and trailing frames more than ``top_db`` quieter than the loudest frame.
+
+    Args:
+        wav: Mono float signal.
+        sr: Its sample rate.
+        top_db: Frames whose RMS is more than this many dB below the loudest frame's count as silence.
+        frame_ms: Frame length for the RMS.
+        margin_ms: Audio kept on each side of the first and last loud frame.
+
+    Returns:
+        A view of ``wav``; never empty unless ``wav`` is (all-zero input comes back whole).
+    """
     frame = max(1, int(sr * frame_ms / 1000))
-    n = len(wav) // frame
-    if n == 0:
+    n = -(-len(wav) // frame)  # the last, partial frame counts too
+    if n <= 1:
         return wav
-    rms = np.sqrt(np.mean(wav[: n * frame].reshape(n, frame).astype(np.float64) ** 2, axis=1) + 1e-20)
-    db = 20 * np.log10(rms)
+    padded = np.zeros(n * frame, dtype=np.float64)
+    padded[: len(wav)] = wav
+    power = np.mean(padded.reshape(n, frame) ** 2, axis=1)
+    db = 10 * np.log10(power + 1e-20)
     loud = np.flatnonzero(db > db.max() - top_db)
-    if loud.size == 0:
-        return wav
     margin = int(sr * margin_ms / 1000)
-    start = max(0, loud[0] * frame - margin)
-    end = min(len(wav), (loud[-1] + 1) * frame + margin)
+    start = max(0, int(loud[0]) * frame - margin)
+    end = min(len(wav), (int(loud[-1]) + 1) * frame + margin)
     return wav[start:end]
 
 
@@ -133,6 +151,10 @@ def encode_flac(wav: np.ndarray, sr: int) -> bytes:
 
 
 def decode_flac(data: bytes) -> tuple[np.ndarray, int]:
-    """Decode FLAC (or any soundfile format) bytes to float32 mono and its sample rate."""
+    """Decode FLAC (or any soundfile format) bytes to float32 mono and its sample rate.
+
+    Raises:
+        soundfile.LibsndfileError: the bytes are not audio (a RuntimeError; callers catch that).
+    """
     wav, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
     return _downmix(wav), sr

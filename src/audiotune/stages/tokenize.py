@@ -26,10 +26,11 @@ from tqdm import tqdm
 from audiotune import artifacts, storage, tracking
 from audiotune.config import AudiotuneConfig, TokenizeConfig, dump_config
 from audiotune.data.audio import decode_flac
-from audiotune.data.schema import ShardWriter
+from audiotune.data.schema import ShardWriter, split_of
 from audiotune.data.sources.base import BadRecord
 from audiotune.stages.convert import num_workers
 from audiotune.tokenization import features
+from audiotune.tokenization.audio_tokenizers.base import CodesOutOfRange
 from audiotune.tokenization.report import TokenizeReport
 from audiotune.tokenization.schema import TOKENS_COLUMNS, TOKENS_SCHEMA
 from audiotune.tokenization.text import build_text_tokenizer, windows
@@ -147,39 +148,47 @@ def _map_audio(rows: list[dict], workers: int, settings: features.FeatureSetting
         yield from pool.map(features.audio_features, rows, chunksize=max(1, min(8, len(rows) // (workers * 4))))
 
 
-def tokenize(cfg: AudiotuneConfig, dataset: str, output: str, base_model: str | None = None) -> TokenizeResult:
+def tokenize(cfg: AudiotuneConfig, dataset: str | None, output: str, base_model: str | None = None) -> TokenizeResult:
     """Run the tokenize stage.
 
     Args:
         cfg: The pipeline config; the ``tokenize`` section drives this stage.
-        dataset: URI of a Dataset artifact (local or s3://).
+        dataset: URI of a Dataset artifact (local or s3://). May be None only for a MOSS-TTSD
+            import (``audio_tokenizer.moss_path``), whose shards carry text ids and codes.
         output: URI for the Tokens artifact.
         base_model: Base model URI whose tokenizer to use (overrides ``tokenize.base_model``).
     """
     t = cfg.tokenize
     base_model = base_model or t.base_model
     log.info("tokenize: %s -> %s\n%s", dataset, output, dump_config(cfg))
-    ds_manifest = artifacts.read_manifest(dataset, artifacts.DATASET, artifacts.DATASET_VERSION)
+    moss = t.audio_tokenizer.type == "precomputed" and bool(t.audio_tokenizer.moss_path)
+    if dataset is None and not moss:
+        raise TokenizeError("no Dataset given: pass --dataset (only a MOSS-TTSD import reads none)")
+    if moss and not base_model:
+        raise TokenizeError("a MOSS-TTSD import needs --base-model: its shards hold that model's text ids")
+    ds_manifest = artifacts.read_manifest(dataset, artifacts.DATASET, artifacts.DATASET_VERSION) if dataset else None
     workers = num_workers(cfg.run.num_workers)
     with tempfile.TemporaryDirectory(prefix="audiotune-tokenize-"), \
             tracking.stage_run(cfg.tracking, "tokenize") as tracker, \
             storage.publish_dir(output, overwrite=t.overwrite) as staging:
         start = time.perf_counter()
         tracker.log_params({"tokenize": t.model_dump(mode="json"), "run": cfg.run.model_dump(mode="json")})
-        ds_dir = storage.local_copy(dataset)
+        ds_dir = storage.local_copy(dataset) if dataset else None
         tok_dir = staging / "tokenizer"
         tok_dir.mkdir(parents=True)
 
-        text_tok, text_kind = build_text_tokenizer(t.text_tokenizer, base_model, _texts(ds_dir), t.vocab_size)
+        texts = _texts(ds_dir) if ds_dir else iter(())
+        text_tok, text_kind = build_text_tokenizer("base" if moss else t.text_tokenizer, base_model, texts,
+                                                   t.vocab_size)
         text_tok.save_pretrained(str(tok_dir))
-        has_audio = ds_manifest.get("format") != "text"
-        audio_tok = _build_audio_tokenizer(t, ds_dir, has_audio, cfg.run.seed, tok_dir)
+        has_audio = ds_manifest is not None and ds_manifest.get("format") != "text"
+        audio_tok = _build_audio_tokenizer(t, ds_dir, has_audio or moss, cfg.run.seed, tok_dir)
         from audiotune.tokenization.mel import MelExtractor
         from audiotune.tokenization.speaker import speaker_table
 
         mel_x = MelExtractor.from_config(t.mel)
         (tok_dir / "mel.json").write_text(json.dumps(mel_x.to_dict(), indent=2) + "\n")
-        speakers = speaker_table(r["speaker"] for s in ("train", "val")
+        speakers = speaker_table(r["speaker"] for s in ("train", "val") if ds_dir
                                  for r in _iter_column_rows(ds_dir, s, ["speaker"]))
         (tok_dir / "speakers.json").write_text(json.dumps(speakers, indent=2, ensure_ascii=False) + "\n")
         speaker_model = None
@@ -197,12 +206,12 @@ def tokenize(cfg: AudiotuneConfig, dataset: str, output: str, base_model: str | 
         writers = {s: ShardWriter(staging / s, t.shard_max_rows, 256 * 2**20, schema=TOKENS_SCHEMA,
                                   uncompressed=("mel",)) for s in ("train", "val")}
         embeddings: list[tuple[str, np.ndarray]] = []
-        total = ds_manifest["splits"]["train"]["rows"] + ds_manifest["splits"]["val"]["rows"]
+        total = sum(ds_manifest["splits"][s]["rows"] for s in ("train", "val")) if ds_manifest else 0
         setup_s = time.perf_counter() - start  # tokenizers built and fitted
         log.info("tokenizers ready in %.1f s", setup_s)
         with open(staging / "quarantine.jsonl", "w", encoding="utf-8") as quarantine, \
                 tqdm(total=total, desc="tokenize", unit="row", mininterval=2.0) as bar:
-            for split in ("train", "val"):
+            for split in ("train", "val") if ds_dir else ():
                 for shard in _shards(ds_dir, split):
                     rows = pq.read_table(shard).to_pylist()
                     for row, feats in zip(rows, _map_audio(rows, workers, settings), strict=True):
@@ -220,6 +229,16 @@ def tokenize(cfg: AudiotuneConfig, dataset: str, output: str, base_model: str | 
                             report.add(out, split)
                         if feats.get("speaker_embedding") is not None:
                             embeddings.append((row.get("speaker") or "<unk>", np.asarray(feats["speaker_embedding"])))
+            if moss:
+                for split, item in _moss_rows(audio_tok, cfg.convert.val_fraction):
+                    total += 1
+                    bar.update(1)
+                    if isinstance(item, BadRecord):
+                        report.reasons[item.reason] += 1
+                        quarantine.write(json.dumps(dataclasses.asdict(item), ensure_ascii=False) + "\n")
+                    else:
+                        writers[split].add(item)
+                        report.add(item, split)
         for w in writers.values():
             w.flush()
         _save_speaker_means(embeddings, tok_dir)
@@ -248,8 +267,9 @@ def tokenize(cfg: AudiotuneConfig, dataset: str, output: str, base_model: str | 
             )
         manifest = artifacts.write_manifest(
             staging, artifacts.TOKENS, artifacts.TOKENS_VERSION,
-            dataset=dataset, dataset_fingerprint=ds_manifest.get("fingerprint"),
-            sample_rate=ds_manifest.get("sample_rate"), columns=TOKENS_COLUMNS,
+            dataset=dataset, dataset_fingerprint=(ds_manifest or {}).get("fingerprint"),
+            sample_rate=(ds_manifest or {}).get("sample_rate"), columns=TOKENS_COLUMNS,
+            moss_path=t.audio_tokenizer.moss_path if moss else None,
             text_tokenizer={"kind": text_kind, "base_model": base_model, "vocab_size": len(text_tok)},
             audio_tokenizer=None if audio_tok is None else {
                 "type": audio_tok.name, "num_codebooks": audio_tok.num_codebooks,
@@ -262,6 +282,27 @@ def tokenize(cfg: AudiotuneConfig, dataset: str, output: str, base_model: str | 
         log.info("tokenized %d train / %d val rows in %.1f s (%.0fx real time; %.1f s building tokenizers)",
                  writers["train"].rows, writers["val"].rows, rows_s, throughput["audio_s_per_s"], setup_s)
     return TokenizeResult(output=output, report=report_dict, manifest=manifest)
+
+
+def _moss_rows(audio_tok, val_fraction: float) -> Iterator[tuple[str, dict[str, Any] | BadRecord]]:
+    """Rows of MOSS-TTSD shards (text ids + 8-codebook codes, no audio), split by a hash of their id."""
+    for record in audio_tok.moss_records():
+        rid = record["source"]
+        if "error" in record:
+            err = record["error"]
+            reason = features.CODES_OUT_OF_RANGE if isinstance(err, CodesOutOfRange) else features.INVALID_CODES
+            yield "train", BadRecord(origin=rid, field="codes", reason=reason, detail=str(err), id=rid)
+            continue
+        codes = np.asarray(record["codes"], dtype=np.int32)
+        text_ids = [int(x) for x in np.asarray(record["text_ids"]).reshape(-1)]
+        yield split_of(rid, val_fraction), {
+            "id": rid, "source_id": rid, "task": "tts", "speaker": None, "speaker_index": 0,
+            "text_ids": text_ids, "prompt_text_ids": None, "instruction_ids": None,
+            "audio_codes": codes.tolist(), "prompt_codes": None, "mel": None, "mel_frames": None,
+            "speaker_embedding": None, "num_text_tokens": len(text_ids), "num_audio_frames": int(codes.shape[1]),
+            "duration_s": float(codes.shape[1] / audio_tok.token_rate), "repeat_count": 1,
+            "meta": json.dumps({"origin": rid}),
+        }
 
 
 def _save_speaker_means(embeddings: list[tuple[str, np.ndarray]], tok_dir: Path) -> None:

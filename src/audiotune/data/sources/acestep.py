@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Iterator
 
 from audiotune.data import reasons
-from audiotune.data.sources.base import BadRecord, Item, SourceOptions, SourceRecord
+from audiotune.data.sources.base import BadRecord, Item, SourceOptions, SourceRecord, resolve_inside
 
 AUDIO_EXTS = (".mp3", ".wav", ".flac", ".ogg")
 
@@ -24,6 +24,7 @@ class AceStepReader:
     name = "acestep"
 
     def detect(self, path: Path) -> bool:
+        """A folder with at least one ``NAME_prompt.txt`` beside an audio file ``NAME.<ext>``."""
         if not path.is_dir():
             return False
         for prompt in path.rglob("*_prompt.txt"):
@@ -33,6 +34,7 @@ class AceStepReader:
         return False
 
     def read(self, path: Path, options: SourceOptions) -> Iterator[Item]:
+        """One music record per audio file (sorted); its id is the path relative to ``path`` without extension."""
         audio_files = sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_EXTS and p.is_file())
         for audio in audio_files:
             rel = audio.relative_to(path)
@@ -52,6 +54,11 @@ class AceStepReader:
             if not tags:
                 yield BadRecord(origin, "prompt", reasons.EMPTY_TEXT, f"{origin}: {prompt.name} holds no tags", id=rid)
                 continue
+            try:
+                audio_path = resolve_inside(path, str(rel))
+            except ValueError as err:  # a symlink pointing out of the folder
+                yield BadRecord(origin, "audio", reasons.PATH_ESCAPE, f"{origin}: {err}", id=rid)
+                continue
             lyrics = None
             lyrics_path = audio.with_name(f"{audio.stem}_lyrics.txt")
             if lyrics_path.exists():
@@ -61,7 +68,7 @@ class AceStepReader:
                     yield lyrics_text
                     continue
                 lyrics = lyrics_text.strip() or None
-            yield SourceRecord(id=rid, origin=origin, task="music", text=lyrics, audio_path=str(audio.resolve()),
+            yield SourceRecord(id=rid, origin=origin, task="music", text=lyrics, audio_path=audio_path,
                                tags=tags, lyrics=lyrics, repeat=options.repeat_count)
 
 

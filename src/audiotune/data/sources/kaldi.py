@@ -24,12 +24,13 @@ def _table(path: Path, bad: list[BadRecord]) -> dict[str, tuple[int, str]]:
             bad.append(BadRecord(origin, "line", reasons.INVALID_UTF8, f"{origin}: not valid UTF-8 at byte {err.start}",
                                  raw=raw[:200].decode("utf-8", "replace")))
             continue
-        utt, _, rest = line.partition(" ")
+        utt, *rest_of_line = line.split(maxsplit=1)  # Kaldi separates with any whitespace
+        rest = rest_of_line[0] if rest_of_line else ""
         if utt in table:
             bad.append(BadRecord(origin, "utt", reasons.DUPLICATE_ID,
                                  f"{origin}: utterance {utt!r} already listed at line {table[utt][0]}", id=utt))
             continue
-        table[utt] = (no, rest.strip())
+        table[utt] = (no, rest)
     return table
 
 
@@ -39,9 +40,11 @@ class KaldiReader:
     name = "kaldi"
 
     def detect(self, path: Path) -> bool:
+        """A folder holding ``wav.scp`` and ``text``."""
         return path.is_dir() and (path / "wav.scp").is_file() and (path / "text").is_file()
 
     def read(self, path: Path, options: SourceOptions) -> Iterator[Item]:
+        """Join ``wav.scp``, ``text`` and ``utt2spk`` on the utterance id, in ``wav.scp`` order."""
         bad: list[BadRecord] = []
         wavs = _table(path / "wav.scp", bad)
         texts = _table(path / "text", bad)
@@ -49,10 +52,14 @@ class KaldiReader:
         yield from bad
         for utt, (no, location) in wavs.items():
             origin = f"wav.scp:{no}"
-            if location.endswith("|") or not location:
+            if not location:
+                yield BadRecord(origin, "wav.scp", reasons.MISSING_FIELD,
+                                f"{origin}: utterance {utt!r} has no audio path", id=utt)
+                continue
+            if location.endswith("|"):
                 yield BadRecord(origin, "wav.scp", reasons.UNSUPPORTED,
-                                f"{origin}: piped or empty wav.scp entries are not supported; give a file path",
-                                id=utt)
+                                f"{origin}: piped wav.scp commands are not supported; decode to a file and give its "
+                                "path", id=utt)
                 continue
             if utt not in texts:
                 yield BadRecord(origin, "text", reasons.MISSING_FIELD, f"{origin}: utterance {utt!r} has no transcript",

@@ -22,8 +22,9 @@ class TextJsonlReader:
     name = "text"
 
     def detect(self, path: Path) -> bool:
+        """A ``.jsonl.gz`` file, or a ``.jsonl`` whose first object has ``text`` and no audio field."""
         files = _files(path) if path.exists() else []
-        if not files:
+        if not files or not files[0].name.endswith((".jsonl", ".jsonl.gz")):
             return False
         if files[0].name.endswith(".jsonl.gz"):
             return True
@@ -31,6 +32,7 @@ class TextJsonlReader:
         return obj is not None and "text" in obj and "audio" not in obj and "target_audio_path" not in obj
 
     def read(self, path: Path, options: SourceOptions) -> Iterator[Item]:
+        """One text record per line of the file, or of every ``.jsonl``/``.jsonl.gz`` under a folder (sorted)."""
         field = options.text_field
         base = path if path.is_dir() else path.parent
         for file in _files(path):
