@@ -185,6 +185,104 @@ class TokenizeConfig(_Section):
         return self
 
 
+class LoraSettings(_Section):
+    """LoRA adapters through PEFT."""
+
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha (scaling = alpha / r, or alpha / sqrt(r) with rsLoRA).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names (suffixes) to adapt, or 'all-linear' (every linear but the head)."
+    )
+    exclude_modules: list[str] = Field(
+        default_factory=list, description="Regex patterns of modules to leave alone (e.g. a frozen audio encoder)."
+    )
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling.")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    train_new_tokens: bool = Field(
+        True, description="Train the embedding and output rows of tokens added to the base vocabulary."
+    )
+
+
+class DeepSpeedSettings(_Section):
+    """DeepSpeed ZeRO, generated from these settings or read from a user's JSON."""
+
+    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="ZeRO stage; 0 runs plain DDP (or one process).")
+    offload_optimizer: bool = Field(False, description="Keep optimizer states in CPU memory (ZeRO 2/3).")
+    offload_params: bool = Field(False, description="Keep parameters in CPU memory (ZeRO 3).")
+    config_file: str | None = Field(
+        None, description="A DeepSpeed JSON to use instead; keys that disagree with these settings are an error."
+    )
+
+    @model_validator(mode="after")
+    def _offload(self) -> "DeepSpeedSettings":
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage 3")
+        if self.offload_optimizer and self.zero_stage < 1:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
+        return self
+
+
+class TrainSettings(_Section):
+    """The training loop shared by the llm, flow and joint stages."""
+
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (not applied to biases and norms).")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Warm-up as a fraction of the total steps.")
+    warmup_steps: int | None = Field(None, ge=0, description="Warm-up steps; overrides warmup_ratio when set.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm; 0 turns clipping off.")
+    grad_accum: int = Field(1, ge=1, description="Batches per optimizer step.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (when max_steps is unset).")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs when set.")
+    batch_tokens: int = Field(4096, ge=16, description="Token budget of one batch (padded tokens count).")
+    max_batch_size: int = Field(64, ge=1, description="Upper bound on sequences per batch.")
+    packing: bool = Field(
+        True, description="Padding-free packing (position ids restart per sample) where attention supports it."
+    )
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="Compute dtype; auto is bf16 on a GPU that supports it, else fp32."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (non-reentrant).")
+    eval_every: int = Field(100, ge=1, description="Validation loss every N optimizer steps.")
+    save_every: int = Field(200, ge=1, description="Checkpoint every N optimizer steps (and at the end).")
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept besides the best.")
+    log_every: int = Field(10, ge=1, description="Metrics every N optimizer steps.")
+    resume: str = Field("auto", description="auto: newest complete checkpoint if any; never; or a checkpoint path.")
+    nproc_per_node: int = Field(1, ge=1, description="Processes (GPUs) per node for torchrun.")
+    deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings, description="DeepSpeed ZeRO.")
+
+
+class LLMStageConfig(_Section):
+    """The llm stage: LoRA, full or from-scratch training of a causal LM on text/audio sequences."""
+
+    base_model: str | None = Field(None, description="Hugging Face causal LM (local path or s3://); --base-model.")
+    init: Literal["pretrained", "scratch"] = Field(
+        "pretrained", description="Start from base_model, or from random weights of a size preset."
+    )
+    preset: str = Field("tiny-qwen2", description="Size preset for init: scratch (tiny-qwen2, tiny-llama, 85m).")
+    mode: Literal["lora", "full"] = Field("lora", description="Train LoRA adapters or every weight.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel; flash_attention_2 when installed."
+    )
+    audio_tokens: Literal["append", "offset"] = Field(
+        "append", description="Audio codes as new tokens after the text vocabulary, or at an existing offset."
+    )
+    audio_token_offset: int | None = Field(None, ge=0, description="LM id of audio code 0 when audio_tokens=offset.")
+    layout: Literal["auto", "tts", "clone", "edit", "understand", "music", "text"] = Field(
+        "auto", description="Sequence layout; auto picks it from each row's task."
+    )
+    codebook_weights: list[float] | None = Field(
+        None, description="Per-codebook loss weights (multi-codebook); default 8,2,1,1,... for 8 codebooks."
+    )
+    max_seq_len: int = Field(2048, ge=8, description="Longest sequence the model is trained on.")
+    overlong: Literal["truncate", "drop"] = Field("drop", description="What happens to longer sequences.")
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA settings (mode=lora).")
+    train: TrainSettings = Field(default_factory=TrainSettings, description="The training loop.")
+    overwrite: bool = Field(False, description="Replace an existing LLM artifact at the output URI.")
+
+
 class AudiotuneConfig(_Section):
     """The whole pipeline. Each stage reads its own section."""
 
@@ -192,6 +290,7 @@ class AudiotuneConfig(_Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
     convert: ConvertConfig = Field(default_factory=ConvertConfig, description="The convert stage.")
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig, description="The tokenize stage.")
+    llm: LLMStageConfig = Field(default_factory=LLMStageConfig, description="The llm stage.")
 
 
 def _format_errors(err: ValidationError, origin: str) -> str:
