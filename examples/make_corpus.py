@@ -89,7 +89,23 @@ ESPEAK_VOICES = [  # (voice, words per minute, pitch 0-99)
 
 # ---------------------------------------------------------------- synth backend
 def _synth(text: str, sr: int, f0: float, formant_shift: float, rng: np.random.Generator) -> np.ndarray:
-    """Speech-like audio: a jittered harmonic source through two moving formants, one syllable per vowel group."""
+    """Synthesize speech-like audio for ``text``.
+
+    A jittered harmonic source (vibrato plus random pitch drift around ``f0``) passes through two formant
+    resonances that move per syllable (one syllable per vowel, at most three per word); each syllable has a
+    smooth amplitude envelope, fricative-like noise bursts follow some letters, and words are separated by
+    short pauses, so the result is non-silent and changes with the text (about 0.25-0.35 s per word).
+
+    Args:
+        text: The sentence; words are split on whitespace.
+        sr: Sample rate in Hz.
+        f0: The speaker's mean fundamental frequency in Hz.
+        formant_shift: The speaker's formant scale (vocal-tract length), around 1.0.
+        rng: The random generator; the same state gives the same samples.
+
+    Returns:
+        Mono float32 audio, peak-normalised to 0.5.
+    """
     words = text.split()
     pieces = [np.zeros(int(0.12 * sr), dtype=np.float32)]
     for word in words:
@@ -123,6 +139,7 @@ def _synth(text: str, sr: int, f0: float, formant_shift: float, rng: np.random.G
 
 # --------------------------------------------------------------- espeak backend
 def _espeak_voices() -> set[str]:
+    """Return the language and voice names that ``espeak-ng --voices`` lists."""
     out = subprocess.run(["espeak-ng", "--voices"], capture_output=True, text=True, check=False).stdout
     names = set()
     for line in out.splitlines()[1:]:
@@ -133,9 +150,27 @@ def _espeak_voices() -> set[str]:
 
 
 def _espeak(text: str, voice: str, wpm: int, pitch: int, sr: int, tmp: Path) -> np.ndarray:
+    """Speak ``text`` with espeak-ng into a temporary WAV and return it as mono float32 at ``sr`` Hz.
+
+    Args:
+        text: The sentence (pinyin with tone numbers for the ``cmn-latn-pinyin`` voice).
+        voice: The espeak-ng voice, optionally with a ``+variant``.
+        wpm: Speaking rate in words per minute.
+        pitch: Pitch, 0-99.
+        sr: The sample rate to return; espeak's native rate is resampled with soxr when it differs.
+        tmp: A scratch folder for the WAV espeak writes.
+
+    Returns:
+        Mono float32 audio at ``sr`` Hz.
+
+    Raises:
+        RuntimeError: espeak-ng failed; the message carries its stderr.
+    """
     out = tmp / "x.wav"
-    subprocess.run(["espeak-ng", "-v", voice, "-s", str(wpm), "-p", str(pitch), "-w", str(out), text],
-                   check=True, capture_output=True)
+    proc = subprocess.run(["espeak-ng", "-v", voice, "-s", str(wpm), "-p", str(pitch), "-w", str(out), text],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"espeak-ng -v {voice} failed on {text!r} (exit {proc.returncode}): {proc.stderr.strip()}")
     wav, native = sf.read(out, dtype="float32")
     if wav.ndim > 1:
         wav = wav.mean(axis=1)
@@ -146,7 +181,43 @@ def _espeak(text: str, voice: str, wpm: int, pitch: int, sr: int, tmp: Path) -> 
 
 def make_corpus(out_dir: str | Path, n_speakers: int = 4, utts_per_speaker: int = 8, sample_rate: int = 22050,
                 seed: int = 0, backend: str = "auto", mandarin: bool = True, edit_fraction: float = 0.25) -> Path:
-    """Write the corpus and return the path of its ``manifest.jsonl``."""
+    """Write a small multi-speaker corpus and its Step-Audio-EditX manifest.
+
+    Writes ``<out_dir>/wavs/<speaker>/<id>.wav`` (16-bit PCM, mono) and ``<out_dir>/manifest.jsonl``, one JSON
+    object per utterance with ``id``, ``target_audio_path`` (relative to the manifest), ``target_text`` and
+    ``speaker_id``; about ``edit_fraction`` of the rows also carry ``prompt_audio_path``, ``prompt_text`` (an
+    earlier utterance of the same speaker) and ``edit_type`` (``emotion``, ``speed`` or ``style``). An existing
+    corpus in ``out_dir`` is overwritten (its ``wavs/`` folder is removed first). With ``mandarin`` and more
+    than one speaker, the last speaker reads pinyin sentences with tone numbers (the ``cmn-latn-pinyin`` voice
+    with espeak; skipped with a warning when that voice is missing).
+
+    Args:
+        out_dir: The folder to write into; created if missing.
+        n_speakers: Number of speakers (espeak voices, or synthetic f0/formant settings).
+        utts_per_speaker: Utterances per speaker.
+        sample_rate: Sample rate of the written WAVs in Hz.
+        seed: Seed for sentence choice, prompt pairing and the synthetic voices; the synth backend
+            writes identical bytes for the same seed.
+        backend: ``"espeak"`` (needs ``espeak-ng`` on PATH), ``"synth"`` (built in), or ``"auto"``
+            (espeak when available, else synth).
+        mandarin: Make the last speaker a Mandarin (pinyin) speaker.
+        edit_fraction: Probability, per utterance after a speaker's first, of becoming an edit row.
+
+    Returns:
+        The path of ``manifest.jsonl``.
+
+    Raises:
+        ValueError: An argument is out of range.
+        RuntimeError: ``backend="espeak"`` without espeak-ng, or espeak-ng failed.
+    """
+    if backend not in ("auto", "espeak", "synth"):
+        raise ValueError(f"backend must be 'auto', 'espeak' or 'synth', got {backend!r}")
+    if n_speakers < 1 or utts_per_speaker < 1:
+        raise ValueError(f"n_speakers and utts_per_speaker must be >= 1, got {n_speakers} and {utts_per_speaker}")
+    if sample_rate < 8000:
+        raise ValueError(f"sample_rate must be >= 8000 Hz, got {sample_rate}")
+    if not 0.0 <= edit_fraction <= 1.0:
+        raise ValueError(f"edit_fraction must be in [0, 1], got {edit_fraction}")
     out = Path(out_dir)
     if backend == "auto":
         backend = "espeak" if shutil.which("espeak-ng") else "synth"
@@ -161,7 +232,11 @@ def make_corpus(out_dir: str | Path, n_speakers: int = 4, utts_per_speaker: int 
     if backend == "espeak":
         available = _espeak_voices()
         voices = [v for v in ESPEAK_VOICES if v[0].split("+")[0] in available] or [("en", 160, 50)]
+        if len(voices) < len(ESPEAK_VOICES):
+            log.warning("espeak-ng lacks some voices; using %s", [v[0] for v in voices])
         has_pinyin = "cmn-latn-pinyin" in available
+        if mandarin and not has_pinyin:
+            log.warning("espeak-ng has no cmn-latn-pinyin voice; all speakers read English")
     rows, total = [], 0.0
     with tempfile.TemporaryDirectory() as tmp:
         for s in range(n_speakers):
@@ -177,7 +252,12 @@ def make_corpus(out_dir: str | Path, n_speakers: int = 4, utts_per_speaker: int 
                 text = sentences[order[u % len(sentences)]]
                 uid = f"{spk}_{u:03d}"
                 if backend == "espeak":
-                    voice, wpm, pitch = ("cmn-latn-pinyin", 150, 50) if mandarin_speaker else voices[s % len(voices)]
+                    if mandarin_speaker:
+                        voice, wpm, pitch = "cmn-latn-pinyin", 150, 50
+                    else:  # past the voice list, reuse voices at another rate and pitch
+                        voice, wpm, pitch = voices[s % len(voices)]
+                        lap = s // len(voices)
+                        wpm, pitch = wpm + 12 * lap * (-1) ** lap, (pitch + 17 * lap) % 100
                     wav = _espeak(text, voice, wpm, pitch, sample_rate, Path(tmp))
                 else:
                     wav = _synth(text, sample_rate, f0, shift, rng)
@@ -194,24 +274,29 @@ def make_corpus(out_dir: str | Path, n_speakers: int = 4, utts_per_speaker: int 
                 rows.append(row)
     manifest = out / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    log.info("wrote %d utterances (%.1f s of audio, %d speakers, backend %s) to %s",
-             len(rows), total, n_speakers, backend, manifest)
+    log.info("wrote %d utterances (%.1f s of audio, %d speakers, %d edit rows, backend %s, %d Hz) to %s",
+             len(rows), total, n_speakers, sum("edit_type" in r for r in rows), backend, sample_rate, manifest)
     return manifest
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point: parse the arguments, write the corpus, log the time it took."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="Output folder.")
-    parser.add_argument("--speakers", type=int, default=4)
+    parser.add_argument("--speakers", type=int, default=4, help="Number of speakers.")
     parser.add_argument("--utts", type=int, default=8, help="Utterances per speaker.")
-    parser.add_argument("--sample-rate", type=int, default=22050)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--backend", choices=("auto", "espeak", "synth"), default="auto")
+    parser.add_argument("--sample-rate", type=int, default=22050, help="Sample rate of the WAVs in Hz.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed for sentences, edit pairs and synthetic voices.")
+    parser.add_argument("--backend", choices=("auto", "espeak", "synth"), default="auto",
+                        help="auto: espeak-ng when on PATH, else the built-in synthesizer.")
     parser.add_argument("--no-mandarin", action="store_true", help="No pinyin speaker.")
+    parser.add_argument("--edit-fraction", type=float, default=0.25, help="Share of rows that become edit rows.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     start = time.perf_counter()
-    make_corpus(args.out, args.speakers, args.utts, args.sample_rate, args.seed, args.backend, not args.no_mandarin)
+    make_corpus(args.out, n_speakers=args.speakers, utts_per_speaker=args.utts, sample_rate=args.sample_rate,
+                seed=args.seed, backend=args.backend, mandarin=not args.no_mandarin,
+                edit_fraction=args.edit_fraction)
     log.info("done in %.1f s", time.perf_counter() - start)
     return 0
 
