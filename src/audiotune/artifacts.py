@@ -19,6 +19,8 @@ DATASET = "audiotune.dataset"
 DATASET_VERSION = 1
 TOKENS = "audiotune.tokens"
 TOKENS_VERSION = 1
+LLM = "audiotune.llm"
+LLM_VERSION = 1
 
 
 class ArtifactError(Exception):

@@ -1,0 +1,1 @@
+"""Causal-LM wrapper (incl. multi-codebook heads), flow decoder, vocoder."""

@@ -1,0 +1,159 @@
+"""The llm stage: a Tokens artifact (+ a base causal LM) → an LLM model artifact.
+
+Recipe: read the Tokens → lay out the vocabulary → build the model (base or scratch
+preset, audio rows appended) → LoRA or full → examples, token-budget batches,
+packing → the engine (accelerate/DeepSpeed, checkpoints, exact resume) → save the
+adapter or full model with the tokenizer, the base fingerprint and the metrics →
+publish → track.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer
+
+from audiotune import artifacts, storage, tracking
+from audiotune.config import AudiotuneConfig, dump_config
+from audiotune.models.vocab import AudioVocab, build_vocab
+from audiotune.train import checkpoints
+from audiotune.train.engine import Engine, decay_groups, make_accelerator, resolve_dtype, seed_everything
+from audiotune.train.llm_batches import ExampleBatches, llm_loss
+from audiotune.train.plots import loss_curve
+
+log = logging.getLogger(__name__)
+
+
+class TrainLLMError(Exception):
+    """The llm stage cannot start (bad inputs or settings)."""
+
+
+@dataclass
+class TrainResult:
+    """What the stage produced."""
+
+    output: str
+    metrics: dict[str, Any]
+    manifest: dict[str, Any] | None
+
+
+def _vocab(tokens_dir: Path, manifest: dict[str, Any], cfg) -> tuple[Any, AudioVocab]:
+    tokenizer = AutoTokenizer.from_pretrained(str(tokens_dir / "tokenizer"))
+    audio = manifest.get("audio_tokenizer") or {"codebook_size": 0, "num_codebooks": 1}
+    vocab = build_vocab(tokenizer, int(audio["codebook_size"] or 0), int(audio["num_codebooks"] or 1),
+                        cfg.llm.audio_tokens, cfg.llm.audio_token_offset)
+    return tokenizer, vocab
+
+
+def train_llm(cfg: AudiotuneConfig, tokens: str, output: str, base_model: str | None = None) -> TrainResult:
+    """Run the llm stage (every torchrun process calls this; rank 0 publishes).
+
+    Args:
+        cfg: The pipeline config; the ``llm`` section drives this stage.
+        tokens: URI of a Tokens artifact.
+        output: URI for the LLM model artifact.
+        base_model: Base model URI (overrides ``llm.base_model``).
+    """
+    from audiotune.models.lm import apply_lora, build_lm, count_parameters, fingerprint
+    from audiotune.train.data import load_examples, supports_packing
+
+    L, T = cfg.llm, cfg.llm.train
+    base_model = base_model or L.base_model
+    if L.init == "pretrained" and not base_model:
+        raise TrainLLMError("llm.init is 'pretrained' but no base model was given (--base-model or llm.base_model); "
+                            "use llm.init=scratch to train from a size preset")
+    storage.require_missing_or_overwrite(output, L.overwrite)
+    manifest = artifacts.read_manifest(tokens, artifacts.TOKENS, artifacts.TOKENS_VERSION)
+    dtype = resolve_dtype(T.dtype)
+    acc = make_accelerator(T, dtype)
+    if acc.is_main_process:
+        log.info("train llm: %s -> %s\n%s", tokens, output, dump_config(cfg))
+    tokens_dir = storage.local_copy(tokens)
+    tokenizer, vocab = _vocab(tokens_dir, manifest, cfg)
+    base_path = str(storage.local_copy(base_model)) if (L.init == "pretrained" and base_model) else None
+
+    seed_everything(cfg.run.seed)
+    load_dtype = torch.bfloat16 if (dtype == "bf16" and L.mode == "lora") else torch.float32
+    model, info = build_lm(L, vocab, base_path, load_dtype)
+    config = getattr(model, "config", None)
+    if config is not None:  # a KV cache during training would make packed samples attend to each other
+        config.use_cache = False
+    base_fp = fingerprint(model) if base_path is None else info.get("fingerprint") or fingerprint(model)
+    if L.mode == "lora":
+        model = apply_lora(model, L.lora, vocab.new_token_ids(info["base_vocab_size"]))
+    trainable, total = count_parameters(model)
+    log.info("parameters: %d trainable of %d", trainable, total)
+
+    packing = T.packing and supports_packing(L.attn_implementation) and vocab.num_codebooks == 1
+    train_ex, train_stats = load_examples(tokens_dir / "train", vocab, L.layout, L.max_seq_len, L.overlong)
+    val_ex, val_stats = load_examples(tokens_dir / "val", vocab, L.layout, L.max_seq_len, L.overlong, repeat=False)
+    if not train_ex:
+        raise TrainLLMError(f"{tokens}: no training sequences for layout {L.layout!r} ({train_stats})")
+    train_data = ExampleBatches(train_ex, vocab, T, cfg.run.seed, acc.process_index, acc.num_processes, packing)
+    val_data = ExampleBatches(val_ex, vocab, T, cfg.run.seed, acc.process_index, acc.num_processes, packing,
+                              shuffle=False) if val_ex else None
+
+    with tempfile.TemporaryDirectory(prefix="audiotune-llm-") as tmp, \
+            tracking.stage_run(cfg.tracking, "llm") as tracker:
+        tracker.log_params({"llm": L.model_dump(mode="json"), "run": cfg.run.model_dump(mode="json")})
+        tracker.log_params({"data.train_sequences": len(train_ex), "data.val_sequences": len(val_ex),
+                            "data.packing": packing, "model.trainable_parameters": trainable,
+                            "model.total_parameters": total, "data.dropped_overlong": train_stats.get(
+                                "dropped_overlong", 0), "data.truncated": train_stats.get("truncated", 0)})
+        engine = Engine(
+            train=T, accelerator=acc, model=model,
+            param_groups=decay_groups(list(model.named_parameters()), T.lr, T.weight_decay, "llm"),
+            loss_fn=llm_loss, train_data=train_data, val_data=val_data, output=output, tracker=tracker,
+            work_dir=Path(tmp), seed=cfg.run.seed,
+        )
+        engine.maybe_resume()
+        state = engine.fit()
+        state_dict = acc.get_state_dict(engine.model)
+        result_manifest = None
+        metrics = _final_metrics(state, train_stats, val_stats)
+        if acc.is_main_process:
+            tracker.log_metrics({f"final_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+            with storage.publish_dir(output, overwrite=L.overwrite) as staging:
+                unwrapped = acc.unwrap_model(engine.model)
+                unwrapped.save_pretrained(str(staging), state_dict=state_dict, safe_serialization=True)
+                tokenizer.save_pretrained(str(staging))
+                (staging / "vocab.json").write_text(json.dumps(vocab.to_dict(), indent=2) + "\n")
+                (staging / "base_fingerprint.json").write_text(json.dumps(base_fp, indent=2) + "\n")
+                (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+                (staging / "history.json").write_text(json.dumps(state.history, indent=1) + "\n")
+                loss_curve(state.history, staging / "loss_curve.png")
+                tracker.log_artifact(staging / "loss_curve.png")
+                tracker.log_artifact(staging / "metrics.json")
+                result_manifest = artifacts.write_manifest(
+                    staging, artifacts.LLM, artifacts.LLM_VERSION,
+                    tokens=tokens, base_model=base_model, init=L.init, preset=L.preset if L.init == "scratch" else None,
+                    mode=L.mode, base_fingerprint=base_fp, vocab=vocab.to_dict(), packing=packing,
+                    checkpoints=checkpoints.checkpoints_uri(output), steps=state.step,
+                    dataset_fingerprint=manifest.get("dataset_fingerprint"), metrics=metrics,
+                    config=L.model_dump(mode="json"),
+                )
+        acc.wait_for_everyone()
+    return TrainResult(output=output, metrics=metrics, manifest=result_manifest)
+
+
+def _final_metrics(state, train_stats: dict, val_stats: dict) -> dict[str, Any]:
+    losses = [h["loss"] for h in state.history if "loss" in h]
+    vals = [h["val_loss"] for h in state.history if "val_loss" in h]
+    return {
+        "steps": state.step,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "val_loss": vals[-1] if vals else None,
+        "best_val_loss": state.best_val_loss,
+        "best_step": state.best_step,
+        "train_sequences": train_stats.get("rows"),
+        "dropped_overlong": train_stats.get("dropped_overlong", 0),
+        "truncated": train_stats.get("truncated", 0),
+        "val_sequences": val_stats.get("rows"),
+    }

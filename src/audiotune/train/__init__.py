@@ -1,0 +1,1 @@
+"""The training engine (accelerate + DeepSpeed), data collation, checkpoints, launch."""

@@ -1,0 +1,56 @@
+"""Batches of LM examples for the engine, and the LM loss."""
+
+from __future__ import annotations
+
+import torch
+
+from audiotune.config import TrainSettings
+from audiotune.models.vocab import IGNORE_INDEX, AudioVocab
+
+
+class ExampleBatches:
+    """Token-budget batches of one process's share of the examples, padded or packed."""
+
+    def __init__(self, examples: list, vocab: AudioVocab, train: TrainSettings, seed: int, rank: int,
+                 world_size: int, packing: bool, shuffle: bool = True):
+        from audiotune.train.data import TokenBudgetSampler
+
+        self.examples = examples
+        self.vocab = vocab
+        self.packing = packing
+        self.sampler = TokenBudgetSampler(
+            [len(e.input_ids) for e in examples], batch_tokens=train.batch_tokens,
+            max_batch_size=train.max_batch_size, seed=seed, shuffle=shuffle, rank=rank, world_size=world_size,
+            packing=packing,
+        )
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        return self.sampler.batches(epoch)
+
+    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        from audiotune.train.data import collate_packed, collate_padded
+
+        chosen = [self.examples[i] for i in indices]
+        if self.packing:
+            return collate_packed(chosen)
+        channel_pad = self.vocab.channel_pad_id if self.vocab.num_codebooks > 1 else None
+        return collate_padded(chosen, self.vocab.pad_id, channel_pad)
+
+
+def llm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean next-token loss of a padded or packed batch, with token and sample counts."""
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids", "labels")}
+    out = model(**inputs)
+    labels = batch["labels"]
+    if "attention_mask" in batch:
+        tokens = int(batch["attention_mask"].sum())
+        samples = int(batch["attention_mask"].shape[0])
+    else:  # packed: one row, position ids restart per sample
+        tokens = int(labels.shape[1])
+        samples = int((batch["position_ids"] == 0).sum())
+    metrics = {"tokens": tokens, "samples": samples, "target_tokens": float((labels != IGNORE_INDEX).sum())}
+    per_codebook = getattr(out, "per_codebook_loss", None)
+    if per_codebook is not None:
+        for k, value in enumerate(per_codebook):
+            metrics[f"loss_codebook{k}"] = float(value)
+    return out.loss, metrics
