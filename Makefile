@@ -19,8 +19,8 @@ test: setup
 
 demo: setup
 	$(PY) examples/make_corpus.py --out demo/corpus
-	$(VENV)/bin/audiotune convert --source demo/corpus/manifest.jsonl --output demo/dataset --config examples/demo.yaml --set convert.overwrite=true
-	$(VENV)/bin/audiotune tokenize --dataset demo/dataset --output demo/tokens --config examples/demo.yaml --set tokenize.overwrite=true
+	# the whole pipeline under kfp.local: convert, tokenize, llm ∥ flow, joint, export; MLflow in ./mlruns
+	$(VENV)/bin/audiotune run --local examples/demo.yaml
 
 lint: setup
 	$(VENV)/bin/ruff check src tests components pipelines examples benchmarks
@@ -31,3 +31,15 @@ bench: setup
 
 clean:
 	rm -rf demo mlruns
+
+# Container images (images/*/Dockerfile), tagged with the package version; the tags are audiotune.images.CPU_IMAGE
+# and CUDA_IMAGE (set AUDIOTUNE_IMAGE_REGISTRY to the same registry when compiling the pipeline).
+IMAGE_REGISTRY ?= ghcr.io/audiotune
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' src/audiotune/__init__.py)
+DOCKER ?= docker
+CUDA_BUILD_ARGS ?=
+
+.PHONY: images
+images:
+	$(DOCKER) build -f images/cpu/Dockerfile --build-arg VERSION=$(VERSION) -t $(IMAGE_REGISTRY)/audiotune-cpu:$(VERSION) .
+	$(DOCKER) build -f images/cuda/Dockerfile --build-arg VERSION=$(VERSION) $(CUDA_BUILD_ARGS) -t $(IMAGE_REGISTRY)/audiotune-cuda:$(VERSION) .

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import LLM_TOKENIZE, save_tiny_base
+
 BIN = Path(sys.executable).parent
 
 
@@ -114,3 +116,26 @@ def mlflow_server(tmp_path_factory) -> Iterator[str]:
     proc = _start(cmd, f"{url}/health", workdir / "server.log", timeout=90, env=env)
     yield url
     _stop(proc)
+
+
+# ------------------------------------------------------------------------------------ shared training fixtures
+@pytest.fixture(scope="session")
+def llm_tokens(tmp_path_factory) -> Path:
+    """16 generated utterances (4 speakers, some clone/edit rows) tokenized with a 32-code mel-kmeans."""
+    from audiotune.config import load_config
+    from audiotune.stages.convert import convert
+    from audiotune.stages.tokenize import tokenize
+    from examples.make_corpus import make_corpus
+
+    root = tmp_path_factory.mktemp("llm-tokens")
+    manifest = make_corpus(root / "corpus", n_speakers=4, utts_per_speaker=4, backend="synth", seed=3)
+    cfg = load_config(None, LLM_TOKENIZE)
+    convert(cfg, source=str(manifest), output=str(root / "ds"))
+    tokenize(cfg, dataset=str(root / "ds"), output=str(root / "tok"))
+    return root / "tok"
+
+
+@pytest.fixture(scope="session")
+def llm_base(tmp_path_factory, llm_tokens) -> Path:
+    """A tiny random Qwen2 base (untied head) for the Tokens of ``llm_tokens``."""
+    return save_tiny_base(llm_tokens, tmp_path_factory.mktemp("base") / "qwen2-tiny")

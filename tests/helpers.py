@@ -59,3 +59,22 @@ def good_corpus(root: Path, n: int, sr: int = 22050, start: int = 0) -> Path:
         write_audio(root / rel, seconds=0.5 + (i % 5) * 0.2, sr=sr, seed=i, freq=150 + 10 * (i % 7))
         rows.append({"id": f"utt{i:05d}", "audio": rel, "text": f"sentence number {i}", "speaker": f"spk{i % 3}"})
     return write_jsonl(root / "manifest.jsonl", rows)
+
+
+LLM_TOKENIZE = ["tracking.enabled=false", "convert.val_fraction=0.2", "tokenize.vocab_size=300",
+                "tokenize.audio_tokenizer.codebook_size=32", "tokenize.audio_tokenizer.fit_max_frames=3000"]
+
+
+def save_tiny_base(tokens: Path, path: Path, arch: str = "qwen2", tie: bool = False) -> Path:
+    """A tiny random causal LM saved as a 'pretrained' base whose vocabulary is the Tokens' text tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokens / "tokenizer"))
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(arch, vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  tie_word_embeddings=tie, initializer_range=0.2)  # logits not stuck near 0
+    AutoModelForCausalLM.from_config(config).save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    return path

@@ -21,6 +21,10 @@ TOKENS = "audiotune.tokens"
 TOKENS_VERSION = 1
 LLM = "audiotune.llm"
 LLM_VERSION = 1
+FLOW = "audiotune.flow"
+FLOW_VERSION = 1
+EXPORT = "audiotune.export"
+EXPORT_VERSION = 1
 
 
 class ArtifactError(Exception):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Callable
 
@@ -47,6 +48,80 @@ def _cmd_tokenize(args: argparse.Namespace, cfg: AudiotuneConfig) -> int:
     return EXIT_OK
 
 
+def _cmd_train(args: argparse.Namespace, cfg: AudiotuneConfig) -> int:
+    from audiotune.train.launch import relaunch, under_torchrun
+
+    section = {"llm": cfg.llm, "flow": cfg.flow, "joint": cfg.joint}[args.stage]
+    if section.train.nproc_per_node > 1 and not under_torchrun():
+        return relaunch(section.train.nproc_per_node, sys.argv[1:] if args.argv is None else args.argv)
+    from audiotune.train.engine import TrainingInterrupted
+
+    try:
+        if args.stage == "flow":
+            from audiotune.stages.train_flow import train_flow
+
+            result = train_flow(cfg, tokens=args.tokens, output=args.output, base_flow=args.base_flow)
+        elif args.stage == "joint":
+            from audiotune import storage
+            from audiotune.stages.train_joint import train_joint
+
+            joint = train_joint(cfg, tokens=args.tokens, llm=args.llm, flow=args.flow,
+                                llm_output=args.llm_output or storage.join(args.output, "llm"),
+                                flow_output=args.flow_output or storage.join(args.output, "flow"))
+            if joint.llm_manifest is not None:
+                print(json.dumps({"llm_output": joint.llm_output, "flow_output": joint.flow_output,
+                                  "metrics": joint.metrics}))
+            return EXIT_OK
+        else:
+            from audiotune.stages.train_llm import train_llm
+
+            result = train_llm(cfg, tokens=args.tokens, output=args.output, base_model=args.base_model)
+    except TrainingInterrupted as err:
+        print(f"audiotune train {args.stage}: {err}", file=sys.stderr)
+        return 143
+    if result.manifest is not None:
+        print(json.dumps({"output": result.output, "metrics": result.metrics}))
+    return EXIT_OK
+
+
+EXIT_NOT_PROMOTED = 3
+
+
+def _cmd_export(args: argparse.Namespace, cfg: AudiotuneConfig) -> int:
+    from audiotune.stages.export import export
+
+    result = export(cfg, output=args.output, llm=args.llm, flow=args.flow, tokens=args.tokens)
+    print(json.dumps({"output": result.output, "registered_version": result.registered_version,
+                      "metrics": result.metrics}))
+    return EXIT_OK
+
+
+def _cmd_synthesize(args: argparse.Namespace, cfg: AudiotuneConfig) -> int:
+    from audiotune import artifacts, storage
+    from audiotune.export.synthesis import Synthesizer, write_wav
+
+    artifacts.read_manifest(args.model, artifacts.EXPORT, artifacts.EXPORT_VERSION)
+    settings = cfg.export.synthesis
+    if args.vocoder:
+        settings = settings.model_copy(update={"vocoder": args.vocoder})
+    synth = Synthesizer(storage.local_copy(args.model), settings)
+    speech = synth.synthesize(args.text, prompt_wav=args.prompt_wav, prompt_text=args.prompt_text,
+                              speaker=args.speaker)
+    write_wav(args.out, speech)
+    print(json.dumps({"out": args.out, "seconds": round(speech.seconds, 3), "frames": int(speech.codes.shape[1]),
+                      "sample_rate": speech.sample_rate}))
+    return EXIT_OK
+
+
+def _cmd_promote(args: argparse.Namespace, cfg: AudiotuneConfig) -> int:
+    from audiotune.export import registry
+
+    outcome = registry.promote(cfg.tracking, args.model_name, version=args.version, metric=args.metric,
+                               greater_is_better=args.greater_is_better, alias=args.alias)
+    print(outcome.message)
+    return EXIT_OK if outcome.promoted else EXIT_NOT_PROMOTED
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="audiotune", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"audiotune {__version__}")
@@ -64,6 +139,64 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-model", help="Base model URI whose tokenizer to use (default: tokenize.base_model).")
     _add_common(p)
     p.set_defaults(func=_cmd_tokenize)
+
+    p = sub.add_parser("train", help="Train a model: llm or flow (joint follows).")
+    train_sub = p.add_subparsers(dest="stage", required=True)
+    p = train_sub.add_parser("llm", help="Train the causal LM (LoRA, full or from scratch) on a Tokens artifact.")
+    p.add_argument("--tokens", required=True, help="Tokens artifact URI (local or s3://).")
+    p.add_argument("--base-model", help="Base causal LM URI (default: llm.base_model).")
+    _add_common(p)
+    p.set_defaults(func=_cmd_train)
+    p = train_sub.add_parser("flow", help="Train the flow-matching token→mel decoder on a Tokens artifact.")
+    p.add_argument("--tokens", required=True, help="Tokens artifact URI (local or s3://).")
+    p.add_argument("--base-flow", help="Starting Flow artifact or config.json + model.safetensors folder "
+                   "(default: flow.base_flow; unset: random init of flow.preset).")
+    _add_common(p)
+    p.set_defaults(func=_cmd_train)
+    p = train_sub.add_parser("joint", help="Train an LLM and a flow artifact together (loss w_llm·L_llm + "
+                             "w_flow·L_flow); writes <output>/llm and <output>/flow.")
+    p.add_argument("--tokens", required=True, help="Tokens artifact URI both models were trained on.")
+    p.add_argument("--llm", required=True, help="LLM model artifact URI (LoRA adapter or full model).")
+    p.add_argument("--flow", required=True, help="Flow model artifact URI.")
+    p.add_argument("--llm-output", help="Where the LLM artifact goes (default <output>/llm).")
+    p.add_argument("--flow-output", help="Where the Flow artifact goes (default <output>/flow).")
+    _add_common(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("export", help="Merge, verify, package, upload and register trained models.")
+    p.add_argument("--llm", help="LLM model artifact URI (omit in flow-only runs).")
+    p.add_argument("--flow", help="Flow model artifact URI (omit in llm-only runs).")
+    p.add_argument("--tokens", help="Tokens artifact URI (default: the one the models were trained on).")
+    _add_common(p)
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("synthesize", help="Speak a text with an exported model (LLM → flow → vocoder).")
+    p.add_argument("--model", required=True, help="Export URI (local or s3://).")
+    p.add_argument("--text", required=True, help="What to say.")
+    p.add_argument("--prompt-wav", help="A recording of the voice to clone (needs --prompt-text).")
+    p.add_argument("--prompt-text", help="The transcript of --prompt-wav.")
+    p.add_argument("--speaker", help="A speaker of the training data (speaker-id or embedding flows).")
+    p.add_argument("--vocoder", help="griffin-lim[:N] or a TorchScript / ONNX vocoder file "
+                   "(default: export.synthesis.vocoder).")
+    p.add_argument("--out", required=True, help="WAV file to write.")
+    p.add_argument("--config", help="YAML config (export.synthesis settings).")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="a.b=v")
+    p.set_defaults(func=_cmd_synthesize)
+
+    p = sub.add_parser("promote", help="Move the champion alias to a registered version if it is better; exit 0 "
+                       f"when promoted, {EXIT_NOT_PROMOTED} when the champion stays.")
+    p.add_argument("--model-name", required=True, help="Registered model name.")
+    p.add_argument("--version", help="Challenger version (default: the newest).")
+    p.add_argument("--metric", default="val_loss", help="Metric compared (a metric.<name> tag of the versions).")
+    p.add_argument("--greater-is-better", action="store_true", help="Higher metric wins (default: lower).")
+    p.add_argument("--alias", default="champion", help="The alias of the model in production.")
+    p.add_argument("--config", help="YAML config (its tracking section says where the registry is).")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="a.b=v")
+    p.set_defaults(func=_cmd_promote)
+
+    from audiotune.pipeline_cli import add_pipeline_commands  # run --local, compile, submit
+
+    add_pipeline_commands(sub)
 
     p = sub.add_parser("config", help="Print the resolved config (YAML) or its JSON schema.")
     p.add_argument("--config", help="YAML config to resolve.")
@@ -89,13 +222,25 @@ def _failure_types() -> tuple[type[BaseException], ...]:
 
     from audiotune.artifacts import ArtifactError
     from audiotune.data.sources.base import SourceError
+    from audiotune.export.merge import ExportError
+    from audiotune.export.synthesis import SynthesisError
+    from audiotune.models.flow import FlowConfigError, FlowLoadError, FlowModelError
+    from audiotune.models.lm import ModelError
+    from audiotune.models.vocoder import VocoderError
     from audiotune.stages.convert import ConvertError
     from audiotune.stages.tokenize import TokenizeError
+    from audiotune.stages.train_flow import TrainFlowError
+    from audiotune.stages.train_joint import TrainJointError
+    from audiotune.stages.train_llm import TrainLLMError
     from audiotune.tokenization.audio_tokenizers import TokenizerError
     from audiotune.tokenization.text import TextTokenizerError
     from audiotune.tracking import TrackingError
+    from audiotune.train.deepspeed import DeepSpeedConfigError
 
     return (ArtifactError, SourceError, ConvertError, TokenizeError, TokenizerError, TextTokenizerError,
+            TrainLLMError, TrainJointError, ExportError, SynthesisError,
+            DeepSpeedConfigError, ModelError, TrainFlowError, FlowLoadError,
+            FlowConfigError, FlowModelError, VocoderError,
             TrackingError, FileExistsError, FileNotFoundError, BotoCoreError, ClientError)
 
 
@@ -103,8 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = argv
+    rank = os.environ.get("RANK", "0")  # torchrun workers other than rank 0 only warn: one log per run
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else (logging.INFO if rank in ("", "0") else logging.WARNING),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )

@@ -238,8 +238,11 @@ class TrainSettings(_Section):
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs when set.")
     batch_tokens: int = Field(4096, ge=16, description="Token budget of one batch (padded tokens count).")
     max_batch_size: int = Field(64, ge=1, description="Upper bound on sequences per batch.")
-    packing: bool = Field(
-        True, description="Padding-free packing (position ids restart per sample) where attention supports it."
+    packing: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Padding-free packing (position ids restart per sample, no attention across samples). auto: "
+        "only with a variable-length attention kernel (flash_attention_2); with sdpa/eager a packed row costs "
+        "quadratic attention over the whole row, so length-grouped padded batches are faster there.",
     )
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="Compute dtype; auto is bf16 on a GPU that supports it, else fp32."
@@ -254,6 +257,105 @@ class TrainSettings(_Section):
     deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings, description="DeepSpeed ZeRO.")
 
 
+_QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
+
+
+class TolerationSettings(_Section):
+    """One Kubernetes toleration (core/v1 Toleration) for the training pods."""
+
+    key: str | None = Field(None, description="Taint key the toleration applies to; unset with Exists matches all.")
+    operator: Literal["Equal", "Exists"] = Field("Equal", description="Equal compares value; Exists ignores it.")
+    value: str | None = Field(None, description="Taint value to match (operator Equal).")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="Taint effect to match; unset matches every effect."
+    )
+    toleration_seconds: int | None = Field(
+        None, ge=0, description="NoExecute only: seconds the pod stays bound after the taint appears."
+    )
+
+
+class ClusterSettings(_Section):
+    """Where training stages run on Kubernetes: one multi-GPU pod, or several nodes through a PyTorchJob."""
+
+    num_nodes: int = Field(
+        1, ge=1, description="Nodes of a training stage. 1: the stage's own pod runs torchrun; above 1: the stage "
+        "submits a Kubeflow PyTorchJob (one Master, num_nodes-1 Workers) and follows it."
+    )
+    gpus_per_node: int = Field(
+        1, ge=0, description="GPUs requested per node, and torchrun processes per node (0: one CPU process)."
+    )
+    gpu_resource: str = Field("nvidia.com/gpu", description="Extended resource name of a GPU on the cluster.")
+    gpu_type: str | None = Field(
+        None, description="GPU model to run on (e.g. NVIDIA-H100-80GB-HBM3); added to the node selector under "
+        "gpu_type_label. Unset: any GPU."
+    )
+    gpu_type_label: str = Field(
+        "nvidia.com/gpu.product", description="Node label that names the GPU model (GPU feature discovery's)."
+    )
+    cpu: str | None = Field("8", pattern=_QUANTITY, description="CPU request per node (Kubernetes quantity).")
+    memory: str | None = Field(
+        "64Gi", pattern=_QUANTITY, description="Memory request and limit per node (Kubernetes quantity)."
+    )
+    shm_size: str | None = Field(
+        "16Gi", pattern=_QUANTITY,
+        description="Size of the memory-backed /dev/shm (NCCL and data loaders need more than the default 64Mi); "
+        "null: no /dev/shm volume.",
+    )
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Node labels a training pod must match (e.g. a GPU node pool)."
+    )
+    tolerations: list[TolerationSettings] = Field(
+        default_factory=list, description="Tolerations of the training pods (e.g. for tainted GPU nodes)."
+    )
+    namespace: str | None = Field(
+        None, description="Namespace of the PyTorchJob; unset: the namespace of the pipeline's own pod."
+    )
+    service_account: str | None = Field(
+        None, description="ServiceAccount of the training pods; unset: the namespace's default. The pipeline "
+        "task that creates the PyTorchJob needs the chart's Role (pytorchjobs, pods, pods/log)."
+    )
+    s3_secret: str | None = Field(
+        None, description="Secret whose keys become environment variables of every training pod (AWS_ACCESS_KEY_ID, "
+        "AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, ...); the chart creates `<release>-s3`."
+    )
+    mlflow_secret: str | None = Field(
+        None, description="Secret with the MLflow client settings (MLFLOW_TRACKING_URI, optional "
+        "MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN) as environment variables; the chart creates `<release>-mlflow`."
+    )
+    extra_secrets: list[str] = Field(
+        default_factory=list, description="More Secrets whose keys become environment variables (e.g. HF_TOKEN)."
+    )
+    model_cache_pvc: str | None = Field(
+        None, description="PersistentVolumeClaim mounted at model_cache_path for downloaded base models "
+        "(ReadWriteMany when num_nodes > 1); the chart creates `<release>-model-cache`."
+    )
+    model_cache_path: str = Field(
+        "/cache", pattern=r"^/", description="Mount path of the model cache; XDG_CACHE_HOME and HF_HOME point there."
+    )
+    image_pull_secrets: list[str] = Field(
+        default_factory=list, description="Secrets for pulling the training image from a private registry."
+    )
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="Extra labels on the PyTorchJob and its pods (e.g. a team or cost centre)."
+    )
+    restart_policy: Literal["OnFailure", "Never"] = Field(
+        "OnFailure", description="Restart policy of the replicas; OnFailure restarts a crashed pod, up to "
+        "backoff_limit times."
+    )
+    backoff_limit: int = Field(3, ge=0, description="Pod restarts before the PyTorchJob counts as failed.")
+    delete_on_success: bool = Field(True, description="Delete the PyTorchJob (and its pods) when it succeeds.")
+    delete_on_failure: bool = Field(
+        False, description="Delete the PyTorchJob when it fails; false keeps it and its pods for debugging."
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        None, ge=0, description="Let the Training Operator delete a finished PyTorchJob after this many seconds "
+        "(a backstop for jobs kept on failure)."
+    )
+    timeout_hours: float = Field(
+        72.0, gt=0, description="Longest a multi-node training may run; the job is then deleted and the task fails."
+    )
+
+
 class LLMStageConfig(_Section):
     """The llm stage: LoRA, full or from-scratch training of a causal LM on text/audio sequences."""
 
@@ -262,9 +364,11 @@ class LLMStageConfig(_Section):
         "pretrained", description="Start from base_model, or from random weights of a size preset."
     )
     preset: str = Field("tiny-qwen2", description="Size preset for init: scratch (tiny-qwen2, tiny-llama, 85m).")
-    mode: Literal["lora", "full"] = Field("lora", description="Train LoRA adapters or every weight.")
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
-        "sdpa", description="Attention kernel; flash_attention_2 when installed."
+    mode: Literal["lora", "full"] = Field(
+        "lora", description="Train LoRA adapters or every weight; unset with init 'scratch' means full."
+    )
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="Attention kernel; auto: flash_attention_2 with flash-attn on a GPU, else sdpa."
     )
     audio_tokens: Literal["append", "offset"] = Field(
         "append", description="Audio codes as new tokens after the text vocabulary, or at an existing offset."
@@ -282,6 +386,228 @@ class LLMStageConfig(_Section):
     train: TrainSettings = Field(default_factory=TrainSettings, description="The training loop.")
     overwrite: bool = Field(False, description="Replace an existing LLM artifact at the output URI.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_mode(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("mode") is None and data.get("init") == "scratch":
+            data = {**data, "mode": "full"}  # the default for random weights; lora for a pretrained base
+        return data
+
+    @model_validator(mode="after")
+    def _scratch_is_full(self) -> "LLMStageConfig":
+        if self.init == "scratch" and self.mode == "lora":
+            raise ValueError("init 'scratch' trains every weight: set mode 'full' (LoRA on random weights learns "
+                             "next to nothing, and there would be no base to merge into)")
+        if self.audio_tokens == "offset" and self.audio_token_offset is None:
+            raise ValueError("audio_tokens 'offset' needs audio_token_offset (the LM id of audio code 0)")
+        return self
+
+
+FLOW_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out", "proj_in", "proj_out"]
+VOCODER_SUFFIXES = (".pt", ".jit", ".ts", ".torchscript", ".onnx")
+
+
+class FlowLoraSettings(_Section):
+    """LoRA adapters (PEFT) on the flow estimator's linear layers; merged into the weights at the end."""
+
+    enabled: bool = Field(False, description="Train LoRA adapters on the estimator instead of the weights; every "
+                          "other weight is frozen.")
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha (scaling = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(FLOW_LORA_TARGETS), min_length=1,
+        description="Estimator module names to adapt: to_q, to_k, to_v, to_out (attention), proj_in, proj_out "
+        "(feed-forward).",
+    )
+    save_adapter: bool = Field(True, description="Also save the unmerged adapter under adapter/ in the artifact.")
+
+
+class EmaSettings(_Section):
+    """Exponential moving average of the trained weights."""
+
+    enabled: bool = Field(False, description="Keep an EMA of the weights; validation, samples and the saved "
+                          "model use it.")
+    decay: float = Field(0.999, gt=0, lt=1, description="EMA decay per optimizer step.")
+
+
+class FlowSampleSettings(_Section):
+    """How mels are generated (training samples; recorded as the model's defaults)."""
+
+    n_timesteps: int = Field(10, ge=1, le=1000, description="Euler steps of the ODE (cosine time schedule).")
+    cfg_rate: float = Field(0.7, ge=0, description="Classifier-free guidance strength; 0 turns guidance off.")
+    temperature: float = Field(1.0, gt=0, description="Scale of the initial noise.")
+
+
+class FlowStageConfig(_Section):
+    """The flow stage: conditional flow-matching training of the token→mel decoder."""
+
+    base_flow: str | None = Field(
+        None, description="Starting flow (Flow artifact, or a folder with config.json + model.safetensors; local "
+        "or s3://); --base-flow. Unset: random init of `preset`."
+    )
+    preset: Literal["tiny", "base"] = Field(
+        "base", description="Architecture when there is no base_flow: tiny (tests, demo) or base (~100M "
+        "parameters, CosyVoice-300M-sized)."
+    )
+    codebooks: Literal["first", "all"] = Field(
+        "all", description="Codes the flow reads: codebook 0 only, or all codebooks (embeddings summed)."
+    )
+    freeze_encoder: bool = Field(False, description="Freeze the code encoder and length regulator; train the "
+                                 "decoder (estimator) and speaker projection only.")
+    lora: FlowLoraSettings = Field(default_factory=FlowLoraSettings, description="LoRA on the estimator.")
+    ema: EmaSettings = Field(default_factory=EmaSettings, description="EMA of the weights.")
+    max_frames_in_batch: int = Field(
+        8000, ge=16, description="Mel-frame budget of one batch (longest utterance × batch size); utterances "
+        "longer than this are dropped and counted."
+    )
+    cfg_dropout: float = Field(0.2, ge=0, lt=1, description="Probability of dropping all conditions of an "
+                               "utterance in training (classifier-free guidance).")
+    prompt_prob: float = Field(0.5, ge=0, le=1, description="Probability of giving a prefix of the target mel as "
+                               "the prompt condition (excluded from the loss).")
+    prompt_max_fraction: float = Field(0.3, ge=0, lt=1, description="Longest prompt prefix as a fraction of the "
+                                       "utterance.")
+    sigma_min: float = Field(1e-6, ge=0, lt=1, description="OT-CFM minimum noise level.")
+    sample: FlowSampleSettings = Field(default_factory=FlowSampleSettings, description="Sampling settings.")
+    sample_every: int = Field(500, ge=1, description="Generate samples (mel PNG + WAV, logged to MLflow) every N "
+                              "optimizer steps, and at the end.")
+    num_samples: int = Field(2, ge=0, le=32, description="Utterances rendered each time (validation ones first); "
+                             "0 turns samples off.")
+    vocoder: str = Field(
+        "griffin-lim", description="Vocoder for sample WAVs: griffin-lim (built in, griffin-lim:N for N iterations) "
+        "or a TorchScript (.pt/.jit/.ts) or ONNX (.onnx) mel→wav file (local or s3://)."
+    )
+    train: TrainSettings = Field(
+        default_factory=TrainSettings, description="The training loop (batch_tokens is not used: the batch size "
+        "is max_frames_in_batch)."
+    )
+    overwrite: bool = Field(False, description="Replace an existing Flow artifact at the output URI.")
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "FlowStageConfig":
+        if self.ema.enabled and self.train.deepspeed.zero_stage == 3:
+            raise ValueError("ema.enabled needs whole weights on every process: use train.deepspeed.zero_stage "
+                             "0, 1 or 2 (a ~100M flow does not need ZeRO-3)")
+        if self.lora.enabled and self.freeze_encoder:
+            raise ValueError("lora.enabled already freezes every base weight; leave freeze_encoder false")
+        spec = self.vocoder
+        if not (spec == "griffin-lim" or spec.startswith("griffin-lim:") or spec.lower().endswith(VOCODER_SUFFIXES)):
+            raise ValueError(f"vocoder {spec!r}: expected griffin-lim[:N] or a file ending in "
+                             f"{', '.join(VOCODER_SUFFIXES)}")
+        if spec.startswith("griffin-lim:") and not spec.split(":", 1)[1].isdigit():
+            raise ValueError(f"vocoder {spec!r}: expected griffin-lim:<iterations>")
+        return self
+
+
+class JointTrainSettings(TrainSettings):
+    """The joint stage's loop: as the others, but it runs only with epochs > 0 or max_steps set."""
+
+    epochs: float = Field(0.0, ge=0, description="Passes over the training data; 0 (and no max_steps) skips the "
+                          "joint stage.")
+
+
+class JointStageConfig(_Section):
+    """The joint stage: the LLM (still under its LoRA) and the flow trained together in one optimizer step."""
+
+    w_llm: float = Field(0.4, ge=0, description="Weight of the LLM loss in w_llm·L_llm + w_flow·L_flow.")
+    w_flow: float = Field(0.6, ge=0, description="Weight of the flow loss.")
+    lr_scale: float = Field(0.1, gt=0, le=10, description="Each model's learning rate is its own stage's "
+                            "(llm.train.lr, flow.train.lr) times this, in separate parameter groups.")
+    flow_condition: Literal["ground_truth", "llm_predicted"] = Field(
+        "ground_truth", description="Codes the flow is conditioned on: the data's, or the LLM's teacher-forced "
+        "predictions of them (the decoder learns to cope with the LLM's mistakes)."
+    )
+    base_model: str | None = Field(None, description="Base model of a LoRA LLM artifact; unset: the one recorded "
+                                   "in the artifact (its fingerprint is checked either way).")
+    train: JointTrainSettings = Field(
+        default_factory=JointTrainSettings, description="The training loop (lr is not used: see lr_scale; "
+        "batch_tokens bounds the LLM sequences, flow.max_frames_in_batch the mels)."
+    )
+    overwrite: bool = Field(False, description="Replace existing LLM and Flow artifacts at the outputs.")
+
+    @model_validator(mode="after")
+    def _weights(self) -> "JointStageConfig":
+        if self.w_llm == 0 and self.w_flow == 0:
+            raise ValueError("w_llm and w_flow are both 0: nothing would be trained")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the pipeline runs the joint stage."""
+        return self.train.epochs > 0 or self.train.max_steps is not None
+
+
+class SynthesisSettings(_Section):
+    """How audio is generated from text (export samples and ``audiotune synthesize``)."""
+
+    temperature: float = Field(0.8, ge=0, description="Sampling temperature of the LLM's codes; 0 is greedy.")
+    top_k: int = Field(50, ge=0, description="Sample among the k most likely codes; 0 means all.")
+    max_audio_s: float = Field(20.0, gt=0, description="Longest audio generated for one text (seconds).")
+    n_timesteps: int | None = Field(None, ge=1, description="Flow ODE steps; unset: the flow's own setting.")
+    cfg_rate: float | None = Field(None, ge=0, description="Flow classifier-free guidance; unset: the flow's.")
+    vocoder: str = Field(
+        "griffin-lim", description="griffin-lim (built in, griffin-lim:N for N iterations) or a TorchScript "
+        "(.pt/.jit/.ts) or ONNX (.onnx) mel→wav file (local or s3://)."
+    )
+    seed: int = Field(0, description="Seed of the sampling, so a sample can be generated again.")
+
+
+class ExportConfig(_Section):
+    """The export stage: merge, verify, package, upload, register."""
+
+    base_model: str | None = Field(None, description="Base model of a LoRA LLM artifact; unset: the one recorded "
+                                   "at training (its fingerprint is checked either way).")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="Dtype of the merged model; auto is the base model's own (config torch_dtype)."
+    )
+    verify_tolerance: float | None = Field(
+        None, gt=0, description="Largest allowed |logit difference| between base + adapter and the merged model, "
+        "relative to the logits' RMS; unset: by dtype (fp32 1e-4, fp16 1e-2, bf16 4e-2)."
+    )
+    verify_reload: bool = Field(True, description="Reload the saved merged model with AutoModelForCausalLM and "
+                                "check it gives the merged model's logits.")
+    probe_samples: int = Field(4, ge=1, le=64, description="Validation sequences in the merge-check probe batch.")
+    max_shard_size: str = Field("2GB", description="Largest safetensors shard of the merged model.")
+    keep_adapter: bool = Field(True, description="Also package the adapter-only variant (llm-adapter/).")
+    num_samples: int = Field(3, ge=0, le=32, description="Validation texts synthesized end to end into samples/.")
+    sample_texts: list[str] = Field(default_factory=list, description="Texts to synthesize instead of "
+                                    "validation texts.")
+    synthesis: SynthesisSettings = Field(default_factory=SynthesisSettings, description="Sample generation.")
+    registered_model_name: str | None = Field(
+        None, description="Register the export in the MLflow model registry under this name (unset: no registry)."
+    )
+    log_weights_max_mb: float = Field(
+        2048.0, ge=0, description="Log the whole package to MLflow when it is smaller than this (MiB); a larger "
+        "one exported to S3 logs only card, manifest and samples, and its registered version points at the S3 URI."
+    )
+    champion_alias: str = Field("champion", description="Registry alias of the model in production.")
+    overwrite: bool = Field(False, description="Replace an existing export at the output URI.")
+
+
+class PipelineConfig(_Section):
+    """The Kubeflow pipeline around the stages (``audiotune run --local``, ``compile``, ``submit``)."""
+
+    mode: Literal["llm", "flow", "both"] = Field(
+        "llm", description="What to train: the LLM, the flow decoder, or both (then the joint stage when it has "
+        "epochs or max_steps)."
+    )
+    output_uri: str | None = Field(
+        None, description="Durable location (s3:// or a shared path) of training outputs, their checkpoints and the "
+        "export, under <output_uri>/<run.name>/<pipeline run id>/; a retried training task resumes from there. "
+        "Unset: inside the pipeline's artifact store."
+    )
+    root: str | None = Field(
+        None, description="Pipeline root where KFP keeps the artifacts handed between tasks (s3://... on a "
+        "cluster; unset: the cluster's default). For `audiotune run --local` a local folder, default ./kfp-local."
+    )
+    enable_caching: bool = Field(
+        True, description="Reuse the convert and tokenize outputs of an earlier run when the source data (by "
+        "fingerprint) and their settings are unchanged. Training and export always run."
+    )
+    retries: int = Field(2, ge=0, le=10, description="Retries of a failed training task (it resumes from its "
+                         "newest checkpoint).")
+    retry_backoff_s: int = Field(60, ge=0, description="Seconds before the first retry; doubled for each next one.")
+
 
 class AudiotuneConfig(_Section):
     """The whole pipeline. Each stage reads its own section."""
@@ -291,6 +617,14 @@ class AudiotuneConfig(_Section):
     convert: ConvertConfig = Field(default_factory=ConvertConfig, description="The convert stage.")
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig, description="The tokenize stage.")
     llm: LLMStageConfig = Field(default_factory=LLMStageConfig, description="The llm stage.")
+    flow: FlowStageConfig = Field(default_factory=FlowStageConfig, description="The flow stage.")
+    joint: JointStageConfig = Field(default_factory=JointStageConfig, description="The joint stage.")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="The export stage.")
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig, description="The Kubeflow pipeline.")
+    cluster: ClusterSettings = Field(
+        default_factory=ClusterSettings, description="Where the pipeline's training stages run on Kubernetes "
+        "(compiled into the pipeline: GPUs, resources, node selector, tolerations, /dev/shm, secrets)."
+    )
 
 
 def _format_errors(err: ValidationError, origin: str) -> str:

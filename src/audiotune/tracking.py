@@ -87,6 +87,11 @@ def _client(uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=uri)
 
 
+def client_for(cfg: TrackingConfig) -> MlflowClient:
+    """A client (tracking and registry) for ``cfg``'s URI; TrackingError when an HTTP server does not answer."""
+    return _client(resolve_uri(cfg))
+
+
 def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
     """The id of experiment ``name``, created when missing (with ``./mlruns/artifacts`` for the local store)."""
     from mlflow.exceptions import MlflowException
@@ -157,6 +162,16 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def _param_value(value: Any) -> str:
     text = json.dumps(value, default=str) if isinstance(value, (list, tuple)) else str(value)
     return text[:MAX_PARAM_VALUE_LENGTH]
+
+
+def final_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """A stage's end-of-run figures as metric names: numbers only, ``final_`` prefixed unless already qualified."""
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        out[key if key.startswith(("final_", "best_", "first_")) else f"final_{key}"] = value
+    return out
 
 
 class StageTracker:
