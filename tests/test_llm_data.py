@@ -86,13 +86,16 @@ def test_multicodebook_delay_pattern():
     assert understand.labels[:, 0].tolist() == [I] * 6 + [2, 3, EOS] and (understand.labels[:, 1:] == I).all()
 
 
-def test_delay_matches_the_models_apply_delay():
-    multicodebook = pytest.importorskip("audiotune.models.multicodebook")
-    vocab = _vocab(num_codebooks=3)
-    codes = np.array([[1, 2, 3], [3, 4, 5], [5, 6, 7]])
-    ex = build_example({**ROW, "audio_codes": codes.tolist()}, "tts", vocab)
-    delayed = np.asarray(multicodebook.apply_delay(torch.as_tensor(codes), vocab.filler_id))
-    assert ex.input_ids[4:4 + 5, 1:].T.tolist() == delayed[1:].tolist()
+@pytest.mark.parametrize("num_codebooks, frames", [(1, 5), (2, 1), (3, 7), (8, 40)])
+def test_delay_then_undelay_returns_the_codes(num_codebooks, frames):
+    from audiotune.train.layouts import delay_codes, undelay_codes
+
+    vocab = AudioVocab(text_vocab_size=20, special_ids={t: 10 + k for k, t in enumerate(SEGMENT_TOKENS)},
+                       codebook_size=16, num_codebooks=num_codebooks, audio_offset=20, pad_id=0, eos_id=EOS)
+    codes = np.random.default_rng(frames).integers(0, 16, size=(num_codebooks, frames))
+    ids, _ = delay_codes(codes, vocab)
+    assert ids.shape == (frames + num_codebooks - 1, num_codebooks)
+    assert np.array_equal(undelay_codes(ids, vocab), codes)
 
 
 def _write(split: Path, rows: list[dict]) -> Path:

@@ -43,12 +43,33 @@ class TrainResult:
     manifest: dict[str, Any] | None
 
 
-def _vocab(tokens_dir: Path, manifest: dict[str, Any], cfg) -> tuple[Any, AudioVocab]:
+def _vocab(tokens_dir: Path, manifest: dict[str, Any], cfg) -> tuple[Any, AudioVocab, int]:
     tokenizer = AutoTokenizer.from_pretrained(str(tokens_dir / "tokenizer"))
+    base_text_size = len(tokenizer)
     audio = manifest.get("audio_tokenizer") or {"codebook_size": 0, "num_codebooks": 1}
     vocab = build_vocab(tokenizer, int(audio["codebook_size"] or 0), int(audio["num_codebooks"] or 1),
                         cfg.llm.audio_tokens, cfg.llm.audio_token_offset)
-    return tokenizer, vocab
+    return tokenizer, vocab, base_text_size
+
+
+def _check_tokenizer(tokens: str, manifest: dict[str, Any], tokenizer, base_path: str) -> None:
+    """A pretrained base must see the ids of its own tokenizer."""
+    kind = (manifest.get("text_tokenizer") or {}).get("kind")
+    try:
+        base_tok = AutoTokenizer.from_pretrained(base_path)
+    except (OSError, ValueError):
+        if kind in ("bpe", "char"):
+            raise TrainLLMError(f"{tokens} was tokenized with a {kind} tokenizer trained on the data, and the base "
+                                f"model {base_path} has no tokenizer to check it against; re-run tokenize with "
+                                f"--base-model {base_path}, or train from scratch (llm.init=scratch)") from None
+        log.warning("base model %s has no tokenizer; cannot check it against the Tokens' tokenizer", base_path)
+        return
+    theirs, ours = base_tok.get_vocab(), tokenizer.get_vocab()
+    differ = [t for t, i in theirs.items() if ours.get(t) != i]
+    if differ:
+        raise TrainLLMError(f"{tokens}: the Tokens' text tokenizer ({kind}) differs from the base model's "
+                            f"({len(differ)} of {len(theirs)} tokens differ, e.g. {differ[:3]}); re-run tokenize "
+                            f"with --base-model {base_path}")
 
 
 def train_llm(cfg: AudiotuneConfig, tokens: str, output: str, base_model: str | None = None) -> TrainResult:
@@ -60,8 +81,8 @@ def train_llm(cfg: AudiotuneConfig, tokens: str, output: str, base_model: str | 
         output: URI for the LLM model artifact.
         base_model: Base model URI (overrides ``llm.base_model``).
     """
-    from audiotune.models.lm import apply_lora, build_lm, count_parameters, fingerprint
-    from audiotune.train.data import load_examples, supports_packing
+    from audiotune.models.lm import apply_lora, build_lm, check_base_dir, count_parameters, fingerprint_model
+    from audiotune.train.data import load_examples, resolve_packing
 
     L, T = cfg.llm, cfg.llm.train
     base_model = base_model or L.base_model
@@ -75,22 +96,22 @@ def train_llm(cfg: AudiotuneConfig, tokens: str, output: str, base_model: str | 
     if acc.is_main_process:
         log.info("train llm: %s -> %s\n%s", tokens, output, dump_config(cfg))
     tokens_dir = storage.local_copy(tokens)
-    tokenizer, vocab = _vocab(tokens_dir, manifest, cfg)
-    base_path = str(storage.local_copy(base_model)) if (L.init == "pretrained" and base_model) else None
+    tokenizer, vocab, base_text_size = _vocab(tokens_dir, manifest, cfg)
+    base_path = str(storage.local_copy(base_model)) if L.init == "pretrained" else None
+    if base_path is not None:
+        check_base_dir(Path(base_path))
+        _check_tokenizer(tokens, manifest, tokenizer, base_path)
 
     seed_everything(cfg.run.seed)
     load_dtype = torch.bfloat16 if (dtype == "bf16" and L.mode == "lora") else torch.float32
-    model, info = build_lm(L, vocab, base_path, load_dtype)
-    config = getattr(model, "config", None)
-    if config is not None:  # a KV cache during training would make packed samples attend to each other
-        config.use_cache = False
-    base_fp = fingerprint(model) if base_path is None else info.get("fingerprint") or fingerprint(model)
+    model, info = build_lm(L, vocab, base_path, load_dtype, base_text_size)
+    base_fp = info.get("fingerprint") or fingerprint_model(model)
     if L.mode == "lora":
-        model = apply_lora(model, L.lora, vocab.new_token_ids(info["base_vocab_size"]))
+        model = apply_lora(model, L.lora, info["new_token_ids"])
     trainable, total = count_parameters(model)
     log.info("parameters: %d trainable of %d", trainable, total)
 
-    packing = T.packing and supports_packing(L.attn_implementation) and vocab.num_codebooks == 1
+    packing = resolve_packing(T.packing, info["attn_implementation"])
     train_ex, train_stats = load_examples(tokens_dir / "train", vocab, L.layout, L.max_seq_len, L.overlong)
     val_ex, val_stats = load_examples(tokens_dir / "val", vocab, L.layout, L.max_seq_len, L.overlong, repeat=False)
     if not train_ex:
@@ -118,22 +139,17 @@ def train_llm(cfg: AudiotuneConfig, tokens: str, output: str, base_model: str | 
         result_manifest = None
         metrics = _final_metrics(state, train_stats, val_stats)
         if acc.is_main_process:
-            tracker.log_metrics({f"final_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+            tracker.log_metrics(tracking.final_metrics(metrics))
             with storage.publish_dir(output, overwrite=L.overwrite) as staging:
-                unwrapped = acc.unwrap_model(engine.model)
-                unwrapped.save_pretrained(str(staging), state_dict=state_dict, safe_serialization=True)
-                tokenizer.save_pretrained(str(staging))
-                (staging / "vocab.json").write_text(json.dumps(vocab.to_dict(), indent=2) + "\n")
-                (staging / "base_fingerprint.json").write_text(json.dumps(base_fp, indent=2) + "\n")
-                (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-                (staging / "history.json").write_text(json.dumps(state.history, indent=1) + "\n")
-                loss_curve(state.history, staging / "loss_curve.png")
-                tracker.log_artifact(staging / "loss_curve.png")
-                tracker.log_artifact(staging / "metrics.json")
+                write_llm_files(staging, acc.unwrap_model(engine.model), state_dict, L.mode, tokenizer, vocab,
+                                base_fp, metrics, state.history, tracker)
                 result_manifest = artifacts.write_manifest(
                     staging, artifacts.LLM, artifacts.LLM_VERSION,
                     tokens=tokens, base_model=base_model, init=L.init, preset=L.preset if L.init == "scratch" else None,
                     mode=L.mode, base_fingerprint=base_fp, vocab=vocab.to_dict(), packing=packing,
+                    embedding_rows=info["embedding_rows"], base_vocab_size=info["base_vocab_size"],
+                    new_token_ids=len(info["new_token_ids"]), attn_implementation=info["attn_implementation"],
+                    trainable_parameters=trainable, total_parameters=total,
                     checkpoints=checkpoints.checkpoints_uri(output), steps=state.step,
                     dataset_fingerprint=manifest.get("dataset_fingerprint"), metrics=metrics,
                     config=L.model_dump(mode="json"),
@@ -142,11 +158,31 @@ def train_llm(cfg: AudiotuneConfig, tokens: str, output: str, base_model: str | 
     return TrainResult(output=output, metrics=metrics, manifest=result_manifest)
 
 
+def write_llm_files(staging: Path, model, state_dict: dict, mode: str, tokenizer, vocab: AudioVocab,
+                    base_fp: dict[str, Any], metrics: dict[str, Any], history: list[dict], tracker) -> None:
+    """Everything of an LLM model artifact but its manifest: the adapter (LoRA) or full model in Hugging Face
+    layout, the tokenizer with the segment markers, the vocabulary layout, the base fingerprint, metrics,
+    history and loss curve (the last two also logged to the stage's MLflow run)."""
+    save_kwargs = {"save_embedding_layers": False} if mode == "lora" else {}
+    model.save_pretrained(str(staging), state_dict=state_dict, **save_kwargs)
+    tokenizer.save_pretrained(str(staging))
+    (staging / "vocab.json").write_text(json.dumps(vocab.to_dict(), indent=2) + "\n")
+    (staging / "base_fingerprint.json").write_text(json.dumps(base_fp, indent=2) + "\n")
+    (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (staging / "history.json").write_text(json.dumps(history, indent=1) + "\n")
+    loss_curve(history, staging / "loss_curve.png")
+    tracker.log_artifact(staging / "loss_curve.png")
+    tracker.log_artifact(staging / "metrics.json")
+
+
 def _final_metrics(state, train_stats: dict, val_stats: dict) -> dict[str, Any]:
     losses = [h["loss"] for h in state.history if "loss" in h]
     vals = [h["val_loss"] for h in state.history if "val_loss" in h]
     return {
         "steps": state.step,
+        "tokens_per_s": _mean([h["tokens_per_s"] for h in state.history if "tokens_per_s" in h]),
+        "samples_per_s": _mean([h["samples_per_s"] for h in state.history if "samples_per_s" in h]),
+        "peak_memory_mb": max((h["peak_memory_mb"] for h in state.history if "peak_memory_mb" in h), default=None),
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
         "val_loss": vals[-1] if vals else None,
@@ -157,3 +193,7 @@ def _final_metrics(state, train_stats: dict, val_stats: dict) -> dict[str, Any]:
         "truncated": train_stats.get("truncated", 0),
         "val_sequences": val_stats.get("rows"),
     }
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None

@@ -40,6 +40,21 @@ def supports_packing(attn_implementation: str | None) -> bool:
     return (attn_implementation or "sdpa") in PACKING_ATTENTION
 
 
+VARLEN_KERNELS = ("flash_attention_2", "flash_attention_3")
+
+
+def resolve_packing(setting: str, attn_implementation: str | None) -> bool:
+    """Whether to pack for ``train.packing`` (auto | on | off) and this attention kernel.
+
+    ``on`` packs wherever the kernel keeps samples apart (:func:`supports_packing`); ``auto`` only
+    where packing is also cheap: variable-length kernels. With sdpa/eager a packed row is one
+    long sequence under a block-diagonal mask, so attention costs (Σ lengths)² instead of Σ length².
+    """
+    if setting == "off" or not supports_packing(attn_implementation):
+        return False
+    return setting == "on" or attn_implementation in VARLEN_KERNELS
+
+
 class TokenBudgetSampler:
     """Batches of example indices whose token cost stays within a budget.
 

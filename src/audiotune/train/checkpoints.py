@@ -70,3 +70,122 @@ def write_manifest(directory: Path, state: dict[str, Any]) -> None:
     (Path(directory) / "manifest.json").write_text(
         json.dumps({"kind": KIND, "schema_version": 1, "trainer_state": state}, indent=2) + "\n"
     )
+
+
+# ------------------------------------------------------------------------------------------- training state
+# Everything a resume needs, without pickle: trainable weights and buffers as safetensors (frozen base weights
+# never change, so a LoRA checkpoint stays small), the optimizer through torch.save / torch.load(weights_only=True),
+# the schedule and the GradScaler as JSON, every rank's RNG states as safetensors + JSON. Under DeepSpeed the
+# engine's own checkpoint holds weights and (partitioned) optimizer states; DeepSpeed reads its files with
+# torch.load(weights_only=False), so resume only from checkpoints this project wrote to a location you control.
+TRAINABLE = "trainable.safetensors"
+OPTIMIZER = "optimizer.pt"
+SCHEDULER = "scheduler.json"
+SCALER = "scaler.json"
+DEEPSPEED_DIR = "deepspeed"
+DEEPSPEED_TAG = "state"
+
+
+def _trainable_state(model) -> dict[str, Any]:
+    import torch
+
+    params = dict(model.named_parameters())
+    state = model.state_dict()
+    keep = {k: v for k, v in state.items() if (k in params and params[k].requires_grad) or k not in params}
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in keep.items() if isinstance(v, torch.Tensor)}
+
+
+def save_training_state(acc, model, optimizer, scheduler, directory: Path) -> None:
+    """Write this process's part of a resumable training state into ``directory`` (every process calls it)."""
+    import torch
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if acc.state.deepspeed_plugin is not None:
+        model.save_checkpoint(str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
+    elif acc.is_main_process:
+        save_file(_trainable_state(acc.unwrap_model(model)), str(directory / TRAINABLE))
+        torch.save(optimizer.state_dict(), directory / OPTIMIZER)
+    if acc.is_main_process:
+        (directory / SCHEDULER).write_text(json.dumps(scheduler.state_dict()))
+        if getattr(acc, "scaler", None) is not None:
+            (directory / SCALER).write_text(json.dumps(acc.scaler.state_dict()))
+    _save_rng(directory, acc.process_index)
+
+
+def load_training_state(acc, model, optimizer, scheduler, directory: Path) -> None:
+    """Restore what :func:`save_training_state` wrote (every process calls it)."""
+    import torch
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    if acc.state.deepspeed_plugin is not None:
+        if not (directory / DEEPSPEED_DIR).is_dir():
+            raise FileNotFoundError(f"checkpoint {directory} was not written under DeepSpeed (no {DEEPSPEED_DIR}/); "
+                                    "resume with the same deepspeed settings, or set train.resume=never")
+        # frozen weights are not in the checkpoint (exclude_frozen_parameters), hence not strict
+        model.load_checkpoint(str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, load_module_strict=False,
+                              load_optimizer_states=True, load_lr_scheduler_states=False)
+    else:
+        if not (directory / TRAINABLE).is_file():
+            raise FileNotFoundError(f"checkpoint {directory} has no {TRAINABLE} (written under DeepSpeed?); resume "
+                                    "with the same deepspeed settings, or set train.resume=never")
+        saved = load_file(str(directory / TRAINABLE))
+        own = _trainable_state(acc.unwrap_model(model))
+        missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {directory} does not fit this model: missing {missing[:8]}, "
+                             f"unexpected {unexpected[:8]} (was it written with other model or LoRA settings?)")
+        current = acc.unwrap_model(model).state_dict()
+        with torch.no_grad():
+            for key, value in saved.items():
+                current[key].copy_(value)
+        optimizer.load_state_dict(torch.load(directory / OPTIMIZER, map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(json.loads((directory / SCHEDULER).read_text()))
+    if getattr(acc, "scaler", None) is not None and (directory / SCALER).exists():
+        acc.scaler.load_state_dict(json.loads((directory / SCALER).read_text()))
+    _load_rng(directory, acc.process_index)
+
+
+def _save_rng(directory: Path, rank: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda{i}"] = state
+    save_file(tensors, str(directory / f"rng_state_{rank}.safetensors"))
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    (directory / f"rng_state_{rank}.json").write_text(json.dumps({
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
+    }))
+
+
+def _load_rng(directory: Path, rank: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    path = directory / f"rng_state_{rank}.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {directory} has no RNG state of rank {rank}: it was written by fewer "
+                                "processes; an exact resume needs the same number of processes")
+    tensors = load_file(str(path))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda")]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    states = json.loads((directory / f"rng_state_{rank}.json").read_text())
+    py_version, py_state, py_gauss = states["python"]
+    random.setstate((py_version, tuple(py_state), py_gauss))
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))

@@ -20,13 +20,14 @@ from audiotune.train.batching import (
     TokenBudgetSampler,
     collate_packed,
     collate_padded,
+    resolve_packing,
     supports_packing,
 )
 from audiotune.train.layouts import LAYOUTS, TASK_LAYOUT, Example, MissingField, build_example, has_target, truncate
 
 __all__ = [
     "LAYOUTS", "PACKING_ATTENTION", "TASK_LAYOUT", "Example", "TokenBudgetSampler", "build_example",
-    "collate_packed", "collate_padded", "load_examples", "supports_packing",
+    "collate_packed", "collate_padded", "load_examples", "resolve_packing", "supports_packing",
 ]
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,8 @@
 """The training engine shared by the llm, flow and joint stages.
 
 Built on accelerate (DDP or DeepSpeed ZeRO 0-3, mixed precision, gradient
-accumulation, ``save_state``/``load_state`` with RNG states). A stage hands it one
+accumulation); checkpoints are written by :mod:`audiotune.train.checkpoints` without
+pickle (trainable weights only, so LoRA checkpoints stay small). A stage hands it one
 module, parameter groups, a loss function and a batch source; the engine runs the
 loop, validates, logs to MLflow, checkpoints every N steps beside the output and
 resumes exactly: model, optimizer, scheduler, RNG states and the position in the data.
@@ -9,6 +10,7 @@ resumes exactly: model, optimizer, scheduler, RNG states and the position in the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -49,6 +51,14 @@ class BatchSource(Protocol):
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
 
 
+class Stateful(Protocol):
+    """Extra training state saved in checkpoints (e.g. an EMA of the weights): tensors only."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
+
 @dataclass
 class EngineState:
     """Where training is; saved in every checkpoint's manifest."""
@@ -80,13 +90,22 @@ def make_accelerator(train: TrainSettings, dtype: str) -> Accelerator:
 
         AcceleratorState._reset_state()
         GradientState._reset_state()
-    mixed = {"bf16": "bf16", "fp16": "fp16"}.get(dtype, "no")
     plugin = deepspeed_plugin(train, dtype)
+    # bf16 autocast is applied by the engine around the loss: accelerate's own mixed precision also wraps forward
+    # to cast every model output to fp32, i.e. an extra [tokens, vocab] fp32 copy of the logits per step, large with
+    # a 152k vocabulary (not measured on a GPU here). fp16 keeps accelerate's handling for its loss scaling;
+    # DeepSpeed has its own.
+    mixed = "fp16" if dtype == "fp16" else "no"
     return Accelerator(
         gradient_accumulation_steps=train.grad_accum,
         mixed_precision=mixed,
         deepspeed_plugin=plugin,
-        kwargs_handlers=[InitProcessGroupKwargs(backend=backend)],
+        # without cpu=True accelerate treats torchrun processes on a CPU-only machine as unrelated single
+        # processes (DistributedType.NO: no DDP wrapping, reduce() a no-op); cpu=True gives MULTI_CPU (DDP on gloo).
+        # DeepSpeed keeps cpu=False: accelerate disables DeepSpeed under cpu=True.
+        cpu=plugin is None and not torch.cuda.is_available(),
+        # the backend only matters with several processes; set for one, accelerate expects a process group
+        kwargs_handlers=[InitProcessGroupKwargs(backend=backend)] if "LOCAL_RANK" in os.environ else [],
         step_scheduler_with_optimizer=False,
     )
 
@@ -121,7 +140,18 @@ class Engine:
 
     def __init__(self, *, train: TrainSettings, accelerator: Accelerator, model: torch.nn.Module,
                  param_groups: list[dict[str, Any]], loss_fn: LossFn, train_data: BatchSource,
-                 val_data: BatchSource | None, output: str, tracker, work_dir: Path, seed: int):
+                 val_data: BatchSource | None, output: str, tracker, work_dir: Path, seed: int,
+                 on_step: Callable[[EngineState], None] | None = None,
+                 eval_context: Callable[[], contextlib.AbstractContextManager] | None = None,
+                 extra_state: dict[str, Stateful] | None = None):
+        """Optional hooks (all processes): ``on_step(state)`` runs after every optimizer step (e.g. an EMA
+        update, periodic samples), before logging, validation and checkpointing of that step;
+        ``eval_context()`` is entered around validation (e.g. swap in EMA weights); ``extra_state`` objects
+        (``state_dict()`` of tensors / ``load_state_dict``) are saved in every checkpoint as
+        ``<name>.safetensors`` by the main process and restored on resume."""
+        self.on_step = on_step
+        self.eval_context = eval_context
+        self.extra_state = dict(extra_state or {})
         self.train = train
         self.acc = accelerator
         self.loss_fn = loss_fn
@@ -141,8 +171,10 @@ class Engine:
                                   num_training_steps=self.total_steps)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.scheduler = scheduler
-        accelerator.register_for_checkpointing(scheduler)
         self.base_lrs = [g["lr"] for g in optimizer.param_groups]
+        bf16 = resolve_dtype(train.dtype) == "bf16" and accelerator.state.deepspeed_plugin is None
+        self.autocast = (torch.autocast(device_type=accelerator.device.type, dtype=torch.bfloat16) if bf16
+                         else contextlib.nullcontext())
 
     # ------------------------------------------------------------------ resume
     def maybe_resume(self) -> bool:
@@ -151,7 +183,15 @@ class Engine:
         if uri is None:
             return False
         local = Path(uri) if not storage.is_s3(uri) else storage.download(uri, self.work_dir / "resume")
-        self.acc.load_state(str(local))
+        checkpoints.load_training_state(self.acc, self.model, self.optimizer, self.scheduler, local)
+        for name, obj in self.extra_state.items():
+            path = local / f"{name}.safetensors"
+            if not path.is_file():
+                raise FileNotFoundError(f"checkpoint {uri} has no {path.name}; it was written without {name!r} "
+                                        "(resume from another checkpoint or set train.resume=never)")
+            from safetensors.torch import load_file
+
+            obj.load_state_dict(load_file(str(path)))
         self.state = EngineState(**checkpoints.read_state(str(local)))
         log.info("resumed from %s at step %d (epoch %d, batch %d)", uri, self.state.step, self.state.epoch,
                  self.state.batch_in_epoch)
@@ -176,6 +216,8 @@ class Engine:
                     if self.acc.sync_gradients:
                         self.scheduler.step()
                         s.step += 1
+                        if self.on_step is not None:
+                            self.on_step(s)
                         self._after_step(window, grad_norm)
                         if self._should_stop():
                             self.save_checkpoint()
@@ -191,19 +233,20 @@ class Engine:
             signal.signal(signal.SIGTERM, previous)
         return s
 
-    def _micro_step(self, batch: dict[str, torch.Tensor], window: dict[str, Any]) -> float | None:
+    def _micro_step(self, batch: dict[str, torch.Tensor], window: dict[str, Any]) -> Any:
         grad_norm = None
         with self.acc.accumulate(self.model):
-            loss, metrics = self.loss_fn(self.model, batch)
+            with self.autocast:
+                loss, metrics = self.loss_fn(self.model, batch)
             self.acc.backward(loss)
             if self.acc.sync_gradients and self.train.max_grad_norm > 0:
                 norm = self.acc.clip_grad_norm_(self.model.parameters(), self.train.max_grad_norm)
                 if norm is None and hasattr(self.model, "get_global_grad_norm"):  # DeepSpeed clips itself
                     norm = self.model.get_global_grad_norm()
-                grad_norm = float(norm) if norm is not None else None
+                grad_norm = norm  # a tensor until it is logged: no device sync per step
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        window["loss"] += float(loss.detach())
+        window["loss"] += loss.detach().float()  # stays on the device: no sync per step
         window["tokens"] += int(metrics.get("tokens", 0))
         window["samples"] += int(metrics.get("samples", 0))
         window["micro"] += 1
@@ -212,18 +255,23 @@ class Engine:
                 window.setdefault("extra", {}).setdefault(key, []).append(float(value))
         return grad_norm
 
-    def _after_step(self, window: dict[str, Any], grad_norm: float | None) -> None:
+    def _after_step(self, window: dict[str, Any], grad_norm: Any) -> None:
         s = self.state
         if s.step % self.train.log_every == 0 or s.step == self.total_steps:
             elapsed = time.perf_counter() - window["t0"]
-            totals = self._reduce([window["loss"], window["micro"], window["tokens"], window["samples"]])
+            totals = self._reduce([float(window["loss"]), window["micro"], window["tokens"], window["samples"]])
             record = {
                 "step": s.step, "loss": totals[0] / max(totals[1], 1),
                 "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": totals[2] / elapsed,
                 "samples_per_s": totals[3] / elapsed, "peak_memory_mb": peak_memory_mb(),
             }
+            names = [g.get("name") for g in self.optimizer.param_groups]
+            if len({n.split(".")[0] for n in names if n}) > 1:  # several models (joint): each one's learning rate
+                for name, lr in zip(names, self.scheduler.get_last_lr(), strict=True):
+                    if name:
+                        record[f"lr.{name}"] = lr
             if grad_norm is not None:
-                record["grad_norm"] = grad_norm
+                record["grad_norm"] = float(grad_norm)
             for key, values in window.get("extra", {}).items():
                 record[key] = sum(values) / len(values)
             s.history.append(record)
@@ -245,53 +293,73 @@ class Engine:
     def _validate(self) -> float:
         self.model.eval()
         total, count = 0.0, 0.0
-        for indices in self.val_data.batches(0):
-            batch = self._to_device(self.val_data.collate(indices))
-            loss, metrics = self.loss_fn(self.model, batch)
-            weight = float(metrics.get("tokens", 1)) or 1.0
-            total += float(loss) * weight
-            count += weight
-        total, count = self._reduce([total, count])
+        parts: dict[str, float] = {}  # loss components a loss function reports as loss_<name> (joint: llm, flow)
+        with self.eval_context() if self.eval_context is not None else contextlib.nullcontext():
+            for indices in self.val_data.batches(0):
+                batch = self._to_device(self.val_data.collate(indices))
+                with self.autocast:
+                    loss, metrics = self.loss_fn(self.model, batch)
+                weight = float(metrics.get("tokens", 1)) or 1.0
+                total += float(loss) * weight
+                count += weight
+                for key, value in metrics.items():
+                    if key.startswith("loss_"):
+                        parts[key] = parts.get(key, 0.0) + float(value) * weight
+        names = sorted(parts)
+        reduced = self._reduce([total, count, *(parts[k] for k in names)])
+        total, count = reduced[0], reduced[1]
+        extra = {f"val_{k}": v / count for k, v in zip(names, reduced[2:], strict=True)} if count else {}
         self.model.train()
         val = total / count if count else float("nan")
         s = self.state
         if s.best_val_loss is None or val < s.best_val_loss:
             s.best_val_loss, s.best_step = val, s.step
         if s.history and s.history[-1].get("step") == s.step:
-            s.history[-1]["val_loss"] = val
+            s.history[-1].update(val_loss=val, **extra)
         else:
-            s.history.append({"step": s.step, "val_loss": val})
-        self.tracker.log_metrics({"val_loss": val}, step=s.step)
+            s.history.append({"step": s.step, "val_loss": val, **extra})
+        self.tracker.log_metrics({"val_loss": val, **extra}, step=s.step)
         log.info("step %d val_loss %.4f (best %.4f at step %s)", s.step, val, s.best_val_loss, s.best_step)
         return val
 
     # ------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> str:
-        """Write a complete checkpoint of the current step (all processes take part)."""
+        """Write a complete checkpoint of the current step (all processes take part).
+
+        Every process writes its part (its RNG states, its DeepSpeed partitions) into a staging directory: beside
+        the target for a local root, in its own work directory for S3, from where it uploads its files. The main
+        process writes ``manifest.json`` last (a rename locally), so a checkpoint without one is incomplete.
+        """
         step = self.state.step
         name = f"checkpoint-{step}"
         local_root = not storage.is_s3(self.ckpt_root)
         staging = (Path(self.ckpt_root) / f".{name}.tmp") if local_root else self.work_dir / name
-        if self.acc.is_main_process and staging.exists():
+        if (self.acc.is_main_process or not local_root) and staging.exists():
             shutil.rmtree(staging)
         self.acc.wait_for_everyone()
-        self.acc.save_state(str(staging))
-        self.acc.wait_for_everyone()
+        checkpoints.save_training_state(self.acc, self.model, self.optimizer, self.scheduler, staging)
+        if self.acc.is_main_process and self.extra_state:
+            from safetensors.torch import save_file
+
+            for extra, obj in self.extra_state.items():
+                save_file(obj.state_dict(), str(staging / f"{extra}.safetensors"))
         target = storage.join(self.ckpt_root, name)
+        if not local_root:
+            storage.upload_dir(staging, target)
+        self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             state = asdict(self.state)
+            checkpoints.write_manifest(staging, state)
             if local_root:
-                checkpoints.write_manifest(staging, state)
                 if Path(target).exists():
                     shutil.rmtree(target)
                 os.replace(staging, target)
             else:
-                storage.upload_dir(staging, target)
-                checkpoints.write_manifest(staging, state)
                 storage.write_bytes(storage.join(target, "manifest.json"), (staging / "manifest.json").read_bytes())
-                shutil.rmtree(staging, ignore_errors=True)
             checkpoints.prune(self.ckpt_root, self.train.keep_last, self.state.best_step)
             log.info("checkpoint %s", target)
+        if not local_root:
+            shutil.rmtree(staging, ignore_errors=True)
         self.acc.wait_for_everyone()
         return target
 

@@ -162,6 +162,18 @@ def delay_codes(codes: np.ndarray, vocab: AudioVocab) -> tuple[np.ndarray, np.nd
     return ids, np.clip(positions, 0, F - 1)
 
 
+def undelay_codes(ids: np.ndarray, vocab: AudioVocab) -> np.ndarray:
+    """Inverse of :func:`delay_codes`: ids [F + C - 1, C] → codes [C, F] (what a generated block decodes to)."""
+    ids = np.asarray(ids)
+    T, C = ids.shape
+    F = T - C + 1
+    if F < 1:
+        raise ValueError(f"a delayed block of {C} codebooks needs at least {C} positions, got {T}")
+    codes = np.stack([ids[k:k + F, k] for k in range(C)]).astype(np.int64)
+    codes[0] -= vocab.audio_offset
+    return codes
+
+
 def _audio_block(seg: _Audio, vocab: AudioVocab) -> tuple[np.ndarray, np.ndarray]:
     C, F = seg.codes.shape
     end = vocab.special_ids["<|audio_end|>"]

@@ -32,23 +32,22 @@ class ExampleBatches:
 
         chosen = [self.examples[i] for i in indices]
         if self.packing:
-            return collate_packed(chosen)
-        channel_pad = self.vocab.channel_pad_id if self.vocab.num_codebooks > 1 else None
-        return collate_padded(chosen, self.vocab.pad_id, channel_pad)
+            batch = collate_packed(chosen)
+        else:
+            channel_pad = self.vocab.channel_pad_id if self.vocab.num_codebooks > 1 else None
+            batch = collate_padded(chosen, self.vocab.pad_id, channel_pad)
+        # counted here, on the CPU, so the training step needs no device sync for its metrics
+        batch["n_tokens"] = sum(len(e.input_ids) for e in chosen)
+        batch["n_samples"] = len(chosen)
+        batch["n_targets"] = int((batch["labels"] != IGNORE_INDEX).sum())
+        return batch
 
 
 def llm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean next-token loss of a padded or packed batch, with token and sample counts."""
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids", "labels")}
     out = model(**inputs)
-    labels = batch["labels"]
-    if "attention_mask" in batch:
-        tokens = int(batch["attention_mask"].sum())
-        samples = int(batch["attention_mask"].shape[0])
-    else:  # packed: one row, position ids restart per sample
-        tokens = int(labels.shape[1])
-        samples = int((batch["position_ids"] == 0).sum())
-    metrics = {"tokens": tokens, "samples": samples, "target_tokens": float((labels != IGNORE_INDEX).sum())}
+    metrics = {"tokens": batch["n_tokens"], "samples": batch["n_samples"], "target_tokens": batch["n_targets"]}
     per_codebook = getattr(out, "per_codebook_loss", None)
     if per_codebook is not None:
         for k, value in enumerate(per_codebook):
