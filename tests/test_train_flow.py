@@ -1,0 +1,215 @@
+"""The flow stage on the tiny preset: freezing, LoRA, EMA, refusals before training, CLI end to end, exact resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from audiotune.artifacts import ArtifactError
+from audiotune.config import load_config
+from audiotune.models.flow import SpeakerSpec, load_flow, save_flow, tiny
+from audiotune.stages.convert import convert
+from audiotune.stages.tokenize import tokenize
+from audiotune.stages.train_flow import TrainFlowError, train_flow
+from examples.make_corpus import make_corpus
+
+FAST = ["tracking.enabled=false", "run.num_workers=1", "flow.preset=tiny", "flow.train.log_every=1",
+        "flow.train.eval_every=1000", "flow.train.save_every=1000", "flow.train.schedule=constant",
+        "flow.train.warmup_ratio=0", "flow.train.lr=3e-3", "flow.max_frames_in_batch=2000", "flow.num_samples=0"]
+MEL_FPS = 22050 / 256
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from a second intra-op thread, and on a busy 2-core box spinning threads stall."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _cfg(*overrides: str):
+    return load_config(None, [*FAST, *overrides])
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory) -> Path:
+    """12 synthetic utterances of 2 speakers; 32 mel-kmeans codes at a quarter of the mel frame rate."""
+    root = tmp_path_factory.mktemp("flow")
+    manifest = make_corpus(root / "corpus", n_speakers=2, utts_per_speaker=6, backend="synth", seed=3, mandarin=False)
+    cfg = load_config(None, ["tracking.enabled=false", "run.num_workers=1", "convert.val_fraction=0.25",
+                             "tokenize.vocab_size=300", "tokenize.audio_tokenizer.codebook_size=32",
+                             f"tokenize.audio_tokenizer.token_rate={MEL_FPS / 4}",
+                             "tokenize.audio_tokenizer.fit_max_frames=3000"])
+    convert(cfg, source=str(manifest), output=str(root / "ds"))
+    tokenize(cfg, dataset=str(root / "ds"), output=str(root / "tok"))
+    return root / "tok"
+
+
+@pytest.fixture(scope="module")
+def base_flow(tokens, tmp_path_factory) -> Path:
+    """A Flow artifact trained a few steps from the tiny preset: the starting point of the fine-tunes."""
+    out = tmp_path_factory.mktemp("base") / "flow"
+    train_flow(_cfg("flow.train.max_steps=4"), tokens=str(tokens), output=str(out))
+    return out
+
+
+def test_freeze_encoder_leaves_the_encoder_bit_identical(tokens, base_flow, tmp_path):
+    res = train_flow(_cfg("flow.freeze_encoder=true", "flow.train.max_steps=6"), tokens=str(tokens),
+                     output=str(tmp_path / "f"), base_flow=str(base_flow))
+    before, after = _weights(base_flow), _weights(tmp_path / "f")
+    assert before.keys() == after.keys()
+    encoder = [k for k in before if k.startswith("encoder.")]
+    assert encoder and all(torch.equal(before[k], after[k]) for k in encoder)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("estimator."))
+    assert res.manifest["init"] == "base_flow" and res.metrics["trainable_parameters"] < \
+        res.metrics["total_parameters"]
+
+
+def test_lora_trains_only_adapters_and_exports_a_merged_flow(tokens, base_flow, tmp_path):
+    out = tmp_path / "lora"
+    res = train_flow(_cfg("flow.lora.enabled=true", "flow.lora.r=4", "flow.lora.target_modules=[to_q,to_v,proj_in]",
+                          "flow.train.max_steps=6", "flow.train.lr=1e-2"), tokens=str(tokens), output=str(out),
+                     base_flow=str(base_flow))
+    before, after = _weights(base_flow), _weights(out)
+    assert before.keys() == after.keys()  # a plain flow: LoRA merged
+    targets = (".to_q.", ".to_v.", ".proj_in.")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("estimator.") and any(t in k for t in targets) for k in changed)
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert adapter and all("lora_" in k for k in adapter)
+    assert res.metrics["trainable_parameters"] == sum(v.numel() for v in adapter.values())
+    load_flow(out)  # strict: the artifact is a plain flow model
+
+
+def test_ema_weights_differ_from_the_raw_weights_and_are_saved(tokens, tmp_path):
+    out = tmp_path / "ema"
+    res = train_flow(_cfg("flow.ema.enabled=true", "flow.ema.decay=0.9", "flow.train.max_steps=10"),
+                     tokens=str(tokens), output=str(out))
+    assert res.metrics["final_loss"] < res.metrics["first_loss"]
+    checkpoint = Path(f"{out}.checkpoints") / "checkpoint-10"
+    raw = load_file(str(checkpoint / "trainable.safetensors"))
+    ema = load_file(str(checkpoint / "ema.safetensors"))
+    saved = _weights(out)
+    params = [k[len("shadow."):] for k in ema if k.startswith("shadow.")]
+    assert params and all(torch.equal(saved[k], ema[f"shadow.{k}"]) for k in params)
+    assert any(not torch.equal(saved[k], raw[k]) for k in params)
+
+
+def _copy(tokens: Path, dest: Path, manifest_edit=None, drop_mels: bool = False) -> Path:
+    shutil.copytree(tokens, dest)
+    if manifest_edit:
+        manifest = json.loads((dest / "manifest.json").read_text())
+        manifest_edit(manifest)
+        (dest / "manifest.json").write_text(json.dumps(manifest))
+    if drop_mels:
+        for shard in (dest / "train").glob("part-*.parquet"):
+            table = pq.read_table(shard)
+            index = table.schema.get_field_index("mel")
+            table = table.set_column(index, table.schema.field("mel"), pa.nulls(len(table), pa.binary()))
+            pq.write_table(table, shard)
+    return dest
+
+
+def test_bad_inputs_are_refused_before_training(tokens, tmp_path):
+    def other_mel(m):
+        m["mel"]["n_mels"] = 100
+
+    cases = [
+        (_copy(tokens, tmp_path / "t1", other_mel), TrainFlowError, "100 bins"),
+        (_copy(tokens, tmp_path / "t2", lambda m: m.pop("mel")), TrainFlowError, "no mel settings"),
+        (_copy(tokens, tmp_path / "t3", drop_mels=True), TrainFlowError, "no_mel"),
+        (tokens.parent / "ds", ArtifactError, "audiotune.dataset"),
+    ]
+    for k, (source, error, match) in enumerate(cases):
+        with pytest.raises(error, match=match):
+            train_flow(_cfg(), tokens=str(source), output=str(tmp_path / f"out{k}"))
+    mismatched = tmp_path / "base5"
+    save_flow(tiny(codebook_size=32, mel_frames_per_token=4.0, speaker=SpeakerSpec("id", 5)), mismatched)
+    with pytest.raises(TrainFlowError, match="speaker conditioning"):
+        train_flow(_cfg(), tokens=str(tokens), output=str(tmp_path / "out9"), base_flow=str(mismatched))
+    assert not list(tmp_path.glob("out*"))  # nothing written, not even checkpoints
+
+
+def _cli(out: Path, tokens: Path, *extra: str) -> list[str]:
+    sets = [*FAST, "flow.train.max_steps=24", "flow.train.save_every=8", "flow.ema.enabled=true",
+            "flow.ema.decay=0.9", "flow.train.eval_every=12", "flow.num_samples=1", "flow.sample_every=12",
+            "flow.vocoder=griffin-lim:4", *extra]
+    return [sys.executable, "-m", "audiotune.cli", "train", "flow", "--tokens", str(tokens), "--output", str(out),
+            *[a for s in sets for a in ("--set", s)]]
+
+
+# one intra-op thread: the tiny model gains nothing from more, and a busy 2-core CI box stalls spinning threads
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def test_cli_writes_a_complete_flow_and_a_killed_run_resumes_exactly(tokens, tmp_path):
+    whole = tmp_path / "whole"
+    done = subprocess.run(_cli(whole, tokens), capture_output=True, text=True, timeout=300, env=ENV)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1])["output"] == str(whole)
+    manifest = json.loads((whole / "manifest.json").read_text())
+    assert manifest["kind"] == "audiotune.flow" and manifest["schema_version"] == 1 and manifest["steps"] == 24
+    assert manifest["mel"]["n_mels"] == 80 and manifest["vocab"]["codebook_size"] == 32
+    assert manifest["speaker"]["type"] == "id" and manifest["speaker"]["num_speakers"] == 3
+    for name in ("config.json", "model.safetensors", "metrics.json", "history.json", "loss_curve.png",
+                 "speakers.json", "samples/final-0.png", "samples/final-0.wav"):
+        assert (whole / name).is_file(), name
+    metrics = json.loads((whole / "metrics.json").read_text())
+    assert metrics["frames_per_s"] > 0 and metrics["val_loss"] is not None
+    model = load_flow(whole)
+    assert model.config.preset == "tiny" and model.config.mel["hop_length"] == 256
+
+    out = tmp_path / "cut"
+    proc = subprocess.Popen(_cli(out, tokens), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    _wait_for(Path(f"{out}.checkpoints") / "checkpoint-8" / "manifest.json", proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0 and not out.exists()
+    resumed = subprocess.run(_cli(out, tokens), capture_output=True, text=True, timeout=300, env=ENV)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stderr
+    a, b = _weights(whole), _weights(out)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_two_processes_under_torchrun_train_in_step(tokens, tmp_path):
+    """torchrun with 2 CPU processes (DDP on gloo): both ranks log the same reduced losses; rank 0 publishes."""
+    out = tmp_path / "ddp"
+    cmd = _cli(out, tokens, "flow.train.nproc_per_node=2", "flow.train.max_steps=6", "flow.sample_every=3",
+               "flow.train.eval_every=3")
+    cmd.insert(cmd.index("audiotune.cli") + 1, "-v")  # -v: every rank logs (by default only rank 0 does)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count(" 2 processes)") == 2
+    losses = [line.split("audiotune.train.engine: ")[1].split(" lr ")[0] for line in done.stderr.splitlines()
+              if "audiotune.train.engine: step" in line and " loss " in line]  # "step k/6 loss x", timing aside
+    assert len(losses) == 12 and len(set(losses)) == 6, losses  # each step's line twice, identical
+    assert json.loads((out / "manifest.json").read_text())["steps"] == 6
+    assert (out / "samples" / "final-0.wav").is_file()
