@@ -1,0 +1,360 @@
+"""The export stage: LLM and/or Flow artifacts → one package a user can ship, uploaded and registered.
+
+Recipe: read the inputs → LLM: check the base is the one trained on, merge LoRA in the base's dtype,
+prove the merge on a validation probe batch, save in ``save_pretrained`` layout (+ the adapter-only
+variant), reload and compare → flow: strict load, copy → tokenizers → samples synthesized end to
+end (LLM → flow → vocoder) → model card and manifest → publish atomically to the output URI → MLflow:
+log the package, register a version tagged with data fingerprint, base model, code version and
+metrics (a registry failure leaves the published export complete).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from audiotune import __version__, artifacts, storage, tracking
+from audiotune.config import AudiotuneConfig, dump_config
+from audiotune.export.merge import ExportError, Verification, base_dtype, check_base, check_reload, merge_llm
+from audiotune.models.vocab import AudioVocab
+
+log = logging.getLogger(__name__)
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "codebooks.json", "codebooks.safetensors",
+                 "tokenizer.json", "tokenizer_config.json", "vocab.json", "base_fingerprint.json")
+FLOW_FILES = ("config.json", "model.safetensors", "speakers.json", "speaker_embeddings.safetensors", "mel.json",
+              "manifest.json", "metrics.json")
+DEFAULT_TEXTS = ["Hello, this is a sample of the fine-tuned voice.", "The quick brown fox jumps over the lazy dog."]
+
+
+@dataclass
+class ExportResult:
+    """What the stage produced."""
+
+    output: str
+    metrics: dict[str, Any]
+    manifest: dict[str, Any]
+    registered_version: str | None
+
+
+def export(cfg: AudiotuneConfig, output: str, llm: str | None = None, flow: str | None = None,
+           tokens: str | None = None) -> ExportResult:
+    """Run the export stage.
+
+    Args:
+        cfg: The pipeline config; the ``export`` section drives this stage.
+        output: URI of the Export (local path or s3://).
+        llm: LLM model artifact URI (absent in flow-only runs).
+        flow: Flow model artifact URI (absent in llm-only runs).
+        tokens: Tokens artifact URI (probe batch, sample texts, audio tokenizer); default: the one the LLM or
+            flow was trained on.
+    """
+    E = cfg.export
+    if not llm and not flow:
+        raise ExportError("nothing to export: give an LLM artifact (--llm), a Flow artifact (--flow), or both")
+    if E.registered_model_name and not cfg.tracking.enabled:
+        raise ExportError("export.registered_model_name needs tracking (tracking.enabled=true): the registry is "
+                          "MLflow's")
+    storage.require_missing_or_overwrite(output, E.overwrite)
+    llm_manifest = artifacts.read_manifest(llm, artifacts.LLM, artifacts.LLM_VERSION) if llm else None
+    flow_manifest = artifacts.read_manifest(flow, artifacts.FLOW, artifacts.FLOW_VERSION) if flow else None
+    tokens = tokens or (llm_manifest or {}).get("tokens") or (flow_manifest or {}).get("tokens")
+    tokens_dir = _tokens_dir(tokens)
+    log.info("export: llm=%s flow=%s tokens=%s -> %s\n%s", llm, flow, tokens, output, dump_config(cfg))
+
+    with tempfile.TemporaryDirectory(prefix="audiotune-export-") as tmp:
+        package = Path(tmp) / "package"
+        package.mkdir()
+        verification = _export_llm(cfg, llm, llm_manifest, tokens_dir, package) if llm else None
+        if flow:
+            _export_flow(flow, package / "flow")
+        if tokens_dir is not None and (tokens_dir / "tokenizer" / "audio").is_dir():
+            shutil.copytree(tokens_dir / "tokenizer" / "audio", package / "audio_tokenizer")
+        samples = _samples(cfg, package, tokens_dir, llm_manifest)
+        data = _data_summary(tokens, tokens_dir)
+        metrics = _metrics(llm_manifest, flow_manifest, verification, samples, package)
+        name = E.registered_model_name or cfg.run.name
+        fields = dict(
+            name=name, uri=output, llm=llm, flow=flow, tokens=tokens, code_version=_code_version(),
+            base_model=(llm_manifest or {}).get("base_model"), mode=(llm_manifest or {}).get("mode"),
+            dataset_fingerprint=(llm_manifest or flow_manifest or {}).get("dataset_fingerprint"),
+            verification=verification.to_dict() if verification else None, samples=samples, data=data,
+            metrics=metrics, registered_model_name=E.registered_model_name,
+            contents=sorted(p.name for p in package.iterdir()),
+        )
+        (package / "verification.json").write_text(json.dumps(fields["verification"], indent=2) + "\n")
+        from audiotune.export.card import model_card
+
+        (package / "README.md").write_text(model_card(name, {**fields, "audiotune_version": __version__},
+                                                      llm_manifest, flow_manifest, data, samples))
+        with storage.publish_dir(output, overwrite=E.overwrite) as staging:
+            shutil.copytree(package, staging, dirs_exist_ok=True)
+            manifest = artifacts.write_manifest(staging, artifacts.EXPORT, artifacts.EXPORT_VERSION, **fields)
+        (package / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")  # for the MLflow copy
+        log.info("exported %s (%.1f MiB)", output, metrics["package_mb"])
+        version = _track_and_register(cfg, output, package, manifest, metrics)
+    return ExportResult(output=output, metrics=metrics, manifest=manifest, registered_version=version)
+
+
+# ------------------------------------------------------------------------------------------------------ inputs
+def _tokens_dir(tokens: str | None) -> Path | None:
+    if not tokens:
+        return None
+    try:
+        artifacts.read_manifest(tokens, artifacts.TOKENS, artifacts.TOKENS_VERSION)
+    except artifacts.ArtifactError as err:
+        log.warning("no usable Tokens (%s): the merge probe uses random ids and samples use default texts", err)
+        return None
+    return storage.local_copy(tokens)
+
+
+def _probe(vocab: AudioVocab, manifest: dict[str, Any], tokens_dir: Path | None, count: int,
+           seed: int) -> dict[str, torch.Tensor]:
+    """A fixed batch of validation sequences (train when there is no val split; random ids without Tokens)."""
+    from audiotune.train.batching import collate_padded
+    from audiotune.train.data import load_examples
+
+    examples = []
+    config = manifest.get("config") or {}
+    if tokens_dir is not None:
+        for split in ("val", "train"):
+            examples, _ = load_examples(tokens_dir / split, vocab, config.get("layout", "auto"),
+                                        int(config.get("max_seq_len", 2048)), "truncate", repeat=False)
+            if examples:
+                break
+    if examples:
+        examples = sorted(examples, key=lambda e: e.id)[:count]
+        channel_pad = vocab.channel_pad_id if vocab.num_codebooks > 1 else None
+        batch = collate_padded(examples, vocab.pad_id, channel_pad)
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab.lm_vocab_size, (count, 32), generator=gen)
+    if vocab.num_codebooks > 1:
+        extra = torch.randint(0, vocab.codebook_size, (count, 32, vocab.num_codebooks - 1), generator=gen)
+        ids = torch.cat([ids[..., None], extra], dim=-1)
+    return {"input_ids": ids, "attention_mask": torch.ones(count, 32, dtype=torch.long)}
+
+
+# --------------------------------------------------------------------------------------------------------- LLM
+def _export_llm(cfg: AudiotuneConfig, llm: str, manifest: dict[str, Any], tokens_dir: Path | None,
+                package: Path) -> Verification | None:
+    from transformers import AutoTokenizer
+
+    E = cfg.export
+    artifact = storage.local_copy(llm)
+    vocab = AudioVocab.from_dict(manifest["vocab"])
+    tokenizer = AutoTokenizer.from_pretrained(str(artifact))
+    out = package / "llm"
+    verification = None
+    if manifest.get("mode") == "lora":
+        base_uri = E.base_model or manifest.get("base_model")
+        if not base_uri:
+            raise ExportError(f"{llm} is a LoRA adapter without a recorded base model; set export.base_model")
+        if not storage.exists(storage.join(base_uri, "config.json")):
+            raise ExportError(f"base model {base_uri} is missing (no config.json there); set export.base_model")
+        base_path = storage.local_copy(base_uri)
+        check_base(manifest.get("base_fingerprint"), base_path, base_uri)
+        dtype = base_dtype(base_path, E.dtype)
+        probe = _probe(vocab, manifest, tokens_dir, E.probe_samples, cfg.run.seed)
+        merged, verification = merge_llm(artifact, manifest, base_path, dtype, probe, E.verify_tolerance)
+        merged.config.use_cache = True  # for generation by users; training set it off
+        merged.save_pretrained(str(out), max_shard_size=E.max_shard_size)
+        if E.verify_reload:
+            check_reload(out, merged, probe, dtype, verification)
+        del merged
+        if E.keep_adapter:
+            (package / "llm-adapter").mkdir()
+            for name in ADAPTER_FILES:
+                if (artifact / name).is_file():
+                    shutil.copy2(artifact / name, package / "llm-adapter" / name)
+    else:
+        from audiotune.export.merge import load_full
+
+        load_full(artifact, torch.float32)  # it loads as saved
+        shutil.copytree(artifact, out, ignore=shutil.ignore_patterns("manifest.json", "history.json", "*.png",
+                                                                     "metrics.json", "README.md"))
+    tokenizer.save_pretrained(str(out))
+    (out / "vocab.json").write_text(json.dumps(vocab.to_dict(), indent=2) + "\n")
+    return verification
+
+
+def _export_flow(flow: str, out: Path) -> None:
+    from audiotune.models.flow import load_flow
+    from audiotune.models.flow.adapt import has_lora
+
+    model = load_flow(flow)  # strict
+    if has_lora(model):
+        raise ExportError(f"{flow} still carries LoRA layers; the flow stage merges them into the weights")
+    source = storage.local_copy(flow)
+    out.mkdir(parents=True)
+    for name in FLOW_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, out / name)
+
+
+# ----------------------------------------------------------------------------------------------------- samples
+def _sample_texts(cfg: AudiotuneConfig, tokens_dir: Path | None, package: Path) -> list[str]:
+    E = cfg.export
+    if E.sample_texts:
+        return list(E.sample_texts)[: max(E.num_samples, len(E.sample_texts))]
+    texts: list[str] = []
+    if tokens_dir is not None and (package / "llm").is_dir():
+        import pyarrow.parquet as pq
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(package / "llm"))
+        for split in ("val", "train"):
+            for shard in sorted((tokens_dir / split).glob("part-*.parquet")):
+                table = pq.read_table(shard, columns=["id", "task", "text_ids"]).to_pylist()
+                for row in sorted(table, key=lambda r: r["id"]):
+                    if row["task"] in ("tts", "clone", "edit") and row["text_ids"]:
+                        texts.append(tokenizer.decode(row["text_ids"], skip_special_tokens=True).strip())
+            if texts:
+                break
+    return (texts or DEFAULT_TEXTS)[: E.num_samples]
+
+
+def _samples(cfg: AudiotuneConfig, package: Path, tokens_dir: Path | None,
+             llm_manifest: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Synthesize the sample texts end to end; a flow-only export decodes validation codes instead."""
+    E = cfg.export
+    if E.num_samples == 0 or not (package / "flow").is_dir():
+        return []
+    from audiotune.export.synthesis import Speech, Synthesizer, write_wav
+
+    out, samples = package / "samples", []
+    if (package / "llm").is_dir():
+        synth = Synthesizer(package, E.synthesis)
+        texts = _sample_texts(cfg, tokens_dir, package)
+        for k, text in enumerate(texts):
+            speech = synth.synthesize(text, seed=E.synthesis.seed + k)
+            write_wav(out / f"sample-{k}.wav", speech)
+            samples.append({"file": f"samples/sample-{k}.wav", "text": text, "seconds": round(speech.seconds, 3),
+                            "frames": int(speech.codes.shape[1])})
+    elif tokens_dir is not None:
+        from audiotune.models.flow import load_flow
+        from audiotune.models.vocoder import load_vocoder
+        from audiotune.train.flow_batches import load_flow_examples
+
+        flow = load_flow(package / "flow").eval()
+        manifest = json.loads((package / "flow" / "manifest.json").read_text())
+        examples, _ = load_flow_examples(tokens_dir / "val", flow.config.n_mels,
+                                         manifest["vocab"].get("codebooks", "all"),
+                                         manifest["vocab"].get("num_codebooks"))
+        vocoder = load_vocoder(E.synthesis.vocoder, manifest["mel"])
+        for k in range(min(E.num_samples, len(examples))):
+            batch = examples.collate([k])
+            speaker = {}
+            if flow.config.speaker.type == "id":
+                speaker["speaker_index"] = int(batch["speaker_index"][0])
+            elif flow.config.speaker.type == "embedding":
+                speaker["speaker_embedding"] = batch["speaker_embedding"][0]
+            n = int(batch["code_lengths"][0])
+            mel = flow.inference(batch["codes"][0, :, :n], generator=torch.Generator().manual_seed(k), **speaker)
+            wav = np.asarray(vocoder(mel.numpy()), dtype=np.float32).reshape(-1)
+            speech = Speech(wav=wav, sample_rate=int(vocoder.sample_rate), codes=batch["codes"][0].numpy(),
+                            mel=mel.numpy())
+            write_wav(out / f"sample-{k}.wav", speech)
+            samples.append({"file": f"samples/sample-{k}.wav", "text": f"(codes of validation row {examples.ids[k]})",
+                            "seconds": round(speech.seconds, 3), "frames": n})
+    if samples:
+        (out / "samples.json").write_text(json.dumps(samples, indent=2) + "\n")
+    return samples
+
+
+# ---------------------------------------------------------------------------------------------------- metadata
+def _data_summary(tokens: str | None, tokens_dir: Path | None) -> dict[str, Any]:
+    if tokens_dir is None or not (tokens_dir / "report.json").is_file():
+        return {}
+    report = json.loads((tokens_dir / "report.json").read_text())
+    manifest = json.loads((tokens_dir / "manifest.json").read_text())
+    rows = report.get("rows") or {}
+    summary = {"tokens": tokens, "dataset": manifest.get("dataset"),
+               "text_tokenizer": (manifest.get("text_tokenizer") or {}).get("kind"),
+               "audio_tokenizer": (manifest.get("audio_tokenizer") or {}).get("type"),
+               "speakers": manifest.get("speakers")}
+    for key in ("train", "val", "quarantined", "hours", "audio_hours"):
+        if key in rows:
+            summary[f"rows_{key}" if key in ("train", "val", "quarantined") else key] = rows[key]
+    for key in ("hours", "train_hours", "val_hours"):
+        if key in report:
+            summary[key] = report[key]
+    return summary
+
+
+def _metrics(llm: dict | None, flow: dict | None, verification: Verification | None, samples: list,
+             package: Path) -> dict[str, Any]:
+    size = sum(p.stat().st_size for p in package.rglob("*") if p.is_file()) / 2**20
+    metrics: dict[str, Any] = {"package_mb": round(size, 3), "samples": len(samples)}
+    if llm:
+        m = llm.get("metrics") or {}
+        metrics.update({"llm_val_loss": m.get("val_loss"), "llm_final_loss": m.get("final_loss")})
+    if flow:
+        m = flow.get("metrics") or {}
+        metrics.update({"flow_val_loss": m.get("val_loss"), "flow_final_loss": m.get("final_loss")})
+    # the figure champion/challenger compares: the LLM's validation loss, else the flow's
+    metrics["val_loss"] = metrics.get("llm_val_loss") if llm else metrics.get("flow_val_loss")
+    if verification is not None:
+        metrics.update({"merge_max_abs_diff": verification.max_abs_diff,
+                        "merge_tolerance": verification.tolerance})
+    return {k: v for k, v in metrics.items() if v is not None}
+
+
+def _code_version() -> str:
+    import subprocess
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{__version__}+{sha}" if sha else __version__
+
+
+def _track_and_register(cfg: AudiotuneConfig, output: str, package: Path, manifest: dict[str, Any],
+                        metrics: dict[str, Any]) -> str | None:
+    """Log the package to the stage's MLflow run and register it; the export itself is already published."""
+    E = cfg.export
+    try:
+        with tracking.stage_run(cfg.tracking, "export") as tracker:
+            tracker.log_params({"export": E.model_dump(mode="json"), "inputs": {
+                k: manifest.get(k) for k in ("llm", "flow", "tokens", "uri")}})
+            tracker.log_metrics(metrics)
+            # the registry accepts an object-store URI as a version's source, not a local path: a local export is
+            # always logged whole; a large one on S3 is registered where it was uploaded
+            small = metrics["package_mb"] <= E.log_weights_max_mb or not storage.is_s3(output)
+            if small:
+                tracker.log_artifacts(package, "export")
+            else:
+                for name in ("README.md", "manifest.json", "verification.json"):
+                    tracker.log_artifact(package / name, "export")
+                if (package / "samples").is_dir():
+                    tracker.log_artifacts(package / "samples", "export/samples")
+            tracker.set_tags({"audiotune.export_uri": output, "audiotune.code_version": manifest["code_version"]})
+            if not E.registered_model_name or not tracker.active:
+                return None
+            from audiotune.export import registry
+
+            source = f"runs:/{tracker.run_id}/export" if small else output
+            version = registry.register(
+                cfg.tracking, E.registered_model_name, source, tracker.run_id,
+                tags={"dataset_fingerprint": manifest.get("dataset_fingerprint"),
+                      "base_model": manifest.get("base_model") or "scratch", "code_version": manifest["code_version"],
+                      "export_uri": output, "mode": manifest.get("mode")},
+                metrics=metrics)
+            tracker.set_tags({"audiotune.registered_model": E.registered_model_name,
+                              "audiotune.registered_version": version})
+    except tracking.TrackingError as err:
+        raise ExportError(f"the export at {output} is complete, but tracking/registering it failed: {err}") from None
+    storage.write_text(storage.join(output, "registration.json"), json.dumps(
+        {"name": E.registered_model_name, "version": version, "tracking_uri": tracking.resolve_uri(cfg.tracking)},
+        indent=2) + "\n")
+    return version
