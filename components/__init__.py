@@ -1,0 +1,26 @@
+"""Kubeflow components: one thin lightweight Python component per stage, installed as ``audiotune.components``.
+
+Each body validates the config it gets and calls its stage recipe through
+:mod:`audiotune.orchestration.steps`; ``base_image`` is the project's image (CPU for the data
+stages, CUDA for training), so the same definitions run under ``kfp.local`` and on a cluster.
+
+- :func:`convert_data`, :func:`tokenize_data`: the data stages (cached by Kubeflow).
+- :func:`train_llm`, :func:`train_flow`, :func:`train_joint`: training under ``torchrun``.
+- :func:`export_model`: merge, package, upload, register.
+- :func:`prepare_run`, :func:`link_runs`, :func:`finish_run`: the run's config and MLflow parent run.
+- :func:`apply_training_settings`, :func:`apply_common_settings`: cluster settings of a task.
+"""
+
+from audiotune.components.cluster import apply_common_settings, apply_training_settings
+from audiotune.components.convert import convert_data
+from audiotune.components.export import export_model
+from audiotune.components.run import finish_run, link_runs, prepare_run
+from audiotune.components.tokenize import tokenize_data
+from audiotune.components.train_flow import train_flow
+from audiotune.components.train_joint import train_joint
+from audiotune.components.train_llm import train_llm
+
+__all__ = [
+    "apply_common_settings", "apply_training_settings", "convert_data", "export_model", "finish_run",
+    "link_runs", "prepare_run", "tokenize_data", "train_flow", "train_joint", "train_llm",
+]

@@ -1,0 +1,36 @@
+"""The llm training component (see ``audiotune.stages.train_llm``), launched under torchrun."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from audiotune.images import CUDA_IMAGE
+
+
+@dsl.component(base_image=CUDA_IMAGE, install_kfp_package=False, packages_to_install=[])
+def train_llm(
+    tokens: Input[Dataset],
+    base_model_uri: str,
+    config: str,
+    pipeline_run_id: str,
+    model: Output[Model],
+    metrics: Output[Metrics],
+):
+    """Train the causal LM (LoRA, full or from scratch) on interleaved text/audio sequences.
+
+    Runs ``torchrun --nproc_per_node <gpus>`` (one process on CPU) with the DeepSpeed ZeRO
+    settings of ``llm.train.deepspeed``; checkpoints let a retried task resume.
+
+    Args:
+        tokens: The Tokens artifact written by tokenize_data.
+        base_model_uri: Base causal LM (Hugging Face layout, local or s3://); empty uses llm.base_model.
+        config: The run's resolved config (JSON); the llm section drives this stage.
+        pipeline_run_id: The Kubeflow run id, which names the durable output location.
+        model: The LLM model artifact (adapter or full model, tokenizer, metrics).
+        metrics: Steps, first/final training loss, validation loss.
+    """
+    from audiotune.orchestration import steps
+
+    steps.setup()
+    inputs = {"--tokens": tokens.path, "--base-model": base_model_uri}
+    outcome = steps.train("llm", config, pipeline_run_id, model.path, inputs)
+    steps.record(outcome, model, metrics)

@@ -1,0 +1,170 @@
+"""The fine-tuning pipeline: the DAG of ARCHITECTURE.md.
+
+    prepare_run ─► convert_data ─► tokenize_data ─┬─► link_runs
+                                                   ├─ mode llm:  train_llm ──────────► export_model
+                                                   ├─ mode flow: train_flow ─────────► export_model
+                                                   └─ mode both: train_llm ∥ train_flow
+                                                        ├─ joint epochs > 0: train_joint ─► export_model
+                                                        └─ otherwise ────────────────────► export_model
+    finish_run: the exit handler (ends the MLflow parent run, success or failure)
+
+Every branch ends in the export; exactly one branch runs. :func:`build` makes the pipeline for a
+config (its cluster settings are baked in at compile time; its values become the parameters'
+defaults); :data:`finetune` is the one built from the schema defaults, compiled into
+``compiled/finetune.yaml`` for upload in the Kubeflow UI.
+"""
+
+from typing import Any, Optional
+
+from audiotune.components import (
+    apply_common_settings,
+    apply_training_settings,
+    convert_data,
+    export_model,
+    finish_run,
+    link_runs,
+    prepare_run,
+    tokenize_data,
+    train_flow,
+    train_joint,
+    train_llm,
+)
+from kfp import dsl
+
+from audiotune.config import AudiotuneConfig
+from audiotune.orchestration import params
+
+PIPELINE_NAME = "audiotune-finetune"
+DESCRIPTION = ("Fine-tune an audio-token LLM and/or its flow-matching mel decoder: convert, tokenize, train "
+               "(LoRA/full, DeepSpeed ZeRO), joint, export; tracked in MLflow.")
+
+
+def _small(task: dsl.PipelineTask, cluster: Any, name: str, cache: bool = False,
+           model_cache: bool = False) -> dsl.PipelineTask:
+    """A task on the CPU image: credentials, labels, caching as given (on only for convert and tokenize)."""
+    apply_common_settings(task, cluster, model_cache=model_cache)
+    return task.set_display_name(name).set_caching_options(enable_caching=cache)
+
+
+def build(cfg: Optional[AudiotuneConfig] = None) -> Any:
+    """The pipeline for ``cfg``: its values are the parameters' defaults, its cluster section the pods'.
+
+    Args:
+        cfg: A config; None builds from the schema defaults.
+
+    Returns:
+        The ``@dsl.pipeline`` function.
+    """
+    cfg = cfg or AudiotuneConfig()
+    typed, mapping = params.split(cfg)
+    cluster = cfg.cluster
+    retries, backoff, cache = cfg.pipeline.retries, cfg.pipeline.retry_backoff_s, cfg.pipeline.enable_caching
+    t = typed
+
+    @dsl.pipeline(name=PIPELINE_NAME, description=DESCRIPTION)
+    def finetune(
+        source_uri: str = t["source_uri"],
+        source_format: str = t["source_format"],
+        base_model_uri: str = t["base_model_uri"],
+        base_flow_uri: str = t["base_flow_uri"],
+        mode: str = t["mode"],
+        llm_epochs: float = t["llm_epochs"],
+        llm_lr: float = t["llm_lr"],
+        flow_epochs: float = t["flow_epochs"],
+        flow_lr: float = t["flow_lr"],
+        joint_epochs: float = t["joint_epochs"],
+        joint_lr_scale: float = t["joint_lr_scale"],
+        lora_r: int = t["lora_r"],
+        lora_alpha: float = t["lora_alpha"],
+        lora_targets: str = t["lora_targets"],
+        zero_stage: int = t["zero_stage"],
+        gpus: int = t["gpus"],
+        output_uri: str = t["output_uri"],
+        mlflow_experiment: str = t["mlflow_experiment"],
+        registered_model_name: str = t["registered_model_name"],
+        config: dict = mapping,
+    ):
+        """Fine-tune an audio-token LLM and/or its flow decoder.
+
+        Args:
+            source_uri: Source corpus, a manifest file or a folder, local or s3://.
+            source_format: Source layout (jsonl, acestep, kaldi, text); empty autodetects it.
+            base_model_uri: Base causal LM (Hugging Face layout, local or s3://); its tokenizer is used. Empty: none.
+            base_flow_uri: Base flow decoder to fine-tune (local or s3://). Empty: train from scratch.
+            mode: What to train: llm, flow or both (then the joint stage when joint_epochs > 0).
+            llm_epochs: Epochs of the llm stage.
+            llm_lr: Peak learning rate of the llm stage.
+            flow_epochs: Epochs of the flow stage.
+            flow_lr: Peak learning rate of the flow stage.
+            joint_epochs: Epochs of the joint stage (mode both); 0 skips it.
+            joint_lr_scale: The joint stage's learning rates are llm_lr and flow_lr times this.
+            lora_r: LoRA rank.
+            lora_alpha: LoRA alpha.
+            lora_targets: LoRA target modules, comma-separated, or all-linear.
+            zero_stage: DeepSpeed ZeRO stage (0-3) of the training stages.
+            gpus: GPUs per training pod, one torchrun process each (0: CPU, one process).
+            output_uri: Durable location (s3://...) of the training outputs, checkpoints and export. Empty: the
+                pipeline's artifact store.
+            mlflow_experiment: MLflow experiment of the runs.
+            registered_model_name: MLflow registered model the export is registered as. Empty: not registered.
+            config: Everything else, as a mapping in the audiotune config schema (sections run, convert,
+                tokenize, llm, flow, joint, export, ...); it wins over the parameters above where both set a field.
+        """
+        run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+        finish = finish_run(config=config, mlflow_experiment=mlflow_experiment, pipeline_run_id=run_id)
+        _small(finish, cluster, "finish run")
+        with dsl.ExitHandler(finish, name="audiotune"):
+            prep = _small(prepare_run(
+                config=config, source_uri=source_uri, source_format=source_format, base_model_uri=base_model_uri,
+                base_flow_uri=base_flow_uri, mode=mode, llm_epochs=llm_epochs, llm_lr=llm_lr, flow_epochs=flow_epochs,
+                flow_lr=flow_lr, joint_epochs=joint_epochs, joint_lr_scale=joint_lr_scale, lora_r=lora_r,
+                lora_alpha=lora_alpha, lora_targets=lora_targets, zero_stage=zero_stage, gpus=gpus,
+                output_uri=output_uri, mlflow_experiment=mlflow_experiment, registered_model_name=registered_model_name,
+                pipeline_run_id=run_id,
+            ), cluster, "prepare run")
+            resolved = prep.outputs["config"]
+
+            data = _small(convert_data(
+                source_uri=prep.outputs["source_uri"], source_format=prep.outputs["source_format"],
+                source_fingerprint=prep.outputs["source_fingerprint"], config=prep.outputs["convert_config"],
+            ), cluster, "convert", cache=cache)
+            tok = _small(tokenize_data(
+                dataset=data.outputs["dataset"], base_model_uri=prep.outputs["base_model_uri"],
+                config=prep.outputs["tokenize_config"],
+            ), cluster, "tokenize", cache=cache, model_cache=True)
+            _small(link_runs(config=resolved, convert_run_id=data.outputs["Output"],
+                             tokenize_run_id=tok.outputs["Output"]), cluster, "link MLflow runs")
+            tokens = tok.outputs["tokens"]
+
+            def llm_task() -> dsl.PipelineTask:
+                task = train_llm(tokens=tokens, base_model_uri=prep.outputs["llm_base_model_uri"], config=resolved,
+                                 pipeline_run_id=run_id)
+                return apply_training_settings(task.set_display_name("train llm"), cluster, gpus, retries, backoff)
+
+            def flow_task() -> dsl.PipelineTask:
+                task = train_flow(tokens=tokens, base_flow_uri=prep.outputs["base_flow_uri"], config=resolved,
+                                  pipeline_run_id=run_id)
+                return apply_training_settings(task.set_display_name("train flow"), cluster, gpus, retries, backoff)
+
+            def export_task(**models: Any) -> dsl.PipelineTask:
+                task = export_model(tokens=tokens, config=resolved, pipeline_run_id=run_id, **models)
+                return _small(task, cluster, "export", model_cache=True)
+
+            with dsl.If(prep.outputs["mode"] == "llm", name="mode-llm"):
+                export_task(llm=llm_task().outputs["model"])
+            with dsl.Elif(prep.outputs["mode"] == "flow", name="mode-flow"):
+                export_task(flow=flow_task().outputs["model"])
+            with dsl.Else(name="mode-both"):
+                llm, flow = llm_task(), flow_task()
+                with dsl.If(prep.outputs["run_joint"] == True, name="joint"):  # noqa: E712 - a DSL condition
+                    joint = train_joint(tokens=tokens, llm=llm.outputs["model"], flow=flow.outputs["model"],
+                                        config=resolved, pipeline_run_id=run_id)
+                    apply_training_settings(joint.set_display_name("train joint"), cluster, gpus, retries, backoff)
+                    export_task(llm=joint.outputs["llm_model"], flow=joint.outputs["flow_model"])
+                with dsl.Else(name="no-joint"):
+                    export_task(llm=llm.outputs["model"], flow=flow.outputs["model"])
+
+    return finetune
+
+
+finetune = build()

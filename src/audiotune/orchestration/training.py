@@ -1,0 +1,139 @@
+"""Launching a training stage from its pipeline task: ``torchrun`` in the task's own pod, or a PyTorchJob.
+
+- One node (``cluster.num_nodes == 1``): the task runs ``torchrun --nproc_per_node <gpus>`` over the stage's CLI
+  (``audiotune train <stage> ...``) with the run's config, one process per GPU of the pod (one process on CPU).
+  DeepSpeed ZeRO comes from the stage's ``train.deepspeed`` settings, which the stage turns into its config.
+- Several nodes: the task submits a Kubeflow PyTorchJob (:mod:`audiotune.train.pytorchjob`) that runs the same
+  command on every node of the same image and follows it to the end. Every node must read its inputs and write its
+  output in one place, so this needs ``pipeline.output_uri``; inputs the task only has locally are published there.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from audiotune import artifacts, storage
+from audiotune.config import AudiotuneConfig
+from audiotune.orchestration import params
+
+log = logging.getLogger(__name__)
+
+NODE_CONFIG = "/tmp/audiotune-config.yaml"  # where each PyTorchJob node writes the run's config
+CONFIG_ENV = "AUDIOTUNE_CONFIG_YAML"
+ARTIFACT_OPTIONS = ("--tokens", "--llm", "--flow")  # inputs that are artifacts of earlier tasks
+
+
+class LaunchError(RuntimeError):
+    """Training could not be launched, or its processes failed."""
+
+
+def processes(gpus_per_node: int) -> int:
+    """torchrun processes in this pod: one per requested GPU; one on CPU (no GPU requested or visible)."""
+    import torch
+
+    available = torch.cuda.device_count()
+    if gpus_per_node == 0 or available == 0:
+        if gpus_per_node > 1:
+            log.warning("%d GPUs requested but none is visible: training with one process on CPU", gpus_per_node)
+        return 1
+    if gpus_per_node > available:
+        raise LaunchError(f"cluster.gpus_per_node={gpus_per_node} but only {available} GPUs are visible in this pod")
+    return gpus_per_node
+
+
+def config_yaml(cfg: AudiotuneConfig, stage: str, nproc: int) -> str:
+    """The run's config for the training processes: the fields it sets (so it re-loads as the same config), with
+    the stage's ``nproc_per_node`` set to the processes actually launched."""
+    getattr(cfg, stage).train.nproc_per_node = nproc
+    return yaml.safe_dump(params.set_fields(cfg), sort_keys=False)
+
+
+def run_torchrun(stage: str, cfg: AudiotuneConfig, argv: list[str]) -> None:
+    """``torchrun --nproc_per_node <gpus> -m audiotune.cli <argv> --config <the run's config>`` in this pod."""
+    from audiotune.train.launch import torchrun_command
+
+    nproc = processes(cfg.cluster.gpus_per_node)
+    with tempfile.TemporaryDirectory(prefix=f"audiotune-{stage}-") as tmp:
+        config_path = os.path.join(tmp, "config.yaml")
+        Path(config_path).write_text(config_yaml(cfg, stage, nproc), encoding="utf-8")
+        cmd = torchrun_command(nproc, [*argv, "--config", config_path])
+        log.info("launching %d training process(es), DeepSpeed ZeRO %d: %s", nproc,
+                 getattr(cfg, stage).train.deepspeed.zero_stage, " ".join(cmd))
+        code = subprocess.run(cmd, check=False).returncode
+    if code != 0:
+        hint = " (interrupted; a retry resumes from the newest checkpoint)" if code == 143 else ""
+        raise LaunchError(f"train {stage}: torchrun exited with code {code}{hint}")
+
+
+def shared_input(uri: str, base: str, name: str) -> str:
+    """An input every node can read: an s3:// URI as is; a local artifact published under ``base/inputs/name``
+    (once per run: a complete copy from an earlier task or attempt is reused)."""
+    if storage.is_s3(uri):
+        return uri
+    target = storage.join(base, "inputs", name)
+    if storage.exists(storage.join(target, artifacts.MANIFEST)):
+        return target
+    log.info("publishing %s to %s for the training nodes", uri, target)
+    with storage.publish_dir(target, overwrite=True) as staging:
+        shutil.copytree(uri, staging, dirs_exist_ok=True)
+    return target
+
+
+def run_multinode(stage: str, cfg: AudiotuneConfig, argv: list[str], pipeline_run_id: str) -> None:
+    """Run the stage on ``cluster.num_nodes`` nodes through a PyTorchJob and follow it to the end."""
+    from audiotune.images import CUDA_IMAGE
+    from audiotune.train.launch import torchrun_command
+    from audiotune.train.pytorchjob import PyTorchJobError, run_pytorchjob
+    from audiotune.train.pytorchjob_manifest import JobSpec
+
+    gpus = cfg.cluster.gpus_per_node
+    command = torchrun_command(max(1, gpus), [*argv, "--config", NODE_CONFIG], nnodes=cfg.cluster.num_nodes,
+                               python="python")
+    spec = JobSpec.from_settings(
+        cfg.cluster, run_id=pipeline_run_id, task=f"train-{stage}", image=CUDA_IMAGE, argv=argv,
+        env={CONFIG_ENV: config_yaml(cfg, stage, max(1, gpus))},
+        # each node writes the config from its environment, then runs torchrun (kubelet fills in $(RANK), ...)
+        command=["sh", "-c", f'printf "%s" "${CONFIG_ENV}" > {NODE_CONFIG} && exec {shlex.join(command)}'],
+    )
+    log.info("training %s on %d nodes × %d GPUs through a PyTorchJob", stage, cfg.cluster.num_nodes, gpus)
+    try:
+        result = run_pytorchjob(spec)
+    except PyTorchJobError as err:
+        raise LaunchError(f"train {stage}: {err}") from None
+    log.info("PyTorchJob %s/%s %s in %.0fs", result.namespace, result.name, result.state.lower(), result.duration_s)
+
+
+def launch(stage: str, cfg: AudiotuneConfig, inputs: dict[str, str], output: str, pipeline_run_id: str,
+           base: str | None) -> None:
+    """Train ``stage`` from ``inputs`` (CLI option → URI) into ``output``, on this pod or on several nodes.
+
+    Args:
+        stage: llm, flow or joint.
+        cfg: The run's config.
+        inputs: e.g. ``{"--tokens": "/tmp/inputs/tokens", "--base-model": "s3://..."}``; empty values are left out.
+        output: Where the stage publishes its artifact.
+        pipeline_run_id: The Kubeflow run id (names the PyTorchJob).
+        base: The run's durable location (``<output_uri>/<run.name>/<run id>``), needed for several nodes.
+    """
+    multinode = cfg.cluster.num_nodes > 1
+    if multinode and not (base and storage.is_s3(base)):
+        raise LaunchError(f"cluster.num_nodes={cfg.cluster.num_nodes}: every node must read the inputs and write "
+                          "the output in one place; set pipeline.output_uri to an s3:// location")
+    argv = ["train", stage]
+    for option, uri in inputs.items():
+        if uri:  # artifacts of earlier tasks are local to this pod; base models are URIs every node can read
+            shared = multinode and option in ARTIFACT_OPTIONS
+            argv += [option, shared_input(uri, base, option.lstrip("-")) if shared else uri]
+    argv += ["--output", output]
+    if multinode:
+        run_multinode(stage, cfg, argv, pipeline_run_id)
+    else:
+        run_torchrun(stage, cfg, argv)
