@@ -28,6 +28,9 @@ lint: setup
 bench: setup
 	$(PY) -m benchmarks.convert
 	$(PY) -m benchmarks.tokenize
+	$(PY) -m benchmarks.train_llm
+	$(PY) -m benchmarks.train_flow
+	$(PY) -m benchmarks.zero_memory
 
 clean:
 	rm -rf demo mlruns

@@ -19,6 +19,7 @@ import gc
 import json
 import logging
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -194,7 +195,8 @@ def run_plain_loop(examples, args, device, dtype) -> dict:
     for b in batches:
         _sync(device)
         times.append(time.perf_counter())
-        batch = {k: v.to(device) for k, v in data.collate(b).items()}
+        batch = {k: v.to(device) for k, v in data.collate(b).items()
+                 if k in ("input_ids", "attention_mask", "position_ids", "labels")}
         with autocast:
             loss = model(**batch).loss
         loss.backward()
@@ -219,6 +221,9 @@ def _result(name, tokens, elapsed, device, n_params, mode) -> dict:
     return out
 
 
+VARIANTS = {"a": run_hf_trainer, "b": run_engine, "c": run_plain_loop}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None)
@@ -231,6 +236,7 @@ def main() -> int:
     parser.add_argument("--packing", choices=("auto", "on", "off"), default="auto")
     parser.add_argument("--attn", default=None, help="sdpa (default on CPU) or flash_attention_2")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--variant", choices=sorted(VARIANTS), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -246,15 +252,26 @@ def main() -> int:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if device == "cpu":
         torch.set_num_threads(max(1, torch.get_num_threads()))
-    examples = make_examples(args.examples, PRESETS[args.preset]["vocab_size"])
-    results = [run_hf_trainer(examples, args, device, dtype), run_engine(examples, args, device, dtype),
-               run_plain_loop(examples, args, device, dtype)]
+    if args.variant:  # internal: one variant in this process, its result as the last line
+        examples = make_examples(args.examples, PRESETS[args.preset]["vocab_size"])
+        print(json.dumps(VARIANTS[args.variant](examples, args, device, dtype)))
+        return 0
+    # each variant in its own process: peak memory (max RSS on a CPU) is then each one's own
+    results = []
+    for variant in VARIANTS:
+        cmd = [sys.executable, "-m", "benchmarks.train_llm", "--variant", variant, *sys.argv[1:]]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            sys.stderr.write(proc.stderr[-4000:])
+            raise SystemExit(f"variant {variant} failed")
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     a, b, c = (r["tokens_per_s"] for r in results)
     report = {
         "benchmark": "llm stage throughput (non-padding tokens/s), lengths uniform 70-310",
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "preset": args.preset, "mode": args.mode, "dtype": str(dtype),
         "batch_tokens": args.batch_tokens, "attn_implementation": args.attn, "packing": args.packing,
+        "command": "python -m benchmarks.train_llm " + " ".join(sys.argv[1:]),
         "results": results,
         "b_over_a": round(b / a, 2), "b_over_c": round(b / c, 3),
         "targets": {"gpu": "b >= 4 x a", "cpu": "b >= 0.9 x c"},
