@@ -70,8 +70,15 @@ def test_merged_export_equals_base_plus_adapter_and_reloads_with_plain_transform
         got = merged(input_ids=ids).logits
     want = _unmerged_logits(getattr(trained, arch), getattr(trained, f"{arch}_base"), ids)
     assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+    base = AutoModelForCausalLM.from_pretrained(str(getattr(trained, f"{arch}_base"))).eval()
+    base.resize_token_embeddings(merged.get_input_embeddings().weight.shape[0], mean_resizing=False)
+    with torch.no_grad():
+        plain = base(input_ids=ids[:, :4]).logits  # text ids only: rows the base has
+    assert not torch.allclose(got[:, :4], plain, atol=1e-3)  # the adapter did something: the check is not trivial
     assert (out / "llm-adapter" / "adapter_model.safetensors").is_file()
-    assert (out / "README.md").read_text().count("Merge check") == 1
+    card = (out / "README.md").read_text()
+    assert card.count("Merge check") == 1 and "## Training config (LLM)" in card and "| audio hours |" in card
+    assert set(res.manifest["contents"]) >= {"README.md", "verification.json", "manifest.json", "llm"}
 
 
 def test_a_different_base_is_refused(trained, tmp_path):
@@ -118,13 +125,23 @@ def test_s3_export_is_complete_and_loads_after_download(trained, s3_env, tmp_pat
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     uri = f"{s3_env}/exports/one"
-    res = export(load_config(None, QUICK), uri, llm=str(trained.qwen2), flow=str(trained.flow))
+    tokens = f"{s3_env}/tokens"  # Tokens on S3 too: the export fetches only the parts it reads
+    storage.upload_dir(trained.tokens, tokens)
+    res = export(load_config(None, [*QUICK, "export.num_samples=1", "export.synthesis.max_audio_s=1"]), uri,
+                 llm=str(trained.qwen2), flow=str(trained.flow), tokens=tokens)
     files = set(storage.list_files(uri))
     assert {"manifest.json", "README.md", "llm/model.safetensors", "llm/tokenizer.json", "flow/model.safetensors",
-            "llm-adapter/adapter_model.safetensors", "audio_tokenizer/audio_tokenizer.json"} <= files
+            "llm-adapter/adapter_model.safetensors", "audio_tokenizer/audio_tokenizer.json",
+            "samples/sample-0.wav"} <= files
+    assert set(res.manifest["contents"]) <= {f.split("/")[0] for f in files}
     local = storage.local_copy(uri)
     AutoModelForCausalLM.from_pretrained(str(local / "llm"))
     assert json.loads((local / "manifest.json").read_text())["uri"] == uri == res.output
+    from audiotune.config import SynthesisSettings
+    from audiotune.export.synthesis import Synthesizer
+
+    speech = Synthesizer(local, SynthesisSettings(max_audio_s=1)).synthesize("hello")  # the download works whole
+    assert speech.wav.size > 0
 
     # an upload that breaks off leaves no manifest.json, so no reader takes it for an export
     real = storage._upload_files
@@ -158,7 +175,8 @@ def test_registered_versions_and_champion_promotion(trained, mlflow_server, tmp_
     version = client.get_model_version(name, "1")
     assert version.tags["base_model"] == str(trained.qwen2_base) and version.tags["code_version"]
     assert float(version.tags["metric.val_loss"]) == pytest.approx(res.metrics["val_loss"])
-    assert "dataset_fingerprint" in version.tags or res.manifest["dataset_fingerprint"] is None
+    assert res.manifest["dataset_fingerprint"] and version.tags["dataset_fingerprint"] == res.manifest[
+        "dataset_fingerprint"]
     assert json.loads((tmp_path / "first" / "registration.json").read_text())["version"] == "1"
     artifacts = {a.path for a in client.list_artifacts(version.run_id, "export")}
     assert {"export/README.md", "export/manifest.json", "export/llm", "export/samples"} <= artifacts
@@ -176,6 +194,12 @@ def test_registered_versions_and_champion_promotion(trained, mlflow_server, tmp_
     assert client.get_model_version_by_alias(name, "champion").version == better
     again = subprocess.run([*cli, "--version", worse], capture_output=True, text=True, timeout=120)
     assert again.returncode == 3 and "did not beat" in again.stdout
+    # a champion set by hand without the metric is kept: there is nothing to compare with
+    unmeasured = registry.register(cfg.tracking, name, "s3://elsewhere/model", None, {}, {})
+    client.set_registered_model_alias(name, "champion", unmeasured)
+    kept = subprocess.run([*cli, "--version", better], capture_output=True, text=True, timeout=120)
+    assert kept.returncode == 3 and "was not compared" in kept.stdout, kept.stderr
+    assert client.get_model_version_by_alias(name, "champion").version == unmeasured
 
 
 def test_an_unreachable_registry_leaves_a_complete_export(trained, tmp_path, monkeypatch):
@@ -195,18 +219,25 @@ def test_synthesize_writes_a_wav_of_plausible_length(trained, tmp_path):
     assert len(samples) == 1 and (out / samples[0]["file"]).is_file()
     wav = tmp_path / "hello.wav"
     cmd = [sys.executable, "-m", "audiotune.cli", "synthesize", "--model", str(out), "--text", "hello there",
-           "--out", str(wav), "--set", "export.synthesis.max_audio_s=2", "--set", "export.synthesis.temperature=0"]
+           "--out", str(wav), "--set", "export.synthesis.max_audio_s=2", "--set", "export.synthesis.temperature=0",
+           "--set", "export.synthesis.min_token_text_ratio=2"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     audio, rate = sf.read(str(wav))
     flow = json.loads((out / "flow" / "manifest.json").read_text())
     hop, token_rate = flow["mel"]["hop_length"], flow["vocab"]["token_rate"]
-    assert rate == flow["mel"]["sample_rate"] and 0 < result["frames"] <= 2 * token_rate
+    from transformers import AutoTokenizer
+
+    text_tokens = len(AutoTokenizer.from_pretrained(str(out / "llm"))("hello there", add_special_tokens=False)
+                      ["input_ids"])
+    # at least 2 code frames per text token (min_token_text_ratio), at most max_audio_s
+    assert rate == flow["mel"]["sample_rate"] and min(2 * text_tokens, 2 * token_rate) <= result["frames"] \
+        <= 2 * token_rate
     # one code frame = mel_frames_per_token mel frames = that many hops of audio
     expected = round(result["frames"] * flow["vocab"]["mel_frames_per_token"]) * hop
     assert abs(len(audio) - expected) <= hop and abs(result["seconds"] - len(audio) / rate) < 1e-3
-    bad = subprocess.run([*cmd[:-4], "--prompt-wav", str(wav)], capture_output=True, text=True, timeout=120)
+    bad = subprocess.run([*cmd[:-6], "--prompt-wav", str(wav)], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "--prompt-text" in bad.stderr
     clone = subprocess.run([*cmd, "--prompt-wav", str(wav), "--prompt-text", "hello there"], capture_output=True,
                            text=True, timeout=300)

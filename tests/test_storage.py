@@ -149,6 +149,12 @@ def test_publish_s3_interrupted_upload_leaves_no_manifest(s3_env, monkeypatch):
     assert len(storage.list_files(uri)) == 2
     assert not storage.exists(f"{uri}/manifest.json")
     assert all(not k.endswith("manifest.json") for k in uploaded)
+    # what the interrupted upload left is no artifact: a retry (no overwrite) publishes and replaces it
+    assert not storage.holds_artifact(uri)
+    retry = {"part-9.bin": b"9", "manifest.json": b"{}"}
+    with storage.publish_dir(uri) as staging:
+        _write_tree(staging, retry)
+    assert storage.list_files(uri) == sorted(retry) and storage.holds_artifact(uri)
 
 
 def test_s3_manifest_uploaded_last(s3_env, monkeypatch):

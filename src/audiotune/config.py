@@ -543,6 +543,14 @@ class SynthesisSettings(_Section):
     temperature: float = Field(0.8, ge=0, description="Sampling temperature of the LLM's codes; 0 is greedy.")
     top_k: int = Field(50, ge=0, description="Sample among the k most likely codes; 0 means all.")
     max_audio_s: float = Field(20.0, gt=0, description="Longest audio generated for one text (seconds).")
+    min_token_text_ratio: float = Field(
+        1.0, ge=0, description="Fewest audio code frames per text token: <|audio_end|> is not sampled before "
+        "(CosyVoice's min_token_text_ratio; guards against empty or clipped audio)."
+    )
+    max_token_text_ratio: float = Field(
+        20.0, gt=0, description="Most audio code frames per text token (and at most max_audio_s): stops a run-on "
+        "generation (CosyVoice's max_token_text_ratio)."
+    )
     n_timesteps: int | None = Field(None, ge=1, description="Flow ODE steps; unset: the flow's own setting.")
     cfg_rate: float | None = Field(None, ge=0, description="Flow classifier-free guidance; unset: the flow's.")
     vocoder: str = Field(

@@ -375,13 +375,26 @@ def local_copy(uri: str | os.PathLike, cache_dir: str | os.PathLike | None = Non
 
 
 
+def holds_artifact(uri: str | os.PathLike) -> bool:
+    """Whether ``uri`` holds a published artifact (or anything, for a local path).
+
+    Locally a target only ever appears by a rename, so any existing path counts. On S3 only a
+    prefix with ``manifest.json`` at its root holds an artifact: files without one are what an
+    interrupted upload left, and the next publish replaces them.
+    """
+    if not is_s3(uri):
+        return exists(uri)
+    bucket, key = split_s3(str(uri).rstrip("/"))
+    return _head(bucket, _dir_prefix(key) + MANIFEST) is not None or (bool(key) and _head(bucket, key) is not None)
+
+
 def require_missing_or_overwrite(uri: str | os.PathLike, overwrite: bool) -> None:
-    """Refuse an existing target unless ``overwrite``.
+    """Refuse a target that holds an artifact unless ``overwrite`` (see :func:`holds_artifact`).
 
     Raises:
-        FileExistsError: When ``uri`` exists and ``overwrite`` is False.
+        FileExistsError: When ``uri`` holds an artifact and ``overwrite`` is False.
     """
-    if not overwrite and exists(uri):
+    if not overwrite and holds_artifact(uri):
         raise FileExistsError(f"{uri} already exists; choose another output or set overwrite")
 
 
@@ -441,14 +454,21 @@ def _publish_local(staging: Path, target: Path, overwrite: bool) -> None:
 
 
 def _publish_s3(staging: Path, uri: str, overwrite: bool) -> None:
-    if exists(uri):
+    if holds_artifact(uri):
         if not overwrite:
             raise FileExistsError(f"{uri} appeared while it was being written; nothing was published")
-        delete(join(uri, MANIFEST))
-        delete(uri)
+        delete(join(uri, MANIFEST))  # from here on no reader takes the old files for a complete artifact
+    previous = set(list_files(uri))  # the old artifact's files, or what an interrupted upload left
+    if previous:
+        log.info("%s: replacing %d files already under the prefix", uri, len(previous))
     rels = list_files(staging)
     has_manifest = MANIFEST in rels
     _upload_files(staging, uri, [r for r in rels if r != MANIFEST])
+    stale = sorted(previous - set(rels))
+    bucket, key = split_s3(uri)
+    for start in range(0, len(stale), _DELETE_BATCH):
+        objects = [{"Key": _dir_prefix(key) + rel} for rel in stale[start:start + _DELETE_BATCH]]
+        client().delete_objects(Bucket=bucket, Delete={"Objects": objects, "Quiet": True})
     if has_manifest:
         _upload_files(staging, uri, [MANIFEST])
     else:

@@ -6,6 +6,10 @@ import json
 from typing import Any
 
 
+METRIC_NAMES = {"final_loss": "training loss (last steps)", "val_loss": "validation loss (final)",
+                "best_val_loss": "validation loss (best)", "tokens_per_s": "throughput (tokens/s)"}
+
+
 def _table(rows: list[tuple[str, Any]]) -> str:
     lines = ["| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows if v is not None]
@@ -43,8 +47,7 @@ def model_card(name: str, manifest: dict[str, Any], llm: dict[str, Any] | None, 
             ("audio codes", f"{llm['vocab']['num_codebooks']} × {llm['vocab']['codebook_size']} at id "
                             f"{llm['vocab']['audio_offset']}"),
             ("steps", llm.get("steps")),
-            *[(f"final {k}", _fmt(v)) for k, v in (llm.get("metrics") or {}).items()
-              if k in ("val_loss", "final_loss", "best_val_loss", "tokens_per_s")],
+            *[(METRIC_NAMES[k], _fmt(v)) for k, v in (llm.get("metrics") or {}).items() if k in METRIC_NAMES],
             ("joint stage", f"{llm['joint']['steps']} steps" if llm.get("joint") else None),
         ]), ""]
     if flow:
@@ -54,8 +57,8 @@ def model_card(name: str, manifest: dict[str, Any], llm: dict[str, Any] | None, 
                     f"{flow['mel'].get('hop_length')}"),
             ("speaker conditioning", (flow.get("speaker") or {}).get("type")),
             ("EMA", (flow.get("ema") or {}).get("enabled")), ("steps", flow.get("steps")),
-            *[(f"final {k}", _fmt(v)) for k, v in (flow.get("metrics") or {}).items()
-              if k in ("val_loss", "final_loss", "best_val_loss")],
+            *[(METRIC_NAMES[k], _fmt(v)) for k, v in (flow.get("metrics") or {}).items()
+              if k in METRIC_NAMES and k != "tokens_per_s"],
         ]), ""]
     if data:
         parts += ["## Data", "", _table([(k.replace("_", " "), _fmt(v)) for k, v in data.items()]), ""]
@@ -69,16 +72,27 @@ def model_card(name: str, manifest: dict[str, Any], llm: dict[str, Any] | None, 
     if samples:
         parts += ["## Samples", ""] + [f"- [`{s['file']}`]({s['file']}) ({s['seconds']:.1f} s): {s['text']}"
                                        for s in samples] + [""]
-    parts += ["## Use it", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-              "", 'llm = AutoModelForCausalLM.from_pretrained("llm")  # the merged LM',
-              'tokenizer = AutoTokenizer.from_pretrained("llm")', "```", "",
-              "End to end (LLM → flow → vocoder):", "", "```",
-              'audiotune synthesize --model . --text "Hello there." --out hello.wav',
-              "```", ""]
+    parts += ["## Use it", ""]
+    if llm:
+        parts += ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                  "", 'llm = AutoModelForCausalLM.from_pretrained("llm")  # the merged LM',
+                  'tokenizer = AutoTokenizer.from_pretrained("llm")', "```", ""]
+    if flow:
+        parts += ["```python", "from audiotune.models.flow import load_flow", "",
+                  'flow = load_flow("flow")  # codes [C, T] -> mel: flow.inference(codes)', "```", ""]
+    if llm and flow:
+        parts += ["End to end (LLM → flow → vocoder):", "", "```",
+                  'audiotune synthesize --model . --text "Hello there." --out hello.wav', "```", ""]
     if (llm or {}).get("mode") == "lora":
         parts += ["The adapter alone is in `llm-adapter/` "
                   "(`PeftModel.from_pretrained(base, \"llm-adapter\")` after resizing the base's embeddings to "
                   f"{llm.get('embedding_rows')} rows).", ""]
+    import yaml
+
+    for title, part in (("LLM", llm), ("flow", flow)):
+        if part and part.get("config"):
+            parts += [f"## Training config ({title})", "", "```yaml",
+                      yaml.safe_dump(part["config"], sort_keys=False).rstrip(), "```", ""]
     parts += ["## Provenance", "", "```json", json.dumps({k: manifest.get(k) for k in (
         "audiotune_version", "code_version", "dataset_fingerprint", "llm", "flow", "tokens")}, indent=2), "```", ""]
     return "\n".join(parts)

@@ -25,12 +25,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Sampling:
-    """Settings of the code sampler: temperature 0 is greedy."""
+    """Settings of the code sampler: temperature 0 is greedy; ``<|audio_end|>`` only after ``min_frames``."""
 
     temperature: float = 0.8
     top_k: int = 50
     max_frames: int = 500
     seed: int = 0
+    min_frames: int = 1
 
 
 def prompt_ids(vocab: AudioVocab, text_ids: list[int], prompt_text_ids: list[int] | None = None,
@@ -124,7 +125,7 @@ def generate_codes(model: torch.nn.Module, vocab: AudioVocab, context: np.ndarra
             allowed = channel0.clone()
             if p >= limit:
                 allowed[:] = False
-            if p > n_known or not allowed.any():
+            if p >= n_known + max(1, sampling.min_frames) or not allowed.any():
                 allowed[end] = True
             token = _pick(head(hidden)[0], allowed, sampling, gen) if allowed.sum() > 1 or not allowed[end] else end
             if token == end:

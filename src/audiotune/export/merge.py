@@ -54,7 +54,10 @@ def base_dtype(base_path: str | Path, setting: str) -> torch.dtype:
 
     if setting != "auto":
         return DTYPES[setting]
-    config = json.loads((Path(base_path) / "config.json").read_text())
+    path = Path(base_path) / "config.json"
+    if not path.is_file():  # e.g. a multi-codebook artifact: its backbone config lives below
+        return torch.float32
+    config = json.loads(path.read_text())
     name = str(config.get("dtype") or config.get("torch_dtype") or "float32").replace("torch.", "")
     return getattr(torch, name, torch.float32) if name in ("float32", "float16", "bfloat16") else torch.float32
 
@@ -106,7 +109,10 @@ def merge_llm(artifact: Path, manifest: dict[str, Any], base_path: Path, dtype: 
     except (ValueError, KeyError, RuntimeError) as err:
         raise ExportError(f"the adapter in {artifact} does not fit the base model {base_path}: {err}") from None
     if multi:
-        model = MultiCodebookLM.from_saved(model, artifact).to(dtype)
+        try:
+            model = MultiCodebookLM.from_saved(model, artifact).to(dtype)
+        except (ValueError, KeyError, OSError) as err:
+            raise ExportError(f"the codebook tables and heads in {artifact} do not fit: {err}") from None
     model.eval()
     reference = _forward(model, probe)
     if multi:

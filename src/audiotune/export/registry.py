@@ -104,6 +104,13 @@ def promote(cfg, name: str, version: str | None = None, metric: str = "val_loss"
         if champion == version:
             return Promotion(False, f"{name} version {version} already holds {alias!r}", name, version, champion,
                              challenger_value, champion_value)
+        if champion is not None and champion_value is None:
+            # nothing to compare with: keep the alias rather than replace a model nobody measured this way
+            message = (f"{name} version {version} ({metric} {challenger_value:.6g}) was not compared: {alias} "
+                       f"version {champion} has no tag {METRIC_TAG}{metric}; the alias stays (tag it, or move "
+                       "the alias by hand)")
+            log.warning(message)
+            return Promotion(False, message, name, version, champion, challenger_value, None)
         better = champion_value is None or (challenger_value > champion_value if greater_is_better
                                             else challenger_value < champion_value)
         if better:

@@ -63,8 +63,11 @@ class Synthesizer:
         llm_dir, flow_dir = self.package / "llm", self.package / "flow"
         if not (llm_dir / "vocab.json").is_file() or not (flow_dir / "config.json").is_file():
             missing = [n for n, d in (("llm", llm_dir), ("flow", flow_dir)) if not d.is_dir()]
-            raise SynthesisError(f"{package} cannot synthesize from text: it has no {' or '.join(missing)} "
-                                 f"(exported from a {'flow' if 'llm' in missing else 'llm'}-only run)")
+            if missing:
+                raise SynthesisError(f"{package} cannot synthesize from text: it has no {' or '.join(missing)} "
+                                     f"(exported from a {'flow' if 'llm' in missing else 'llm'}-only run)")
+            broken = [str(f) for f in (llm_dir / "vocab.json", flow_dir / "config.json") if not f.is_file()]
+            raise SynthesisError(f"{package} is incomplete: {', '.join(broken)} missing; export it again")
         self.vocab = AudioVocab.from_dict(json.loads((llm_dir / "vocab.json").read_text()))
         self.tokenizer = AutoTokenizer.from_pretrained(str(llm_dir))
         self.llm, _ = load_trained(llm_dir, None, torch.float32)
@@ -142,8 +145,9 @@ class Synthesizer:
             prompt_codes, prompt_mel = self._voice_prompt(prompt_wav)
             prompt_text_ids = self.tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
         context, _ = prompt_ids(self.vocab, text_ids, prompt_text_ids, prompt_codes)
+        longest = max(1, min(int(s.max_audio_s * self.token_rate), int(s.max_token_text_ratio * len(text_ids))))
         sampling = Sampling(temperature=s.temperature, top_k=s.top_k, seed=s.seed if seed is None else seed,
-                            max_frames=max(1, int(s.max_audio_s * self.token_rate)))
+                            max_frames=longest, min_frames=min(longest, int(s.min_token_text_ratio * len(text_ids))))
         codes = generate_codes(self.llm, self.vocab, context, sampling, prompt_codes)
         if codes.shape[1] == 0:
             raise SynthesisError(f"the LLM generated no audio for {text!r}")

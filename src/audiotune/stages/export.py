@@ -67,10 +67,10 @@ def export(cfg: AudiotuneConfig, output: str, llm: str | None = None, flow: str 
     llm_manifest = artifacts.read_manifest(llm, artifacts.LLM, artifacts.LLM_VERSION) if llm else None
     flow_manifest = artifacts.read_manifest(flow, artifacts.FLOW, artifacts.FLOW_VERSION) if flow else None
     tokens = tokens or (llm_manifest or {}).get("tokens") or (flow_manifest or {}).get("tokens")
-    tokens_dir = _tokens_dir(tokens)
     log.info("export: llm=%s flow=%s tokens=%s -> %s\n%s", llm, flow, tokens, output, dump_config(cfg))
 
     with tempfile.TemporaryDirectory(prefix="audiotune-export-") as tmp:
+        tokens_dir = _tokens_dir(tokens, Path(tmp))
         package = Path(tmp) / "package"
         package.mkdir()
         verification = _export_llm(cfg, llm, llm_manifest, tokens_dir, package) if llm else None
@@ -88,13 +88,13 @@ def export(cfg: AudiotuneConfig, output: str, llm: str | None = None, flow: str 
             dataset_fingerprint=(llm_manifest or flow_manifest or {}).get("dataset_fingerprint"),
             verification=verification.to_dict() if verification else None, samples=samples, data=data,
             metrics=metrics, registered_model_name=E.registered_model_name,
-            contents=sorted(p.name for p in package.iterdir()),
         )
         (package / "verification.json").write_text(json.dumps(fields["verification"], indent=2) + "\n")
         from audiotune.export.card import model_card
 
         (package / "README.md").write_text(model_card(name, {**fields, "audiotune_version": __version__},
                                                       llm_manifest, flow_manifest, data, samples))
+        fields["contents"] = sorted([*(p.name for p in package.iterdir()), "manifest.json"])
         with storage.publish_dir(output, overwrite=E.overwrite) as staging:
             shutil.copytree(package, staging, dirs_exist_ok=True)
             manifest = artifacts.write_manifest(staging, artifacts.EXPORT, artifacts.EXPORT_VERSION, **fields)
@@ -105,7 +105,11 @@ def export(cfg: AudiotuneConfig, output: str, llm: str | None = None, flow: str 
 
 
 # ------------------------------------------------------------------------------------------------------ inputs
-def _tokens_dir(tokens: str | None) -> Path | None:
+TOKENS_PARTS = ("manifest.json", "report.json", "tokenizer/", "val/")
+
+
+def _tokens_dir(tokens: str | None, work: Path) -> Path | None:
+    """A local folder with the parts of the Tokens the export reads (not every training shard)."""
     if not tokens:
         return None
     try:
@@ -113,7 +117,17 @@ def _tokens_dir(tokens: str | None) -> Path | None:
     except artifacts.ArtifactError as err:
         log.warning("no usable Tokens (%s): the merge probe uses random ids and samples use default texts", err)
         return None
-    return storage.local_copy(tokens)
+    if not storage.is_s3(tokens):
+        return Path(tokens)
+    local = work / "tokens"
+    files = storage.list_files(tokens)
+    wanted = [f for f in files if f.startswith(TOKENS_PARTS) or f in TOKENS_PARTS]
+    if not any(f.startswith("val/part-") for f in files):  # no validation split: one training shard will do
+        wanted += [f for f in files if f.startswith("train/part-")][:1]
+    for rel in wanted:
+        storage.download(storage.join(tokens, rel), local / rel)
+    log.info("fetched %d of the %d files of %s", len(wanted), len(files), tokens)
+    return local
 
 
 def _probe(vocab: AudioVocab, manifest: dict[str, Any], tokens_dir: Path | None, count: int,
@@ -178,7 +192,7 @@ def _export_llm(cfg: AudiotuneConfig, llm: str, manifest: dict[str, Any], tokens
     else:
         from audiotune.export.merge import load_full
 
-        load_full(artifact, torch.float32)  # it loads as saved
+        load_full(artifact, base_dtype(artifact, E.dtype))  # it loads as saved
         shutil.copytree(artifact, out, ignore=shutil.ignore_patterns("manifest.json", "history.json", "*.png",
                                                                      "metrics.json", "README.md"))
     tokenizer.save_pretrained(str(out))
@@ -187,10 +201,14 @@ def _export_llm(cfg: AudiotuneConfig, llm: str, manifest: dict[str, Any], tokens
 
 
 def _export_flow(flow: str, out: Path) -> None:
-    from audiotune.models.flow import load_flow
+    from audiotune.models.flow import FlowLoadError, load_flow
     from audiotune.models.flow.adapt import has_lora
 
-    model = load_flow(flow)  # strict
+    try:
+        model = load_flow(flow)  # strict: a plain flow, LoRA merged and EMA weights in place by the flow stage
+    except FlowLoadError as err:
+        raise ExportError(f"{flow}: not a plain flow model ({err}); the flow stage writes its LoRA merged into "
+                          "the weights and its EMA weights as the model") from None
     if has_lora(model):
         raise ExportError(f"{flow} still carries LoRA layers; the flow stage merges them into the weights")
     source = storage.local_copy(flow)
@@ -203,8 +221,8 @@ def _export_flow(flow: str, out: Path) -> None:
 # ----------------------------------------------------------------------------------------------------- samples
 def _sample_texts(cfg: AudiotuneConfig, tokens_dir: Path | None, package: Path) -> list[str]:
     E = cfg.export
-    if E.sample_texts:
-        return list(E.sample_texts)[: max(E.num_samples, len(E.sample_texts))]
+    if E.sample_texts:  # the user's own texts: all of them
+        return list(E.sample_texts)
     texts: list[str] = []
     if tokens_dir is not None and (package / "llm").is_dir():
         import pyarrow.parquet as pq
@@ -272,22 +290,44 @@ def _samples(cfg: AudiotuneConfig, package: Path, tokens_dir: Path | None,
 
 # ---------------------------------------------------------------------------------------------------- metadata
 def _data_summary(tokens: str | None, tokens_dir: Path | None) -> dict[str, Any]:
+    """Figures of the data the models were trained on: the Tokens report and the Dataset report behind it."""
     if tokens_dir is None or not (tokens_dir / "report.json").is_file():
         return {}
     report = json.loads((tokens_dir / "report.json").read_text())
     manifest = json.loads((tokens_dir / "manifest.json").read_text())
     rows = report.get("rows") or {}
-    summary = {"tokens": tokens, "dataset": manifest.get("dataset"),
-               "text_tokenizer": (manifest.get("text_tokenizer") or {}).get("kind"),
-               "audio_tokenizer": (manifest.get("audio_tokenizer") or {}).get("type"),
-               "speakers": manifest.get("speakers")}
-    for key in ("train", "val", "quarantined", "hours", "audio_hours"):
+    summary: dict[str, Any] = {
+        "tokens": tokens, "dataset": manifest.get("dataset"),
+        "text_tokenizer": (manifest.get("text_tokenizer") or {}).get("kind"),
+        "audio_tokenizer": (manifest.get("audio_tokenizer") or {}).get("type"),
+        "speakers": manifest.get("speakers"), "dataset_fingerprint": manifest.get("dataset_fingerprint"),
+        "audio_hours": report.get("audio_hours"), "audio_tokens_per_second": report.get("audio_tokens_per_second"),
+    }
+    for key in ("train", "val", "quarantined"):
         if key in rows:
-            summary[f"rows_{key}" if key in ("train", "val", "quarantined") else key] = rows[key]
-    for key in ("hours", "train_hours", "val_hours"):
-        if key in report:
-            summary[key] = report[key]
-    return summary
+            summary[f"rows_{key}"] = rows[key]
+    dataset = _dataset_report(manifest.get("dataset"))
+    if dataset:
+        hours = dataset.get("hours") or {}
+        summary.update({
+            "source": dataset.get("source"), "source_format": dataset.get("format"),
+            "sample_rate": dataset.get("sample_rate"), "hours_train": hours.get("train"),
+            "hours_val": hours.get("val"), "source_rows": (dataset.get("rows") or {}).get("input"),
+            "source_rows_quarantined": (dataset.get("rows") or {}).get("quarantined"),
+            "tasks": dataset.get("tasks"),
+        })
+    return {k: v for k, v in summary.items() if v is not None}
+
+
+def _dataset_report(dataset: str | None) -> dict[str, Any] | None:
+    """The Dataset's report.json (a small file; the Dataset itself is not downloaded), or None."""
+    if not dataset:
+        return None
+    try:
+        return json.loads(storage.read_text(storage.join(dataset, "report.json")))
+    except (OSError, ValueError) as err:  # moved or deleted since tokenization: the card does without it
+        log.warning("no Dataset report at %s (%s): the model card leaves its figures out", dataset, err)
+        return None
 
 
 def _metrics(llm: dict | None, flow: dict | None, verification: Verification | None, samples: list,
@@ -308,6 +348,13 @@ def _metrics(llm: dict | None, flow: dict | None, verification: Verification | N
     return {k: v for k, v in metrics.items() if v is not None}
 
 
+def _base_tag(manifest: dict[str, Any]) -> str:
+    """What the registry's ``base_model`` tag says: the LLM's base, or how the models started."""
+    if manifest.get("base_model"):
+        return str(manifest["base_model"])
+    return "scratch" if manifest.get("llm") else "none (flow only)"
+
+
 def _code_version() -> str:
     import subprocess
 
@@ -317,6 +364,15 @@ def _code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         sha = ""
     return f"{__version__}+{sha}" if sha else __version__
+
+
+def _tracking_errors() -> tuple[type[BaseException], ...]:
+    """What a tracking server or its artifact store raises once a run has started (server gone, store refusing)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+    from mlflow.exceptions import MlflowException
+    from requests.exceptions import RequestException
+
+    return MlflowException, RequestException, BotoCoreError, ClientError, OSError
 
 
 def _track_and_register(cfg: AudiotuneConfig, output: str, package: Path, manifest: dict[str, Any],
@@ -347,12 +403,12 @@ def _track_and_register(cfg: AudiotuneConfig, output: str, package: Path, manife
             version = registry.register(
                 cfg.tracking, E.registered_model_name, source, tracker.run_id,
                 tags={"dataset_fingerprint": manifest.get("dataset_fingerprint"),
-                      "base_model": manifest.get("base_model") or "scratch", "code_version": manifest["code_version"],
+                      "base_model": _base_tag(manifest), "code_version": manifest["code_version"],
                       "export_uri": output, "mode": manifest.get("mode")},
                 metrics=metrics)
             tracker.set_tags({"audiotune.registered_model": E.registered_model_name,
                               "audiotune.registered_version": version})
-    except tracking.TrackingError as err:
+    except (tracking.TrackingError, *_tracking_errors()) as err:
         raise ExportError(f"the export at {output} is complete, but tracking/registering it failed: {err}") from None
     storage.write_text(storage.join(output, "registration.json"), json.dumps(
         {"name": E.registered_model_name, "version": version, "tracking_uri": tracking.resolve_uri(cfg.tracking)},
