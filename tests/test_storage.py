@@ -83,6 +83,34 @@ def test_local_copy_s3_uses_cache_while_manifest_unchanged(s3_env, tmp_path):
     assert storage.local_copy(str(tmp_path / "src")) == tmp_path / "src"
 
 
+def test_local_copy_caches_a_plain_prefix_once_across_processes(s3_env, tmp_path):
+    """A base model folder has no manifest: cached by its objects' ETags; concurrent ranks download it once."""
+    import subprocess
+    import sys
+
+    model = {"config.json": b"{}", "model.safetensors": b"w" * 1000, "tokenizer.json": b"{}"}
+    _write_tree(tmp_path / "model", model)
+    uri = f"{s3_env}/models/base"
+    storage.upload_dir(tmp_path / "model", uri)
+    cache = tmp_path / "cache"
+    code = ("import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout); "
+            "from audiotune import storage; print('PATH', storage.local_copy(sys.argv[1], cache_dir=sys.argv[2]))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, uri, str(cache)], stdout=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert len({line for out in outs for line in out.splitlines() if line.startswith("PATH")}) == 1
+    assert sum(out.count("downloaded") for out in outs) == 1  # one rank downloaded, the others reused it
+    path = storage.local_copy(uri, cache_dir=cache)
+    (path / "model.safetensors").write_bytes(b"local edit")
+    assert storage.local_copy(uri, cache_dir=cache) == path and (path / "model.safetensors").read_bytes() == \
+        b"local edit"  # unchanged source: a cache hit
+    storage.write_bytes(f"{uri}/model.safetensors", b"v" * 1000)  # new weights: downloaded again
+    assert storage.local_copy(uri, cache_dir=cache).joinpath("model.safetensors").read_bytes() == b"v" * 1000
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        storage.local_copy(f"{s3_env}/models/missing", cache_dir=cache)
+
+
 def test_publish_then_refuse_then_overwrite(base):
     uri = storage.join(base, "out", "ds")
     with storage.publish_dir(uri) as staging:

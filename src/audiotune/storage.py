@@ -334,45 +334,72 @@ def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
     return Path(base) / "audiotune"
 
 
-def local_copy(uri: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
-    """A local path holding ``uri``: a local path as is, an S3 file or prefix downloaded into a cache.
+def _source_stamp(bucket: str, key: str) -> str | None:
+    """What identifies the current content of an S3 file or prefix, or None when nothing is there.
 
-    The cache entry is keyed by the URI. It is reused only when ``uri`` is an artifact whose
-    ``manifest.json`` still has the ETag and modification time seen at download; otherwise each call
-    downloads afresh (into a temporary name, then renamed into place).
+    An artifact: its ``manifest.json``'s ETag and time (written last, so it changes with every publish).
+    Any other prefix (e.g. a Hugging Face model folder): every object's key, ETag and size. A file: its ETag.
+    """
+    head = _head(bucket, join(key, MANIFEST)) if key else None
+    if head is not None:
+        return json.dumps(["manifest", head["ETag"], str(head["LastModified"])])
+    head = _head(bucket, key) if key else None
+    if head is not None:
+        return json.dumps(["file", head["ETag"], head.get("ContentLength")])
+    paginator = client().get_paginator("list_objects_v2")
+    objects = [(o["Key"], o["ETag"], o["Size"]) for page in paginator.paginate(Bucket=bucket, Prefix=_dir_prefix(key))
+               for o in page.get("Contents", [])]
+    if not objects:
+        return None
+    return json.dumps(["prefix", hashlib.sha256(json.dumps(sorted(objects)).encode()).hexdigest()])
+
+
+def local_copy(uri: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """A local path holding ``uri``: a local path as is, an S3 file or prefix downloaded once into a cache.
+
+    The cache entry is keyed by the URI and reused while the source is unchanged (see
+    :func:`_source_stamp`: an artifact's manifest, or the ETags of every object of a plain prefix such
+    as a base model folder). Processes on one machine (torchrun ranks) share the entry: a file lock
+    makes one of them download while the others wait and then reuse it. A download goes to a temporary
+    name and is renamed into place.
 
     Args:
         uri: Local path or S3 URI.
         cache_dir: Cache root; defaults to ``$XDG_CACHE_HOME/audiotune`` or ``~/.cache/audiotune``.
+
+    Raises:
+        FileNotFoundError: When ``uri`` names neither a file nor a non-empty prefix.
     """
     if not is_s3(uri):
         return Path(uri)
+    from filelock import FileLock
+
     uri = str(uri).rstrip("/")
     bucket, key = split_s3(uri)
     digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
     name = key.rsplit("/", 1)[-1] or bucket
     root = _cache_root(cache_dir)
-    entry = root / f"{name}-{digest}"
-    stamp_file = root / f".{name}-{digest}.manifest-stamp"
-    head = _head(bucket, join(key, MANIFEST)) if key else None
-    stamp = json.dumps([head["ETag"], str(head["LastModified"])]) if head else None
-    if stamp and entry.exists() and stamp_file.exists() and stamp_file.read_text() == stamp:
-        log.debug("cache hit for %s at %s", uri, entry)
-        return entry
     root.mkdir(parents=True, exist_ok=True)
-    stamp_file.unlink(missing_ok=True)
-    tmp = root / f".{name}-{digest}.tmp-{uuid.uuid4().hex}"
-    try:
-        download(uri, tmp)
-        _remove_local(entry)
-        os.rename(tmp, entry)
-    finally:
-        _remove_local(tmp)
-    if stamp:
+    entry = root / f"{name}-{digest}"
+    stamp_file = root / f".{name}-{digest}.stamp"
+    with FileLock(str(root / f".{name}-{digest}.lock")):
+        stamp = _source_stamp(bucket, key)
+        if stamp is None:
+            raise FileNotFoundError(f"{uri} does not exist (no object, no object below the prefix)")
+        if entry.exists() and stamp_file.exists() and stamp_file.read_text() == stamp:
+            log.debug("cache hit for %s at %s", uri, entry)
+            return entry
+        stamp_file.unlink(missing_ok=True)
+        tmp = root / f".{name}-{digest}.tmp-{uuid.uuid4().hex}"
+        try:
+            download(uri, tmp)
+            _remove_local(entry)
+            os.rename(tmp, entry)
+        finally:
+            _remove_local(tmp)
         stamp_file.write_text(stamp)
     log.info("downloaded %s to %s", uri, entry)
     return entry
-
 
 
 def holds_artifact(uri: str | os.PathLike) -> bool:
