@@ -20,6 +20,7 @@ from audiotune.models.flow import (
     merge_lora,
     save_flow,
     tiny,
+    training_draws,
 )
 from audiotune.models.flow.model import FlowModel
 from audiotune.train.flow_batches import FlowBatches, flow_loss, rows_to_examples
@@ -137,6 +138,52 @@ def test_flow_overfits_8_utterances():
     assert metrics == {"tokens": int(ex.mel_lengths.sum()), "samples": 8}
     after = eval_loss()
     assert after < 0.5 * before, (before, after)
+
+
+def test_an_examples_training_draws_do_not_depend_on_its_batch():
+    """Seeded per example: the same uniforms and noise alone, in another order, or padded longer (zeros)."""
+    lengths, seeds = torch.tensor([13, 7, 5]), torch.tensor([11, 22, 33])
+    u, z = training_draws(lengths, N_MELS, 20, noise_seed=seeds)
+    assert u.shape == (3, 4) and z.shape == (3, N_MELS, 20)
+    alone_u, alone_z = training_draws(lengths[2:], N_MELS, 5, noise_seed=seeds[2:])
+    assert torch.equal(u[2], alone_u[0]) and torch.equal(z[2, :, :5], alone_z[0]) and torch.all(z[2, :, 5:] == 0)
+    flipped_u, flipped_z = training_draws(lengths.flip(0), N_MELS, 13, noise_seed=seeds.flip(0))
+    assert torch.equal(flipped_u.flip(0), u) and torch.equal(flipped_z[2, :, :13], z[0, :, :13])
+    assert not torch.equal(training_draws(lengths, N_MELS, 13, noise_seed=seeds + 1)[0], u)
+    with pytest.raises(ValueError, match="one seed per example"):
+        training_draws(lengths, N_MELS, 13, noise_seed=seeds[:2])
+
+
+def test_training_loss_follows_each_examples_seed_not_the_batch_order_or_global_rng():
+    model = _tiny().train()  # cfg dropout and prompts on
+    ex, _ = rows_to_examples(_rows(3, lengths=[13, 7, 5]), N_MELS)
+    seeds = torch.tensor([11, 22, 33])
+
+    def loss(order: list[int]) -> float:
+        torch.manual_seed(sum(k * 10**i for i, k in enumerate(order)))  # another global RNG state each call
+        with torch.no_grad():
+            return float(flow_loss(model, {**ex.collate(order), "noise_seed": seeds[order]})[0])
+
+    reference = loss([0, 1, 2])
+    assert loss([2, 0, 1]) == pytest.approx(reference, rel=1e-5)
+    assert loss([1, 2, 0]) == pytest.approx(reference, rel=1e-5)
+
+
+def test_flow_batches_give_each_item_one_seed_per_epoch_on_any_rank():
+    ex, _ = rows_to_examples(_rows(9, seed=2), N_MELS)
+
+    def seeds(world: int, epoch: int) -> dict[int, int]:
+        found: dict[int, int] = {}
+        for rank in range(world):
+            data = FlowBatches(ex, 200, max_batch_size=3, seed=5, rank=rank, world_size=world)
+            for indices in data.batches(epoch):
+                found.update(zip(indices, data.collate(indices)["noise_seed"].tolist(), strict=True))
+        return found
+
+    one = seeds(1, 0)
+    assert sorted(one) == list(range(9)) and len(set(one.values())) == 9
+    assert seeds(2, 0) == one  # whichever rank (or repeated padding batch) an item lands in
+    assert set(seeds(1, 1).values()).isdisjoint(one.values())  # a new epoch draws anew
 
 
 def test_frame_budget_batches_stay_within_budget_and_drop_nothing():

@@ -45,13 +45,18 @@ def _run(inputs, out: Path, *extra: str):
 
 
 def test_joint_trains_both_with_scaled_rates_and_the_weighted_loss(inputs, tmp_path):
-    res = _run(inputs, tmp_path, "joint.train.max_steps=4", "joint.lr_scale=0.1", "joint.w_llm=0.4",
-               "joint.w_flow=0.6")
+    # not the defaults (0.4, 0.6, 0.1), and weights that do not sum to 1: a setting left unread shows
+    res = _run(inputs, tmp_path, "joint.train.max_steps=4", "joint.lr_scale=0.5", "joint.w_llm=0.3",
+               "joint.w_flow=0.9")
     history = [h for h in json.loads((tmp_path / "llm" / "history.json").read_text()) if "loss" in h]
     assert len(history) == 4
+    rates = {"llm": 1e-2 * 0.5, "flow": 2e-3 * 0.5}
     for h in history:
-        assert h["lr.llm.decay"] == pytest.approx(1e-2 * 0.1) and h["lr.flow.decay"] == pytest.approx(2e-3 * 0.1)
-        assert h["loss"] == pytest.approx(0.4 * h["loss_llm"] + 0.6 * h["loss_flow"], rel=1e-5)
+        groups = {k[len("lr."):] for k in h if k.startswith("lr.")}
+        assert {"llm.decay", "flow.decay", "flow.no_decay"} <= groups, groups  # the flow's biases and norms
+        for group in groups:  # decayed and not decayed alike: the model's own rate × lr_scale
+            assert h[f"lr.{group}"] == pytest.approx(rates[group.split(".")[0]]), group
+        assert h["loss"] == pytest.approx(0.3 * h["loss_llm"] + 0.9 * h["loss_flow"], rel=1e-5)
     assert res.metrics["val_loss_llm"] is not None and res.metrics["val_loss_flow"] is not None
     # both artifacts in their own stages' layouts, the LLM still a LoRA adapter, both changed by the joint steps
     llm_manifest = json.loads((tmp_path / "llm" / "manifest.json").read_text())
@@ -120,13 +125,23 @@ def test_killed_joint_run_resumes_exactly(inputs, tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
+def test_zero3_with_the_flow_ema_is_refused_by_the_config():
+    """The EMA needs whole flow weights on every process; ZeRO-3 partitions them."""
+    ema_zero3 = [*JOINT, "joint.train.max_steps=2", "flow.ema.enabled=true", "joint.train.deepspeed.zero_stage=3"]
+    with pytest.raises(ConfigError, match="joint.train.deepspeed.zero_stage=3 with flow.ema.enabled=true"):
+        load_config(None, ema_zero3)
+    load_config(None, [*ema_zero3[:-1], "joint.train.deepspeed.zero_stage=2"])  # ZeRO-2 keeps whole weights
+    load_config(None, [*ema_zero3[:-2], "joint.train.deepspeed.zero_stage=3"])  # ZeRO-3 without the EMA
+
+
 def test_bad_inputs_are_refused_before_training(inputs, tmp_path, llm_tokens):
     with pytest.raises(ConfigError, match="both 0"):
         load_config(None, ["joint.w_llm=0", "joint.w_flow=0"])
     with pytest.raises(ConfigError, match="joint.w_flow"):
         load_config(None, ["joint.w_flow=-0.5"])
     with pytest.raises(TrainJointError, match="nothing to train"):
-        train_joint(load_config(None, BASE), tokens=str(inputs.tokens), llm=str(inputs.llm), flow=str(inputs.flow),
+        train_joint(load_config(None, [*BASE, "joint.train.epochs=0", "joint.train.max_steps=2"]),
+                    tokens=str(inputs.tokens), llm=str(inputs.llm), flow=str(inputs.flow),
                     llm_output=str(tmp_path / "a"), flow_output=str(tmp_path / "b"))
     # Tokens whose mels the flow was not trained on
     from audiotune.stages.tokenize import tokenize

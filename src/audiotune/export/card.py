@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-
 METRIC_NAMES = {"final_loss": "training loss (last steps)", "val_loss": "validation loss (final)",
                 "best_val_loss": "validation loss (best)", "tokens_per_s": "throughput (tokens/s)"}
 

@@ -2,7 +2,8 @@
 
 Recipe: read the Tokens and check they carry mels and codes the flow can use → flow examples
 (mel-frame-budget batches) → build the model (size preset, or a strictly loaded base flow
-whose mel, vocabulary and speaker setup must match the Tokens) → freeze the encoder / LoRA on
+whose mel, vocabulary and speaker setup must match the Tokens and whose tensors must match the
+preset, unless ``flow.preset`` is ``from_base``) → freeze the encoder / LoRA on
 the estimator / EMA → the engine (accelerate/DeepSpeed, checkpoints, exact resume), with the
 EMA update and periodic samples (mel PNG + Griffin-Lim WAV to MLflow) after each step → merge
 LoRA, take the EMA weights → save ``config.json`` + ``model.safetensors`` with the metrics,
@@ -36,6 +37,7 @@ MEL_FORMAT = "cosyvoice-log-mel"
 MEL_FIELDS = ("sample_rate", "n_fft", "hop_length", "win_length", "n_mels", "fmin", "fmax", "center")
 PRESET_N_MELS = 80
 SPEAKER_TYPES = {"speaker-id": "id", "onnx": "embedding", "none": "none"}
+FROM_BASE = "from_base"  # flow.preset: the architecture of the base flow's config.json
 
 
 class TrainFlowError(Exception):
@@ -135,24 +137,53 @@ def check_flow_fits(config, info: TokensInfo, speaker, base_flow: str) -> None:
         raise TrainFlowError(f"base flow {base_flow} does not fit the Tokens: " + "; ".join(problems))
 
 
+def check_preset_fits(preset_model, base_model, preset: str, base_flow: str) -> None:
+    """A base flow must have the preset's architecture: the same settings (dropout aside) and the same tensors.
+
+    Raises:
+        TrainFlowError: Listing the architecture settings that differ and the missing, unexpected and
+            mis-shaped tensors.
+    """
+    from audiotune.models.flow import PRESETS, state_dict_problems
+
+    def arch(config) -> dict[str, Any]:
+        out = {f"encoder.{k}": v for k, v in dataclasses.asdict(config.encoder).items() if k != "dropout"}
+        out.update({f"estimator.{k}": v for k, v in dataclasses.asdict(config.estimator).items() if k != "dropout"})
+        return {**out, "regulator_layers": config.regulator_layers}
+
+    ours, theirs = arch(preset_model.config), arch(base_model.config)
+    settings = [f"{k}: checkpoint {theirs[k]!r}, preset {ours[k]!r}" for k in ours if ours[k] != theirs[k]]
+    problems = ([f"architecture: {'; '.join(settings)}"] if settings else []) + \
+        state_dict_problems(preset_model, base_model.state_dict())
+    if problems:
+        name = base_model.config.preset
+        fix = f"flow.preset={name} (the checkpoint's preset) or " if name in PRESETS and name != preset else ""
+        raise TrainFlowError(f"base flow {base_flow} (preset {name!r}) does not match flow.preset={preset!r}: "
+                             + "; ".join(problems) + f". Set {fix}flow.preset={FROM_BASE} to take the architecture "
+                             "from the checkpoint's config.json")
+
+
 def _build_model(F: FlowStageConfig, info: TokensInfo, speaker, base_flow: str | None):
-    """The flow to train: a strictly loaded base flow, or a preset from random weights."""
-    from audiotune.models.flow import PRESETS, load_flow
+    """The flow to train: a preset from random weights, or a strictly loaded base flow (checked against the
+    preset unless ``flow.preset`` is ``from_base``)."""
+    from audiotune.models.flow import PRESETS, FlowModel, load_flow
 
     overrides = dict(sigma_min=F.sigma_min, cfg_dropout=F.cfg_dropout, prompt_prob=F.prompt_prob,
                      prompt_max_fraction=F.prompt_max_fraction, n_timesteps=F.sample.n_timesteps,
                      cfg_rate=F.sample.cfg_rate)
-    if base_flow:
-        model = load_flow(base_flow)
-        check_flow_fits(model.config, info, speaker, base_flow)
+    data = dict(codebook_size=info.codebook_size, num_codebooks=info.codebooks_used,
+                mel_frames_per_token=info.mel_frames_per_token, speaker=speaker, mel=dict(info.mel), **overrides)
+    if not base_flow:
+        return FlowModel(PRESETS[F.preset](n_mels=PRESET_N_MELS, **data))
+    model = load_flow(base_flow)
+    check_flow_fits(model.config, info, speaker, base_flow)
+    if F.preset == FROM_BASE:
         model.config = dataclasses.replace(model.config, mel=dict(info.mel), **overrides)
         return model
-    from audiotune.models.flow import FlowModel
-
-    config = PRESETS[F.preset](n_mels=PRESET_N_MELS, codebook_size=info.codebook_size,
-                               num_codebooks=info.codebooks_used, mel_frames_per_token=info.mel_frames_per_token,
-                               speaker=speaker, mel=dict(info.mel), **overrides)
-    return FlowModel(config)
+    preset = FlowModel(PRESETS[F.preset](n_mels=model.config.n_mels, **data))
+    check_preset_fits(preset, model, F.preset, base_flow)
+    preset.load_state_dict(model.state_dict(), strict=True)
+    return preset
 
 
 def _drop_overlong(examples: FlowExamples, budget: int, split: str) -> tuple[FlowExamples, int]:
@@ -183,6 +214,9 @@ def train_flow(cfg: AudiotuneConfig, tokens: str, output: str, base_flow: str | 
     storage.require_missing_or_overwrite(output, F.overwrite)
     manifest = artifacts.read_manifest(tokens, artifacts.TOKENS, artifacts.TOKENS_VERSION)
     info = tokens_info(manifest, tokens, F.codebooks)
+    if not base_flow and F.preset == FROM_BASE:
+        raise TrainFlowError(f"flow.preset={FROM_BASE!r} takes the architecture from a base flow, but there is none "
+                             "(set flow.base_flow or --base-flow, or a preset: tiny, base)")
     if not base_flow and info.mel["n_mels"] != PRESET_N_MELS:
         raise TrainFlowError(f"{tokens}: the Tokens' mels have {info.mel['n_mels']} bins; flow preset {F.preset!r} "
                              f"decodes {PRESET_N_MELS} (tokenize.mel.n_mels), or start from a base_flow built for them")
@@ -221,7 +255,8 @@ def train_flow(cfg: AudiotuneConfig, tokens: str, output: str, base_flow: str | 
                             acc.num_processes, shuffle=False, repeat=False) if len(val_ex) else None)
     vocoder = load_vocoder(F.vocoder, info.mel) if F.num_samples and acc.is_main_process else None
     renderer = (SampleRenderer(val_ex if len(val_ex) else train_ex, F.num_samples, vocoder, F.sample.n_timesteps,
-                               F.sample.cfg_rate, cfg.run.seed) if vocoder is not None else None)
+                               F.sample.cfg_rate, cfg.run.seed, F.sample.temperature)
+                if vocoder is not None else None)
     if renderer is not None and T.deepspeed.zero_stage == 3 and ema is None:
         log.warning("ZeRO-3 partitions the weights: no samples during training")
         renderer = None

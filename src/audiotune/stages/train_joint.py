@@ -99,7 +99,7 @@ def train_joint(cfg: AudiotuneConfig, tokens: str, llm: str, flow: str, llm_outp
 
     J, T, L, F = cfg.joint, cfg.joint.train, cfg.llm, cfg.flow
     if not J.enabled:
-        raise TrainJointError("joint.train.epochs is 0 and joint.train.max_steps is unset: nothing to train")
+        raise TrainJointError("joint.train.epochs is 0, which turns the joint stage off: nothing to train")
     for out in (llm_output, flow_output):
         storage.require_missing_or_overwrite(out, J.overwrite)
     tokens_manifest = artifacts.read_manifest(tokens, artifacts.TOKENS, artifacts.TOKENS_VERSION)

@@ -13,10 +13,16 @@ A batch (:meth:`FlowExamples.collate`) is a dict of plain tensors::
     mel_lengths      [B] int64
     speaker_index    [B] int64                (speaker type ``id``)
     speaker_embedding [B, D] float32          (speaker type ``embedding``)
+    noise_seed       [B] int64                 (:class:`FlowBatches`) seed of each example's random draws
     n_frames, n_samples                       python ints, counted on the CPU
 
 so another stage (joint) can replace ``codes`` (with predicted codes of the same shape) and call
 :func:`flow_loss`.
+
+``noise_seed`` (:func:`noise_seeds`) is a hash of the run seed, the epoch and the example's place
+in the epoch's item list: an example's time step, noise, prompt and dropout are the same whichever
+rank, micro-batch or batch it lands in, so two processes follow the one-process run, and a resumed
+run replays the draws without any RNG state.
 """
 
 from __future__ import annotations
@@ -114,6 +120,19 @@ class FlowExamples:
         if self.speaker_embedding is not None:
             batch["speaker_embedding"] = torch.from_numpy(self.speaker_embedding[idx])
         return batch
+
+
+def noise_seeds(seed: int, epoch: int, items: Iterable[int]) -> np.ndarray:
+    """``[B]`` int64 seeds of the examples' random draws, a hash of ``(seed, epoch, item)`` each.
+
+    Args:
+        seed: The run seed.
+        epoch: The epoch.
+        items: Each example's index in the epoch's item list (a repeated example has several).
+    """
+    mask = (1 << 64) - 1  # SeedSequence takes non-negative entropy; a negative run seed wraps
+    return np.asarray([np.random.SeedSequence([seed & mask, epoch & mask, int(i) & mask]).generate_state(
+        1, np.uint64)[0] >> np.uint64(1) for i in items], dtype=np.int64)
 
 
 def _offsets(lengths: np.ndarray) -> np.ndarray:
@@ -226,12 +245,15 @@ def load_flow_examples(split_dir: Path, n_mels: int, codebooks: str = "all",
 class FlowBatches:
     """Mel-frame-budget batches of one process's share of the examples (the engine's BatchSource).
 
+    :meth:`collate` adds each example's ``noise_seed`` for the epoch of the latest :meth:`batches`
+    call (the engine lists an epoch's batches before collating them).
+
     Args:
         examples: The split's examples.
         max_frames_in_batch: Budget of one batch in padded mel frames (longest × count); an example
             longer than the budget alone would exceed it (the stage drops those beforehand).
         max_batch_size: Most examples in one batch.
-        seed: Base seed of the shuffling.
+        seed: Base seed of the shuffling and of the examples' noise seeds.
         rank: This process's rank.
         world_size: Number of processes.
         shuffle: Shuffle (training) or a fixed length-sorted order (validation).
@@ -246,24 +268,33 @@ class FlowBatches:
         self.sampler = TokenBudgetSampler(examples.mel_lengths[self.items], batch_tokens=max_frames_in_batch,
                                           max_batch_size=max_batch_size, seed=seed, shuffle=shuffle, rank=rank,
                                           world_size=world_size)
+        self.seed, self.epoch = seed, 0
 
     def batches(self, epoch: int) -> list[list[int]]:
+        """This process's batches of ``epoch`` (positions in the item list); collate uses this epoch."""
+        self.epoch = epoch
         return self.sampler.batches(epoch)
 
     def collate(self, indices: list[int]) -> dict[str, Any]:
-        return self.examples.collate(self.items[np.asarray(indices, dtype=np.int64)])
+        """The padded batch of these positions, with their ``noise_seed`` for the current epoch."""
+        positions = np.asarray(indices, dtype=np.int64)
+        batch = self.examples.collate(self.items[positions])
+        batch["noise_seed"] = torch.from_numpy(noise_seeds(self.seed, self.epoch, positions))
+        return batch
 
 
 def flow_loss(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
     """The engine's loss function: OT-CFM loss, with ``tokens`` = valid mel frames and ``samples``.
 
-    In eval mode the random draws (time steps, noise, prompts) come from a generator seeded with
-    :data:`VAL_SEED`, so the validation loss is deterministic and leaves torch's RNG untouched.
+    The random draws (time steps, noise, prompts, dropout) come from each example's ``noise_seed``
+    when the batch has them (:class:`FlowBatches`; validation lists epoch 0 every time, so its loss
+    is deterministic). A batch without seeds draws from torch's global RNG in training and, in eval
+    mode, from a generator seeded with :data:`VAL_SEED`, leaving torch's RNG untouched.
     """
-    generator = None
-    if not model.training:
-        generator = torch.Generator(device=batch["mel"].device).manual_seed(VAL_SEED)
+    seeds, generator = batch.get("noise_seed"), None
+    if seeds is None and not model.training:
+        generator = torch.Generator().manual_seed(VAL_SEED)
     loss = model(codes=batch["codes"], code_lengths=batch["code_lengths"], mel=batch["mel"],
                  mel_lengths=batch["mel_lengths"], speaker_index=batch.get("speaker_index"),
-                 speaker_embedding=batch.get("speaker_embedding"), generator=generator)
+                 speaker_embedding=batch.get("speaker_embedding"), generator=generator, noise_seed=seeds)
     return loss, {"tokens": batch["n_frames"], "samples": batch["n_samples"]}

@@ -43,13 +43,15 @@ class SampleRenderer:
         n_timesteps: Euler steps.
         cfg_rate: Guidance strength.
         seed: Seed of the initial noise (a private generator: torch's RNG is left alone).
+        temperature: Scale of the initial noise.
     """
 
-    def __init__(self, examples, num_samples: int, vocoder, n_timesteps: int, cfg_rate: float, seed: int) -> None:
+    def __init__(self, examples, num_samples: int, vocoder, n_timesteps: int, cfg_rate: float, seed: int,
+                 temperature: float = 1.0) -> None:
         self.examples = examples
         self.indices = list(range(min(num_samples, len(examples))))
         self.vocoder = vocoder
-        self.n_timesteps, self.cfg_rate, self.seed = n_timesteps, cfg_rate, seed
+        self.n_timesteps, self.cfg_rate, self.seed, self.temperature = n_timesteps, cfg_rate, seed, temperature
 
     @torch.no_grad()
     def render(self, model: torch.nn.Module, out_dir: Path, tag: str) -> list[Path]:
@@ -68,7 +70,7 @@ class SampleRenderer:
             mel, lengths = model.sample(
                 tensors["codes"], tensors["code_lengths"], mel_lengths=tensors["mel_lengths"],
                 speaker_index=tensors.get("speaker_index"), speaker_embedding=tensors.get("speaker_embedding"),
-                n_timesteps=self.n_timesteps, cfg_rate=self.cfg_rate,
+                n_timesteps=self.n_timesteps, cfg_rate=self.cfg_rate, temperature=self.temperature,
                 generator=torch.Generator().manual_seed(self.seed))
         finally:
             model.train(was_training)

@@ -4,6 +4,8 @@ A joint example pairs a row's LM sequence (:mod:`audiotune.train.layouts`) with 
 (:mod:`audiotune.train.flow_batches`); rows that lack either are left out and counted. Batches follow
 the LM token budget (padded, length grouped) and the flow's mel-frame budget at once. Tensors go
 to the engine flat, prefixed ``llm.`` and ``flow.``, so the engine moves them as any other batch.
+Each pair carries the flow's per-example ``noise_seed`` (:func:`audiotune.train.flow_batches.noise_seeds`
+of the run seed, the epoch and the pair), so the flow's draws do not depend on the batching or the rank.
 
 With ``flow_condition = llm_predicted`` the flow is conditioned on the LLM's teacher-forced guesses of
 the codes: at every target code position the argmax over that channel's code logits, in frame order,
@@ -21,7 +23,7 @@ import torch
 
 from audiotune.models.vocab import IGNORE_INDEX, AudioVocab
 from audiotune.train.batching import TokenBudgetSampler, collate_padded
-from audiotune.train.flow_batches import FlowExamples, flow_loss
+from audiotune.train.flow_batches import FlowExamples, flow_loss, noise_seeds
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,11 @@ def pair_examples(llm_examples: Sequence, flow_examples: FlowExamples,
 
 
 class JointBatches:
-    """Batches of paired examples within both budgets (the engine's BatchSource)."""
+    """Batches of paired examples within both budgets (the engine's BatchSource).
+
+    :meth:`collate` adds the flow's ``noise_seed`` of each pair for the epoch of the latest
+    :meth:`batches` call (the engine lists an epoch's batches before collating them).
+    """
 
     def __init__(self, llm_examples: Sequence, flow_examples: FlowExamples, pairs: list[tuple[int, int]],
                  vocab: AudioVocab, batch_tokens: int, max_frames: int, max_batch_size: int, seed: int,
@@ -64,8 +70,11 @@ class JointBatches:
         self.sampler = TokenBudgetSampler(np.ceil(cost * scale).astype(np.int64), batch_tokens=scale,
                                           max_batch_size=max_batch_size, seed=seed, shuffle=shuffle, rank=rank,
                                           world_size=world_size)
+        self.seed, self.epoch = seed, 0
 
     def batches(self, epoch: int) -> list[list[int]]:
+        """This process's batches of ``epoch`` (indices into the pairs); collate uses this epoch."""
+        self.epoch = epoch
         return self.sampler.batches(epoch)
 
     def collate(self, indices: list[int]) -> dict[str, Any]:
@@ -73,6 +82,7 @@ class JointBatches:
         channel_pad = self.vocab.channel_pad_id if self.vocab.num_codebooks > 1 else None
         batch = {f"llm.{k}": v for k, v in collate_padded(llm, self.vocab.pad_id, channel_pad).items()}
         flow = self.flow_examples.collate([self.pairs[k][1] for k in indices])
+        flow["noise_seed"] = torch.from_numpy(noise_seeds(self.seed, self.epoch, indices))
         batch.update({f"flow.{k}": v for k, v in flow.items()})
         batch["n_tokens"] = sum(len(e) for e in llm)
         return batch

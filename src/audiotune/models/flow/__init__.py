@@ -3,7 +3,7 @@
 Public API::
 
     FlowConfig, tiny_config, base_config, PRESETS       # architecture + flow-matching settings
-    FlowModel, tiny, base                               # the model and its builders
+    FlowModel, tiny, base, training_draws               # the model, its builders, its per-example draws
     save_flow, load_flow, FlowLoadError                 # config.json + model.safetensors, strict loading
     freeze_encoder, apply_lora, merge_lora, EMA         # fine-tuning options
 """
@@ -27,12 +27,20 @@ from audiotune.models.flow.config import (
     base_config,
     tiny_config,
 )
-from audiotune.models.flow.io import FlowLoadError, load_flow, load_state_dict_strict, read_flow_config, save_flow
-from audiotune.models.flow.model import FlowModel, base, cosine_schedule, count_parameters, tiny
+from audiotune.models.flow.io import (
+    FlowLoadError,
+    load_flow,
+    load_state_dict_strict,
+    read_flow_config,
+    save_flow,
+    state_dict_problems,
+)
+from audiotune.models.flow.model import FlowModel, base, cosine_schedule, count_parameters, tiny, training_draws
 
 __all__ = [
     "DEFAULT_LORA_TARGETS", "EMA", "PRESETS", "EncoderConfig", "EstimatorConfig", "FlowConfig", "FlowConfigError",
     "FlowLoadError", "FlowModel", "FlowModelError", "SpeakerSpec", "apply_lora", "base", "base_config",
     "cosine_schedule", "count_parameters", "freeze_encoder", "has_lora", "load_flow", "load_state_dict_strict",
-    "merge_lora", "read_flow_config", "save_flow", "tiny", "tiny_config",
+    "merge_lora", "read_flow_config", "save_flow", "state_dict_problems", "tiny", "tiny_config",
+    "training_draws",
 ]

@@ -33,12 +33,9 @@ def _listed(names: list[str]) -> str:
     return shown + (f" ... ({len(names)} in all)" if len(names) > _SHOWN else "")
 
 
-def load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load ``state`` into ``model`` only if every key and shape matches exactly.
-
-    Raises:
-        FlowLoadError: listing missing keys, unexpected keys and shape mismatches.
-    """
+def state_dict_problems(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """What keeps ``state`` from loading strictly into ``model``: missing keys, unexpected keys and
+    shape mismatches (each a line listing the keys); empty when it fits exactly."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -51,6 +48,16 @@ def load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor
         problems.append(f"unexpected keys: {_listed(unexpected)}")
     if shapes:
         problems.append(f"shape mismatches: {_listed(shapes)}")
+    return problems
+
+
+def load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` into ``model`` only if every key and shape matches exactly.
+
+    Raises:
+        FlowLoadError: listing missing keys, unexpected keys and shape mismatches.
+    """
+    problems = state_dict_problems(model, state)
     if problems:
         raise FlowLoadError(f"{source}: the weights do not fit the model built from its config.json; "
                             + "; ".join(problems))

@@ -8,7 +8,10 @@ Training (:meth:`FlowModel.forward`) is OT-CFM (Lipman et al.; Matcha-TTS, CosyV
 ``y = (1 - (1 - σ) t) z + t x1``, target ``u = x1 - (1 - σ) z``, masked MSE over valid frames
 outside the prompt. With probability ``prompt_prob`` a random prefix of up to
 ``prompt_max_fraction`` of the target is given as the prompt; with probability ``cfg_dropout``
-all conditions (mu, speaker, prompt) are zeroed for classifier-free guidance.
+all conditions (mu, speaker, prompt) are zeroed for classifier-free guidance. Each example's
+random draws (:func:`training_draws`) come from its own stream — a generator seeded with the
+example's ``noise_seed`` — and cover only its own frames, so they do not depend on which batch,
+micro-batch or process the example lands in, nor on the padding.
 
 Sampling (:meth:`FlowModel.sample`) integrates the ODE with Euler steps on the cosine schedule
 ``t = 1 - cos(s·π/2)`` and guidance ``v = (1 + w)·v_cond - w·v_uncond``, both halves in one
@@ -62,6 +65,48 @@ def cosine_schedule(n_timesteps: int, device: torch.device | None = None) -> tor
     return 1 - torch.cos(s * 0.5 * math.pi)
 
 
+def training_draws(mel_lengths: torch.Tensor, n_mels: int, length: int, noise_seed: torch.Tensor | None = None,
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random draws of a training step, example by example.
+
+    Example ``b`` takes, in this order, four uniforms (prompt or not, prompt length, time step,
+    condition kept or dropped) and the noise of its own ``mel_lengths[b]`` frames, zero padded to
+    ``length``. With ``noise_seed`` every example has its own CPU generator, so its draws are the
+    same whatever else is in the batch; otherwise the examples draw in turn from ``generator``
+    (default: torch's global CPU RNG).
+
+    Args:
+        mel_lengths: ``[B]`` valid mel frames.
+        n_mels: Mel bins.
+        length: Padded length of the batch.
+        noise_seed: ``[B]`` int64 seeds, one per example.
+        generator: The shared source when there are no per-example seeds (CPU or any device).
+
+    Returns:
+        Uniforms ``[B, 4]`` and noise ``[B, n_mels, length]`` (float32, on the generator's device).
+
+    Raises:
+        ValueError: Both ``noise_seed`` and ``generator``, or seeds that are not one per example.
+    """
+    lengths = [int(n) for n in mel_lengths.tolist()]
+    if noise_seed is not None:
+        if generator is not None:
+            raise ValueError("pass noise_seed (one seed per example) or generator, not both")
+        if tuple(noise_seed.shape) != (len(lengths),):
+            raise ValueError(f"noise_seed: expected shape ({len(lengths)},) (one seed per example), "
+                             f"got {tuple(noise_seed.shape)}")
+        generators = [torch.Generator().manual_seed(int(s)) for s in noise_seed.tolist()]
+    else:
+        generators = [generator] * len(lengths)
+    device = generator.device if generator is not None else torch.device("cpu")
+    uniforms = torch.empty(len(lengths), 4, device=device)
+    noise = torch.zeros(len(lengths), n_mels, length, device=device)
+    for b, (n, gen) in enumerate(zip(lengths, generators, strict=True)):
+        uniforms[b] = torch.rand(4, generator=gen, device=device)
+        noise[b, :, :n] = torch.randn(n_mels, n, generator=gen, device=device)
+    return uniforms, noise
+
+
 class FlowModel(nn.Module):
     """Token→mel conditional flow matching; see the module docstring.
 
@@ -90,7 +135,7 @@ class FlowModel(nn.Module):
     # ----------------------------------------------------------------- training
     def forward(self, codes: torch.Tensor, code_lengths: torch.Tensor, mel: torch.Tensor, mel_lengths: torch.Tensor,
                 speaker_index: torch.Tensor | None = None, speaker_embedding: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, noise_seed: torch.Tensor | None = None) -> torch.Tensor:
         """The OT-CFM loss of a batch (a scalar).
 
         Args:
@@ -100,31 +145,31 @@ class FlowModel(nn.Module):
             mel_lengths: ``[B]`` valid mel frames.
             speaker_index: ``[B]`` speaker ids (speaker type ``id``).
             speaker_embedding: ``[B, D]`` external speaker vectors (speaker type ``embedding``).
-            generator: Source of the random time steps, noise, prompts and dropout (validation
-                passes a seeded one for a deterministic loss); default: torch's global RNG.
+            generator: Source of the random time steps, noise, prompts and dropout when there are no
+                per-example seeds (a seeded one gives a deterministic loss); default: torch's global RNG.
+            noise_seed: ``[B]`` int64 seed of each example's draws (see :func:`training_draws`): the
+                same example gets the same draws in any batch, micro-batch or process.
         """
         c = self.config
         b, n_mels, length = mel.shape
         device = mel.device
         mu, mask, spk = self._conditions(codes, code_lengths, mel_lengths, length, speaker_index, speaker_embedding)
         x1 = mel.to(mu.dtype) * mask
+        uniforms, z = training_draws(mel_lengths, n_mels, length, noise_seed, generator)
+        uniforms, z = uniforms.to(device), z.to(device=device, dtype=x1.dtype)
 
-        def rand(*shape: int) -> torch.Tensor:
-            return torch.rand(*shape, generator=generator, device=device)
-
-        # prompt: for a random half of the batch, a prefix of randint(0, int(fraction · length)) frames
-        use_prompt = rand(b) < c.prompt_prob
+        # prompt: for a random share of the batch, a prefix of randint(0, int(fraction · length)) frames
+        use_prompt = uniforms[:, 0] < c.prompt_prob
         max_prompt = torch.floor(mel_lengths.float() * c.prompt_max_fraction)
-        prompt_len = torch.floor(rand(b) * (max_prompt + 1)) * use_prompt
+        prompt_len = torch.floor(uniforms[:, 1] * (max_prompt + 1)) * use_prompt
         prompt = (torch.arange(length, device=device)[None, :] < prompt_len[:, None])[:, None, :]
         cond = x1 * prompt
-        t = rand(b).to(mu.dtype)
-        z = torch.randn(x1.shape, generator=generator, device=device, dtype=x1.dtype)
+        t = uniforms[:, 2].to(mu.dtype)
         tt = t[:, None, None]
         y = (1 - (1 - c.sigma_min) * tt) * z + tt * x1
         u = x1 - (1 - c.sigma_min) * z
         if self.training and c.cfg_dropout > 0:
-            keep = (rand(b) >= c.cfg_dropout).to(mu.dtype)
+            keep = (uniforms[:, 3] >= c.cfg_dropout).to(mu.dtype)
             mu, spk, cond = mu * keep[:, None, None], spk * keep[:, None], cond * keep[:, None, None]
         pred = self.estimator(y, mask, mu, t, spk, cond)
         weight = mask * ~prompt
