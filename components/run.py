@@ -25,7 +25,7 @@ def prepare_run(
     lora_r: int,
     lora_alpha: float,
     lora_targets: str,
-    zero_stage: int,
+    zero_stage: str,
     gpus: int,
     output_uri: str,
     mlflow_experiment: str,
@@ -50,12 +50,12 @@ def prepare_run(
         llm_lr: Peak learning rate of the llm stage.
         flow_epochs: Epochs of the flow stage.
         flow_lr: Peak learning rate of the flow stage.
-        joint_epochs: Epochs of the joint stage; 0 skips it.
+        joint_epochs: Epochs of the joint stage; 0 skips it (even with joint.train.max_steps set).
         joint_lr_scale: The joint stage's learning rates are llm_lr and flow_lr times this.
         lora_r: LoRA rank.
         lora_alpha: LoRA alpha.
         lora_targets: LoRA target modules, comma-separated, or all-linear.
-        zero_stage: DeepSpeed ZeRO stage of the training stages.
+        zero_stage: DeepSpeed ZeRO stage of the training stages: 0-3, or auto (picked at launch).
         gpus: GPUs per training pod (0: CPU).
         output_uri: Durable location of training outputs and the export; empty: the artifact store.
         mlflow_experiment: MLflow experiment of the runs.

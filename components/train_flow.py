@@ -1,7 +1,7 @@
 """The flow training component (see ``audiotune.stages.train_flow``), launched under torchrun."""
 
 from kfp import dsl
-from kfp.dsl import Dataset, Input, Metrics, Model, Output
+from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 
 from audiotune.images import CUDA_IMAGE
 
@@ -14,6 +14,7 @@ def train_flow(
     pipeline_run_id: str,
     model: Output[Model],
     metrics: Output[Metrics],
+    job_manifest: Output[Artifact],
 ):
     """Train the conditional flow-matching decoder from audio tokens to mel spectrograms.
 
@@ -27,10 +28,12 @@ def train_flow(
         pipeline_run_id: The Kubeflow run id, which names the durable output location.
         model: The Flow model artifact (config.json, model.safetensors).
         metrics: Steps, first/final training loss, validation loss.
+        job_manifest: What was launched: the PyTorchJob's manifest (YAML) with cluster.num_nodes > 1, else a YAML
+            note with the torchrun command.
     """
     from audiotune.orchestration import steps
 
     steps.setup()
     inputs = {"--tokens": tokens.path, "--base-flow": base_flow_uri}
-    outcome = steps.train("flow", config, pipeline_run_id, model.path, inputs)
+    outcome = steps.train("flow", config, pipeline_run_id, model.path, inputs, job_manifest.path)
     steps.record(outcome, model, metrics)

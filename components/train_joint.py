@@ -1,7 +1,7 @@
 """The joint training component (see ``audiotune.stages.train_joint``), launched under torchrun."""
 
 from kfp import dsl
-from kfp.dsl import Dataset, Input, Metrics, Model, Output
+from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 
 from audiotune.images import CUDA_IMAGE
 
@@ -16,6 +16,7 @@ def train_joint(
     llm_model: Output[Model],
     flow_model: Output[Model],
     metrics: Output[Metrics],
+    job_manifest: Output[Artifact],
 ):
     """Train the LLM and the flow decoder together (weighted sum of both losses, lower learning rates).
 
@@ -31,11 +32,13 @@ def train_joint(
         llm_model: The jointly trained LLM model artifact.
         flow_model: The jointly trained Flow model artifact.
         metrics: Steps, LLM, flow and combined losses.
+        job_manifest: What was launched: the PyTorchJob's manifest (YAML) with cluster.num_nodes > 1, else a YAML
+            note with the torchrun command.
     """
     from audiotune.orchestration import steps
 
     steps.setup()
     outcome = steps.train_joint(config, pipeline_run_id, tokens.path, llm.path, flow.path,
-                                llm_model.path, flow_model.path)
+                                llm_model.path, flow_model.path, job_manifest.path)
     steps.record(outcome, llm_model, metrics)
     steps.record(outcome, flow_model, None)

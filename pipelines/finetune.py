@@ -77,7 +77,7 @@ def build(cfg: Optional[AudiotuneConfig] = None) -> Any:
         lora_r: int = t["lora_r"],
         lora_alpha: float = t["lora_alpha"],
         lora_targets: str = t["lora_targets"],
-        zero_stage: int = t["zero_stage"],
+        zero_stage: str = t["zero_stage"],
         gpus: int = t["gpus"],
         output_uri: str = t["output_uri"],
         mlflow_experiment: str = t["mlflow_experiment"],
@@ -96,12 +96,14 @@ def build(cfg: Optional[AudiotuneConfig] = None) -> Any:
             llm_lr: Peak learning rate of the llm stage.
             flow_epochs: Epochs of the flow stage.
             flow_lr: Peak learning rate of the flow stage.
-            joint_epochs: Epochs of the joint stage (mode both); 0 skips it.
+            joint_epochs: Epochs of the joint stage (mode both); 0 skips it, even when config sets
+                joint.train.max_steps.
             joint_lr_scale: The joint stage's learning rates are llm_lr and flow_lr times this.
             lora_r: LoRA rank.
             lora_alpha: LoRA alpha.
             lora_targets: LoRA target modules, comma-separated, or all-linear.
-            zero_stage: DeepSpeed ZeRO stage (0-3) of the training stages.
+            zero_stage: DeepSpeed ZeRO stage of the training stages: 0-3, or auto (picked at launch from the
+                model's size, the GPUs and their memory).
             gpus: GPUs per training pod, one torchrun process each (0: CPU, one process).
             output_uri: Durable location (s3://...) of the training outputs, checkpoints and export. Empty: the
                 pipeline's artifact store.

@@ -13,7 +13,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from audiotune import __version__
+from audiotune import __version__, sdk
+from audiotune.config import ConfigError
 from audiotune.config import validate as validate_config
 from audiotune.train.kube import RBAC_RULES
 
@@ -142,10 +143,33 @@ def test_retraining_cronjob_submits_the_configured_pipeline():
     assert config_map["metadata"]["name"] == next(v["configMap"]["name"] for v in pod["volumes"] if "configMap" in v)
     config = yaml.safe_load(config_map["data"]["config.yaml"])
     assert config == vals["retrain"]["config"]
-    validate_config(config, "retrain.config")  # a config audiotune accepts
+    # what `audiotune submit` checks before it submits anything: the schema (several nodes need an s3:// output_uri)
+    # and, with --promote, a registered model name
+    sdk.check(validate_config(config, "retrain.config"), promote="--promote" in command)
+    rules = cron["spec"]["jobTemplate"]["spec"]["podFailurePolicy"]["rules"]
+    assert rules == [{"action": "FailJob", "onExitCodes": {"containerName": "submit", "operator": "In",
+                                                            "values": [2, 64]}}]  # "champion stays", bad config
     env_from = [e["secretRef"]["name"] for e in pod["containers"][0]["envFrom"]]
     secrets = {o["metadata"]["name"] for o in objs if o["kind"] == "Secret"}
     assert set(env_from) <= secrets
+
+
+@pytest.mark.parametrize("remove, message", [
+    ("export", "registered_model_name"),  # promote: true without a model to promote
+    ("pipeline", "output_uri"),  # num_nodes 2 without one place for every node
+])
+def test_retraining_config_that_would_fail_at_run_time_does_not_render(remove, message):
+    from helm_python.errors import HelmError
+
+    vals = values("full")
+    del vals["retrain"]["config"][remove]
+    with pytest.raises(ConfigError, match=message):
+        sdk.check(validate_config(vals["retrain"]["config"], "retrain.config"), promote=True)
+    with pytest.raises(HelmError, match=message):
+        render(vals)
+    if remove == "export":  # without promote the same config is fine
+        vals["retrain"]["promote"] = False
+        assert _one(objects(render(vals)), "CronJob")
 
 
 def test_mlflow_server_backends_and_credentials():

@@ -61,6 +61,13 @@ def test_typed_artifacts(name):
     assert any(t.startswith(("system.Dataset", "system.Model")) for t in outputs.values())
 
 
+@pytest.mark.parametrize("name", ["train_llm", "train_flow", "train_joint"])
+def test_training_components_output_the_job_manifest(name):
+    component = getattr(components, name)
+    assert component.component_spec.outputs["job_manifest"].type.startswith("system.Artifact")
+    assert "job_manifest: What was launched: the PyTorchJob's manifest" in inspect.getdoc(component.python_func)
+
+
 def test_component_modules_import_only_stdlib_and_kfp_at_the_top():
     for path in sorted((ROOT / "components").glob("*.py")):
         tree = ast.parse(path.read_text())
@@ -102,7 +109,7 @@ def test_training_launches_torchrun_with_one_process_on_cpu(monkeypatch, tmp_pat
     cfg = AudiotuneConfig.model_validate({"llm": {"train": {"deepspeed": {"zero_stage": 2}}},
                                           "cluster": {"gpus_per_node": 4}})
     outcome = steps.train("llm", steps.to_json(cfg), "run-1", str(tmp_path / "model"),
-                          {"--tokens": "/data/tokens", "--base-model": ""})
+                          {"--tokens": "/data/tokens", "--base-model": ""}, str(tmp_path / "job" / "manifest"))
     cmd = seen["cmd"]
     assert cmd[1:4] == ["-m", "torch.distributed.run", "--nproc_per_node=1"]  # no GPU here: one process
     assert cmd[cmd.index("-m", 3):][:5] == ["-m", "audiotune.cli", "train", "llm", "--tokens"]
@@ -110,3 +117,5 @@ def test_training_launches_torchrun_with_one_process_on_cpu(monkeypatch, tmp_pat
     written = yaml.safe_load(seen["config"])["llm"]["train"]
     assert written["deepspeed"]["zero_stage"] == 2 and written["nproc_per_node"] == 1
     assert outcome.metrics == {"val_loss": 1.5}
+    note = yaml.safe_load((tmp_path / "job" / "manifest").read_text())  # one node: a note, no PyTorchJob
+    assert note["launcher"] == "torchrun" and note["command"][:4] == cmd[:4] and note["zero_stage"] == 2

@@ -117,12 +117,18 @@ def _base_images(path: Path) -> list[tuple[int, str | None, str]]:
 
 
 def test_component_base_images_are_the_project_images(monkeypatch):
-    """Passes while components/ is empty or missing; checks every component once they exist."""
+    """Every component's base_image is one of the project's images (and there are components to check)."""
     monkeypatch.delenv(images.REGISTRY_ENV, raising=False)
     allowed = {images.image("cpu"), images.image("cuda")}
+    assert (ROOT / "components").is_dir(), "components/ is missing"
+    found = {path.name: _base_images(path) for path in sorted((ROOT / "components").glob("*.py"))}
+    stages = {"convert.py", "tokenize.py", "train_llm.py", "train_flow.py", "train_joint.py", "export.py", "run.py"}
+    assert stages <= {name for name, images_found in found.items() if images_found}, (
+        f"components without a base_image: {sorted(stages - {n for n, f in found.items() if f})}")
     problems = []
-    for path in sorted((ROOT / "components").glob("*.py")) if (ROOT / "components").is_dir() else []:
-        for line, literal, source in _base_images(path):
+    for name, base_images in found.items():
+        path = ROOT / "components" / name
+        for line, literal, source in base_images:
             if literal is not None:
                 ok = literal in allowed
             else:

@@ -1,4 +1,5 @@
-"""ZeRO memory accounting against DeepSpeed's estimators, and the configuration the pipeline picks."""
+"""ZeRO memory accounting against DeepSpeed's estimators, and the configuration the pipeline picks when a stage's
+``zero_stage`` is ``auto`` (:mod:`audiotune.orchestration.zero`, resolved where the training is launched)."""
 
 from __future__ import annotations
 
@@ -141,3 +142,102 @@ def test_results_file_is_current():
         choice = choose_zero_config(m["n_params"], m["trainable_params"], pick["gpus"], pick["gpu_mem_gib"],
                                     largest_layer_params=m["largest_layer_params"])
         assert choice.option.name == pick["option"]["name"], pick
+
+
+def test_choose_zero_config_keeps_to_the_allowed_options():
+    no_zero3 = tuple(o for o in (DDP, ZERO2, ZERO3, ZERO2_OFFLOAD, ZERO3_OFFLOAD_OPTIMIZER, ZERO3_OFFLOAD)
+                     if o.stage != 3)
+    choice = choose_zero_config(FULL, FULL, 8, 12, largest_layer_params=LARGEST, options=no_zero3)
+    assert choice.option == ZERO2_OFFLOAD  # ZeRO-3 would fit (see above), but is not allowed
+    with pytest.raises(ValueError, match="options"):
+        choose_zero_config(FULL, FULL, 8, 12, options=())
+
+
+# --- zero_stage: auto, as the launcher resolves it ------------------------------------------------------------
+
+QWEN25_3B = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=2048, num_hidden_layers=36,
+                 num_attention_heads=16, num_key_value_heads=2, intermediate_size=11008, vocab_size=151936,
+                 tie_word_embeddings=True, max_position_embeddings=32768, torch_dtype="bfloat16")
+
+
+def _auto(tmp_path, mode: str, gpus_per_node: int, nodes: int = 1, **llm):
+    from audiotune.config import validate
+
+    base = tmp_path / "base"
+    base.mkdir(exist_ok=True)
+    (base / "config.json").write_text(json.dumps(QWEN25_3B))  # all a size needs: no weights
+    return validate({"llm": {"base_model": str(base), "mode": mode, "train": {"deepspeed": {"zero_stage": "auto"}},
+                             **llm},
+                     "cluster": {"num_nodes": nodes, "gpus_per_node": gpus_per_node,
+                                 "gpu_type": "NVIDIA-H100-80GB-HBM3", "memory": "480Gi"},
+                     "pipeline": {"output_uri": "s3://bucket/out"}})
+
+
+def test_auto_sizes_the_base_model_from_its_config_json(tmp_path):
+    from audiotune.orchestration import zero
+
+    assert zero.model_size("llm", _auto(tmp_path, "full", 8)) == zero.ModelSize(FULL, FULL, LARGEST)
+    assert zero.model_size("llm", _auto(tmp_path, "lora", 8)) == zero.ModelSize(LORA_TOTAL, LORA_TRAINABLE, LARGEST)
+
+
+@pytest.mark.parametrize("mode, gpus, nodes, gpu_gib, expected", [
+    ("lora", 8, 1, 80, DDP),  # the rows of docs/scaling.md's table, through the launch path
+    ("lora", 8, 2, 24, DDP),
+    ("full", 8, 1, 80, ZERO2),
+    ("full", 8, 2, 80, ZERO2),
+    ("full", 1, 1, 40, ZERO2_OFFLOAD),
+    ("full", 8, 1, 12, ZERO3),
+])
+def test_auto_picks_what_the_scaling_plan_says(tmp_path, caplog, mode, gpus, nodes, gpu_gib, expected):
+    import logging
+
+    from audiotune.orchestration import zero
+
+    cfg = _auto(tmp_path, mode, gpus, nodes)
+    with caplog.at_level(logging.INFO, logger="audiotune.orchestration.zero"):
+        choice = zero.resolve("llm", cfg, gpus, gpu_gib=gpu_gib)
+    assert choice.option == expected and choice.fits
+    ds = cfg.llm.train.deepspeed
+    assert (ds.zero_stage, ds.offload_optimizer, ds.offload_params) == tuple(expected.settings().values())
+    assert f"zero_stage=auto: {expected.name}" in caplog.text and f"on {gpus * nodes} GPU(s)" in caplog.text
+    assert zero.resolve("llm", cfg, gpus, gpu_gib=gpu_gib) is None  # resolved once; now it is explicit
+
+
+def test_an_explicit_zero_stage_wins_and_auto_needs_a_known_gpu(tmp_path):
+    from audiotune.config import ConfigError, validate
+    from audiotune.orchestration import zero
+
+    cfg = _auto(tmp_path, "full", 8)
+    cfg.llm.train.deepspeed.zero_stage = 0
+    assert zero.resolve("llm", cfg, 8, gpu_gib=12) is None and cfg.llm.train.deepspeed.zero_stage == 0
+    # a PyTorchJob's GPUs are not in the launching pod: their memory comes from cluster.gpu_type
+    cfg = _auto(tmp_path, "full", 8, nodes=2)
+    assert zero.resolve("llm", cfg, 8).option == ZERO2
+    assert zero.gpu_memory_gib("NVIDIA-A100-SXM4-40GB") == 40 and zero.gpu_memory_gib("NVIDIA-L4") == 24
+    unknown = validate({"llm": {"train": {"deepspeed": {"zero_stage": "auto"}}},
+                        "cluster": {"num_nodes": 2, "gpus_per_node": 8, "gpu_type": "Some-GPU"},
+                        "pipeline": {"output_uri": "s3://b/o"}})
+    with pytest.raises(ConfigError, match=r"llm\.train\.deepspeed\.zero_stage=auto .*cluster\.gpu_type"):
+        zero.check(unknown)
+    with pytest.raises(zero.SizingError, match="memory of a GPU is unknown"):
+        zero.resolve("llm", unknown, 8)
+    # no GPU in a one-node run: one CPU process, no ZeRO
+    cpu = validate({"llm": {"train": {"deepspeed": {"zero_stage": "auto"}}}, "cluster": {"gpus_per_node": 0}})
+    assert zero.resolve("llm", cpu, 1).option == DDP and cpu.llm.train.deepspeed.zero_stage == 0
+    with pytest.raises(zero.SizingError, match="config.json"):
+        zero.resolve("llm", _auto(tmp_path, "full", 8, base_model=str(tmp_path / "missing")), 8, gpu_gib=80)
+
+
+def test_auto_keeps_a_flow_with_ema_off_zero3(tmp_path):
+    from audiotune.config import validate
+    from audiotune.orchestration import zero
+
+    def flow(ema: bool):
+        return validate({"flow": {"preset": "base", "ema": {"enabled": ema},
+                                  "train": {"deepspeed": {"zero_stage": "auto"}}}, "cluster": {"gpus_per_node": 8}})
+
+    # ~100M parameters on 8 GPUs of 0.4 GiB: ZeRO-2 does not fit, ZeRO-3 does, but an EMA needs whole weights
+    assert zero.resolve("flow", flow(False), 8, gpu_gib=0.4).option == ZERO3
+    cfg = flow(True)
+    assert zero.resolve("flow", cfg, 8, gpu_gib=0.4).option == ZERO2_OFFLOAD
+    validate(cfg.model_dump(mode="json"))  # the resolved config is still a valid one

@@ -221,12 +221,26 @@ def test_cluster_settings_reach_the_pods(tmp_path):
 
 
 def test_multinode_training_tasks_only_drive_a_pytorchjob(tmp_path):
-    spec, platform, _ = _compile(tmp_path, load_config(COMPILED_FROM, ["cluster.num_nodes=4"]))
+    spec, platform, _ = _compile(tmp_path, load_config(COMPILED_FROM, ["cluster.num_nodes=4",
+                                                                       "pipeline.output_uri=s3://bucket/out"]))
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     executor = spec["deploymentSpec"]["executors"]["exec-train-llm"]["container"]
     assert "accelerator" not in executor.get("resources", {})  # the PyTorchJob's pods get the GPUs
     assert "emptyDirMounts" not in k8s["exec-train-llm"] and "tolerations" not in k8s["exec-train-llm"]
     assert k8s["exec-train-llm"]["secretAsEnv"]  # it still needs the credentials
+
+
+def test_training_tasks_output_what_they_launched(checked_in):
+    spec, _ = checked_in
+    for name in ("comp-train-llm", "comp-train-flow", "comp-train-joint"):
+        artifacts = spec["components"][name]["outputDefinitions"]["artifacts"]
+        assert artifacts["job_manifest"]["artifactType"]["schemaTitle"] == "system.Artifact", name
+
+
+def test_zero_stage_parameter_accepts_auto(checked_in):
+    spec, _ = checked_in
+    zero = spec["root"]["inputDefinitions"]["parameters"]["zero_stage"]
+    assert zero["parameterType"] == "STRING" and zero["defaultValue"] == "0" and "auto" in zero["description"]
 
 
 def test_default_config_compiles_like_the_module_pipeline(tmp_path):

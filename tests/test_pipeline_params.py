@@ -79,5 +79,46 @@ def test_every_parameter_maps_onto_the_schema():
 def test_the_ci_example_config_is_valid_and_submittable():
     cfg = load_config(EXAMPLES / "ci" / "retrain.yaml")
     typed, mapping = params.split(cfg)
-    assert typed["gpus"] == 8 and typed["zero_stage"] == 2 and typed["output_uri"].startswith("s3://")
+    assert typed["gpus"] == 8 and typed["zero_stage"] == "2" and typed["output_uri"].startswith("s3://")
     assert params.resolve(mapping, typed)[0] == cfg
+
+
+def test_joint_epochs_zero_skips_the_joint_stage_even_when_the_config_sets_max_steps():
+    from audiotune.orchestration.steps import joint_enabled
+
+    both = {"pipeline": {"mode": "both"}, "joint": {"train": {"max_steps": 10}}}
+    cfg, _ = params.resolve(both, {"joint_epochs": 0})
+    assert cfg.joint.train.max_steps == 10 and not joint_enabled(cfg)
+    cfg, _ = params.resolve({**both, "joint": {"train": {"max_steps": 10, "epochs": 0}}}, {})
+    assert not joint_enabled(cfg)  # the config's own epochs: 0 is the same switch
+    cfg, _ = params.resolve(both, {"joint_epochs": 2})
+    assert joint_enabled(cfg)
+    # the demo turns its joint stage on (epochs 1, max_steps 10): it runs, through the parameters as well
+    demo = load_config(EXAMPLES / "demo.yaml")
+    typed, mapping = params.split(demo)
+    assert typed["joint_epochs"] > 0 and joint_enabled(params.resolve(mapping, typed)[0])
+    assert not joint_enabled(params.resolve(mapping, {**typed, "joint_epochs": 0})[0])
+    assert params.defaults()["joint_epochs"] == AudiotuneConfig().joint.train.epochs == 0  # off unless asked for
+    assert not joint_enabled(AudiotuneConfig(pipeline={"mode": "both"}))
+
+
+def test_zero_stage_parameter_takes_a_stage_or_auto():
+    for value, expected in (("auto", "auto"), ("2", 2), (3, 3), ("1.0", 1)):
+        cfg, _ = params.resolve({}, {"zero_stage": value})
+        assert {cfg.llm.train.deepspeed.zero_stage, cfg.flow.train.deepspeed.zero_stage,
+                cfg.joint.train.deepspeed.zero_stage} == {expected}, value
+    for bad in ("2.5", "four", "5"):
+        with pytest.raises(ConfigError, match=r"llm\.train\.deepspeed\.zero_stage"):
+            params.resolve({}, {"zero_stage": bad})
+    cfg = load_config(EXAMPLES / "demo.yaml", ["llm.train.deepspeed.zero_stage=auto"])
+    typed, mapping = params.split(cfg)
+    assert params.resolve(mapping, typed)[0] == cfg
+
+
+def test_several_nodes_need_an_s3_output_uri_before_anything_runs():
+    with pytest.raises(ConfigError, match=r"cluster\.num_nodes=2 needs pipeline\.output_uri"):
+        params.resolve({"cluster": {"num_nodes": 2}}, {})
+    with pytest.raises(ConfigError, match=r"pipeline\.output_uri"):
+        params.resolve({"cluster": {"num_nodes": 2}}, {"output_uri": "/shared/out"})
+    cfg, _ = params.resolve({"cluster": {"num_nodes": 2}}, {"output_uri": "s3://bucket/out"})
+    assert cfg.cluster.num_nodes == 2

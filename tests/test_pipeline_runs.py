@@ -57,6 +57,13 @@ def test_prepare_refuses_a_bad_config_naming_the_field(workdir):
         steps.prepare({"llm": {"train": {"lr": -1}}}, {"source_uri": "x"}, "kfp-1")
     with pytest.raises(steps.StepError, match="source_uri"):
         steps.prepare({}, {}, "kfp-1")
+    # what the training tasks would otherwise find out only after convert and tokenize (and their retries)
+    with pytest.raises(ConfigError, match=r"cluster\.num_nodes=2 needs pipeline\.output_uri"):
+        steps.prepare({"cluster": {"num_nodes": 2}}, {"source_uri": "x"}, "kfp-1")
+    with pytest.raises(ConfigError, match=r"zero_stage=auto .*cluster\.gpu_type"):
+        steps.prepare({"cluster": {"num_nodes": 2}}, {"source_uri": "x", "zero_stage": "auto",
+                                                      "output_uri": "s3://bucket/out"}, "kfp-1")
+    assert not (workdir / "mlruns").exists()  # refused before the MLflow parent run is opened
 
 
 def test_link_nests_fresh_runs_and_records_cached_ones(workdir):

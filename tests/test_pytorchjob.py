@@ -414,3 +414,53 @@ def test_api_client_and_namespace_from_a_kubeconfig(kube, tmp_path, monkeypatch)
     assert jobs.get("nothing-here") is None
     with pytest.raises(RuntimeError, match="kubeconfig"):
         kube_module.load_api_client(kubeconfig=str(tmp_path / "missing"))
+
+
+def test_a_multinode_training_task_writes_the_jobs_manifest_artifact(kube, tmp_path, monkeypatch):
+    """The launch path of a training task with num_nodes > 1: the PyTorchJob it creates is what it writes to its
+    job_manifest artifact, and a zero_stage: auto reaches the nodes resolved."""
+    import functools
+
+    from audiotune.config import validate
+    from audiotune.orchestration import training
+    from audiotune.train import pytorchjob
+
+    config = {"apiVersion": "v1", "kind": "Config", "current-context": "t",
+              "clusters": [{"name": "c", "cluster": {"server": kube.url}}], "users": [{"name": "u", "user": {}}],
+              "contexts": [{"name": "t", "context": {"cluster": "c", "user": "u"}}]}
+    (tmp_path / "kubeconfig").write_text(yaml.safe_dump(config))
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
+    monkeypatch.setattr(pytorchjob, "run_pytorchjob", functools.partial(pytorchjob.run_pytorchjob, **FAST))
+    kube.next_script = ["Created", "Succeeded"]
+    cfg = validate({"llm": {"init": "scratch", "preset": "qwen2-0.5b", "mode": "full",
+                            "train": {"deepspeed": {"zero_stage": "auto"}}},
+                    "cluster": {"num_nodes": 2, "gpus_per_node": 8, "namespace": "ml", "gpu_type": "NVIDIA-L4"},
+                    "pipeline": {"output_uri": "s3://bucket/out"}})
+    manifest = tmp_path / "outputs" / "job_manifest"
+    training.launch("llm", cfg, {"--tokens": "s3://bucket/tokens", "--base-model": ""}, "s3://bucket/out/llm",
+                    RUN_ID, "s3://bucket/out/run", manifest_path=manifest)
+    written = yaml.safe_load(manifest.read_text())
+    [created] = kube.jobs.values()
+    assert written["kind"] == "PyTorchJob" and written["metadata"]["name"] == created["metadata"]["name"]
+    assert written["spec"] == created["spec"]  # exactly what the API server got
+    container = written["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
+    node_config = yaml.safe_load(next(e["value"] for e in container["env"] if e["name"] == training.CONFIG_ENV))
+    assert node_config["llm"]["train"]["deepspeed"]["zero_stage"] == 2  # 16 × 24 GiB: resolved before the job
+
+
+def test_a_one_node_training_task_writes_a_note_instead(tmp_path, monkeypatch):
+    import subprocess
+
+    from audiotune.config import validate
+    from audiotune.orchestration import training
+
+    monkeypatch.setattr(subprocess, "run", lambda cmd, check: subprocess.CompletedProcess(cmd, 0))
+    cfg = validate({"cluster": {"gpus_per_node": 0}, "llm": {"train": {"deepspeed": {"zero_stage": "auto"}}}})
+    note = tmp_path / "job_manifest"
+    training.launch("llm", cfg, {"--tokens": "/data/tokens"}, str(tmp_path / "out"), RUN_ID, None,
+                    manifest_path=note)
+    text = note.read_text()
+    assert text.startswith("# no PyTorchJob")
+    data = yaml.safe_load(text)
+    assert data["launcher"] == "torchrun" and data["nproc_per_node"] == 1 and data["zero_stage"] == 0
+    assert "torch.distributed.run" in data["command"] and "audiotune.cli" in data["command"]

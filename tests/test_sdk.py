@@ -2,15 +2,19 @@
 
 The server answers what ``kfp.Client`` calls (healthz, experiments, pipeline upload and versions,
 create run, get run) and the UI's pod-log endpoint, and records every request, so the tests check
-what the client sends: the compiled spec, the parameters, the experiment, the credentials; and the
-CLI's exit codes for succeeded, failed and not-promoted runs.
+what the client sends: the compiled spec, the parameters, the experiment, the credentials (a token
+or the pod's ServiceAccount token); and the CLI's exit codes for succeeded, failed and not-promoted
+runs and for bad usage, and the CI example's handling of them.
 """
 
 from __future__ import annotations
 
 import email.parser
 import json
+import os
+import re
 import socket
+import subprocess
 import tempfile
 import threading
 import urllib.parse
@@ -25,6 +29,14 @@ from audiotune.config import ConfigError, load_config
 from audiotune.orchestration import params
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.fixture(autouse=True)
+def no_ambient_credentials(monkeypatch, tmp_path):
+    """No host, token or ServiceAccount token from the machine running the tests."""
+    for name in ("KF_PIPELINES_ENDPOINT", "KF_PIPELINES_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("KF_PIPELINES_SA_TOKEN_PATH", str(tmp_path / "no-sa-token"))
 
 
 class FakeKFP:
@@ -231,7 +243,34 @@ def test_invalid_config_is_refused_before_anything_is_sent(tmp_path):
         with pytest.raises(ConfigError, match=r"llm\.lora\.r"):
             sdk.submit(str(bad), host=fake.url)
         code = cli.main(["submit", "--config", str(bad), "--host", fake.url])
-    assert code == 2 and fake.requests == []
+    assert code == 64 and fake.requests == []  # submit's 2 means "not promoted"
+    assert cli.main(["config", "--config", str(bad)]) == 2  # every other command: 2
+
+
+def test_submit_usage_and_config_errors_exit_64_before_anything_is_sent(capsys, monkeypatch):
+    demo = ["--config", str(EXAMPLES / "demo.yaml"), "--set", "convert.source=s3://c/m.jsonl"]
+    with FakeKFP() as fake:
+        monkeypatch.setenv("KF_PIPELINES_ENDPOINT", "")  # what CI gets from a missing secret
+        assert cli.main(["submit", *demo, "--wait"]) == 64
+        assert "no Kubeflow host" in capsys.readouterr().err
+        monkeypatch.setenv("KF_PIPELINES_ENDPOINT", fake.url)
+        assert cli.main(["submit", *demo, "--promote"]) == 64  # --promote without --wait
+        # a run that would succeed and then not be promotable: refused before it is submitted
+        assert cli.main(["submit", *demo, "--wait", "--promote"]) == 64
+        assert "export.registered_model_name" in capsys.readouterr().err
+        assert cli.main(["submit", *demo, "--wait", "--promote", "--set", "export.registered_model_name=tts",
+                         "--set", "tracking.enabled=false"]) == 64
+        assert cli.main(["submit", *demo, "--set", "cluster.num_nodes=2"]) == 64  # needs pipeline.output_uri
+        assert "pipeline.output_uri" in capsys.readouterr().err
+        for argv in (["submit", *demo, "--wiat"], ["submit"]):  # argparse's usage errors too
+            with pytest.raises(SystemExit) as info:
+                cli.main(argv)
+            assert info.value.code == 64, argv
+        assert cli.main(["submit", *demo, "--set", "llm.lora.r=0"]) == 64
+        assert fake.requests == []
+        with pytest.raises(SystemExit) as info:
+            cli.main(["convert", "--wiat"])
+        assert info.value.code == 2
 
 
 def test_wait_returns_the_final_state_and_reports_progress(demo_cfg):
@@ -253,7 +292,7 @@ def test_wait_times_out(demo_cfg):
 
 def _submit_cli(fake: FakeKFP, *extra: str) -> int:
     return cli.main(["submit", "--config", str(EXAMPLES / "demo.yaml"), "--set", "convert.source=s3://c/m.jsonl",
-                     "--host", fake.url, "--poll", "0.01", *extra])
+                     "--set", "export.registered_model_name=tts", "--host", fake.url, "--poll", "0.01", *extra])
 
 
 def test_cli_wait_exit_0_when_the_run_succeeds(capsys):
@@ -336,3 +375,81 @@ def test_promote_moves_the_champion_only_to_a_better_model(tmp_path, monkeypatch
     assert [(v.promoted, v.version) for v in verdicts] == [(True, "1"), (True, "2"), (False, "3")]
     assert "did not beat" in verdicts[2].message
     assert sdk.promote(cfg, "kfp-unknown").promoted is False  # a run that registered nothing
+
+
+def test_the_pods_service_account_token_is_sent_when_no_token_is_given(tmp_path, monkeypatch, demo_cfg, capsys):
+    """kfp.Client skips the projected ServiceAccount token once a host is given; the chart's CronJob relies on it."""
+    token = tmp_path / "sa-token"
+    token.write_text("sa-1\n")
+    monkeypatch.setenv("KF_PIPELINES_SA_TOKEN_PATH", str(token))
+    with FakeKFP(token="sa-1") as fake:
+        conn = sdk.Connection(fake.url)
+        assert sdk.submit(demo_cfg, host=conn).run_id == "run-1"
+        token.write_text("sa-2")  # the kubelet rotates the token: the next request reads it again
+        fake.token = "sa-2"
+        assert sdk.submit(demo_cfg, host=conn).run_id == "run-2"
+    assert {r["auth"] for r in fake.requests} == {"Bearer sa-1", "Bearer sa-2"}
+    assert fake.requests[0]["path"] == "/apis/v2beta1/healthz" and fake.requests[0]["auth"] == "Bearer sa-1"
+    # the CLI without --token: probe, API calls and the failed task's log all authenticated
+    with FakeKFP(states=("FAILED",), failed_task="train llm", token="sa-2") as fake:
+        assert _submit_cli(fake, "--wait") == 1
+    assert "Traceback: boom in run-1-train-pod" in capsys.readouterr().err
+    assert all(r["auth"] == "Bearer sa-2" for r in fake.requests)
+    assert any(r["path"] == "/k8s/pod/logs" for r in fake.requests)
+    # an explicit token wins over the ServiceAccount's
+    with FakeKFP(token="explicit") as fake:
+        sdk.submit(demo_cfg, host=fake.url, token="explicit")
+    assert {r["auth"] for r in fake.requests} == {"Bearer explicit"}
+
+
+def test_wait_takes_the_host_from_the_environment_like_submit(demo_cfg, monkeypatch):
+    with FakeKFP(states=("RUNNING", "SUCCEEDED")) as fake:
+        monkeypatch.setenv("KF_PIPELINES_ENDPOINT", fake.url)
+        run = sdk.submit(demo_cfg)
+        assert sdk.wait(run.run_id, timeout=30, poll_s=0.01) == "SUCCEEDED"
+    monkeypatch.delenv("KF_PIPELINES_ENDPOINT")
+    with pytest.raises(ConfigError, match="KF_PIPELINES_ENDPOINT"):
+        sdk.wait("run-1", timeout=1)
+
+
+# --- the CI example ---------------------------------------------------------------------------------------------
+
+def _workflow_step(name: str) -> str:
+    workflow = yaml.safe_load((EXAMPLES / "ci" / "retrain.yml").read_text())
+    [step] = [s for s in workflow["jobs"]["retrain"]["steps"] if s.get("name") == name]
+    return re.sub(r"\$\{\{[^}]*\}\}", "ci", step["run"])  # what GitHub substitutes before bash runs it
+
+
+def _run_step(script: str, tmp_path: Path, env: dict[str, str], audiotune_exit: int = 0) -> subprocess.CompletedProcess:
+    """The step's script under bash (as GitHub runs it: -e), with a stand-in `audiotune` that exits as told."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    fake = bin_dir / "audiotune"
+    fake.write_text(f"#!/bin/sh\necho \"audiotune $*\" >> {tmp_path / 'calls'}\nexit {audiotune_exit}\n")
+    fake.chmod(0o755)
+    base = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "GITHUB_SHA": "0123456789abcdef"}
+    return subprocess.run(["bash", "-e", "-c", script], env={**base, **env}, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("code, expected", [(0, 0), (1, 1), (2, 0), (64, 64)])
+def test_the_ci_workflow_only_forgives_a_kept_champion(tmp_path, code, expected):
+    result = _run_step(_workflow_step("Train, wait, promote"), tmp_path, {}, audiotune_exit=code)
+    assert result.returncode == expected, result.stdout + result.stderr
+    assert ("::notice::" in result.stdout) == (code == 2)
+    [call] = (tmp_path / "calls").read_text().splitlines()
+    assert call.startswith("audiotune submit --config examples/ci/retrain.yaml --wait --promote")
+
+
+def test_the_ci_workflow_fails_without_the_kfp_host_secret(tmp_path):
+    check = _workflow_step("Check the secrets")
+    result = _run_step(check, tmp_path, {"KF_PIPELINES_ENDPOINT": "", "MLFLOW_TRACKING_URI": "http://mlflow"})
+    assert result.returncode != 0 and "KFP_HOST" in result.stdout
+    assert _run_step(check, tmp_path, {"KF_PIPELINES_ENDPOINT": "http://kfp",
+                                       "MLFLOW_TRACKING_URI": "http://mlflow"}).returncode == 0
+    # and submit itself refuses an empty host with a code the workflow does not forgive
+    assert cli.main(["submit", "--config", str(EXAMPLES / "ci" / "retrain.yaml"), "--wait", "--promote"]) == 64
+
+
+def test_the_ci_config_can_be_promoted():
+    cfg = sdk.check(EXAMPLES / "ci" / "retrain.yaml", promote=True)
+    assert cfg.export.registered_model_name and cfg.tracking.enabled

@@ -1,6 +1,8 @@
 """The ``audiotune`` command line: every stage with the same shape, as the pipeline runs it.
 
-Exit codes: 0 success, 1 the work failed, 2 bad usage or configuration.
+Exit codes: 0 success, 1 the work failed, 2 bad usage or configuration. Two commands add one: ``promote`` exits 3
+when the champion stays; ``submit``, whose contract gives 2 to "succeeded, champion stays", moves its usage errors to
+64 (see :mod:`audiotune.pipeline_cli`).
 """
 
 from __future__ import annotations
@@ -184,7 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_synthesize)
 
     p = sub.add_parser("promote", help="Move the champion alias to a registered version if it is better; exit 0 "
-                       f"when promoted, {EXIT_NOT_PROMOTED} when the champion stays.")
+                       f"when promoted, {EXIT_NOT_PROMOTED} when the champion stays.",
+                       epilog=f"exit codes: 0 promoted, 1 the registry could not be used, 2 bad usage or config, "
+                       f"{EXIT_NOT_PROMOTED} the champion stays. (`submit --wait --promote` says 'champion stays' "
+                       "with 2, as CI expects of it, and bad usage with 64; this command keeps the CLI-wide 2 for "
+                       "bad usage.)")
     p.add_argument("--model-name", required=True, help="Registered model name.")
     p.add_argument("--version", help="Challenger version (default: the newest).")
     p.add_argument("--metric", default="val_loss", help="Metric compared (a metric.<name> tag of the versions).")
@@ -246,9 +252,17 @@ def _failure_types() -> tuple[type[BaseException], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
+    from audiotune.pipeline_cli import usage_exit_code
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as err:  # argparse's usage errors exit 2, which `submit` reserves for "not promoted"
+        if err.code == EXIT_USAGE:
+            raise SystemExit(usage_exit_code(argv)) from None
+        raise
     args.argv = argv
+    usage = getattr(args, "usage_exit", EXIT_USAGE)
     rank = os.environ.get("RANK", "0")  # torchrun workers other than rank 0 only warn: one log per run
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else (logging.INFO if rank in ("", "0") else logging.WARNING),
@@ -259,13 +273,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
         print(f"audiotune: {err}", file=sys.stderr)
-        return EXIT_USAGE
+        return usage
     func: Callable[[argparse.Namespace, AudiotuneConfig], int] = args.func
     try:
         return func(args, cfg)
     except ConfigError as err:
         print(f"audiotune: {err}", file=sys.stderr)
-        return EXIT_USAGE
+        return usage
     except _failure_types() as err:
         if args.verbose:
             log.exception("failed")

@@ -207,7 +207,11 @@ class LoraSettings(_Section):
 class DeepSpeedSettings(_Section):
     """DeepSpeed ZeRO, generated from these settings or read from a user's JSON."""
 
-    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="ZeRO stage; 0 runs plain DDP (or one process).")
+    zero_stage: Literal["auto", 0, 1, 2, 3] = Field(
+        0, description="ZeRO stage; 0 runs plain DDP (or one process). auto: the pipeline's launcher picks the stage "
+        "and offloading from the model's size, the GPUs and their memory (audiotune.train.memory."
+        "choose_zero_config) and logs why; `audiotune train` run by hand needs 0-3."
+    )
     offload_optimizer: bool = Field(False, description="Keep optimizer states in CPU memory (ZeRO 2/3).")
     offload_params: bool = Field(False, description="Keep parameters in CPU memory (ZeRO 3).")
     config_file: str | None = Field(
@@ -216,6 +220,11 @@ class DeepSpeedSettings(_Section):
 
     @model_validator(mode="after")
     def _offload(self) -> "DeepSpeedSettings":
+        if self.zero_stage == "auto" and (self.offload_optimizer or self.offload_params or self.config_file):
+            raise ValueError("zero_stage auto picks the stage and offloading itself: set zero_stage 0-3 to use "
+                             "offload_optimizer, offload_params or config_file")
+        if self.zero_stage == "auto":
+            return self
         if self.offload_params and self.zero_stage != 3:
             raise ValueError("offload_params needs zero_stage 3")
         if self.offload_optimizer and self.zero_stage < 1:
@@ -446,9 +455,10 @@ class FlowStageConfig(_Section):
         None, description="Starting flow (Flow artifact, or a folder with config.json + model.safetensors; local "
         "or s3://); --base-flow. Unset: random init of `preset`."
     )
-    preset: Literal["tiny", "base"] = Field(
-        "base", description="Architecture when there is no base_flow: tiny (tests, demo) or base (~100M "
-        "parameters, CosyVoice-300M-sized)."
+    preset: Literal["tiny", "base", "from_base"] = Field(
+        "base", description="Architecture: tiny (tests, demo) or base (~100M parameters, CosyVoice-300M-sized); "
+        "a base_flow must match it tensor for tensor (an error lists what differs). from_base takes the "
+        "architecture from the base_flow's config.json (needs a base_flow)."
     )
     codebooks: Literal["first", "all"] = Field(
         "all", description="Codes the flow reads: codebook 0 only, or all codebooks (embeddings summed)."
@@ -500,10 +510,10 @@ class FlowStageConfig(_Section):
 
 
 class JointTrainSettings(TrainSettings):
-    """The joint stage's loop: as the others, but it runs only with epochs > 0 or max_steps set."""
+    """The joint stage's loop: as the others, but epochs 0 skips the stage (whatever max_steps says)."""
 
-    epochs: float = Field(0.0, ge=0, description="Passes over the training data; 0 (and no max_steps) skips the "
-                          "joint stage.")
+    epochs: float = Field(0.0, ge=0, description="Passes over the training data (when max_steps is unset); 0, the "
+                          "default, skips the joint stage, even with max_steps set.")
 
 
 class JointStageConfig(_Section):
@@ -533,8 +543,8 @@ class JointStageConfig(_Section):
 
     @property
     def enabled(self) -> bool:
-        """Whether the pipeline runs the joint stage."""
-        return self.train.epochs > 0 or self.train.max_steps is not None
+        """Whether the pipeline runs the joint stage: epochs > 0 (0 is the off switch; max_steps only bounds it)."""
+        return self.train.epochs > 0
 
 
 class SynthesisSettings(_Section):
@@ -596,8 +606,8 @@ class PipelineConfig(_Section):
     """The Kubeflow pipeline around the stages (``audiotune run --local``, ``compile``, ``submit``)."""
 
     mode: Literal["llm", "flow", "both"] = Field(
-        "llm", description="What to train: the LLM, the flow decoder, or both (then the joint stage when it has "
-        "epochs or max_steps)."
+        "llm", description="What to train: the LLM, the flow decoder, or both (then the joint stage when "
+        "joint.train.epochs > 0)."
     )
     output_uri: str | None = Field(
         None, description="Durable location (s3:// or a shared path) of training outputs, their checkpoints and the "
@@ -633,6 +643,22 @@ class AudiotuneConfig(_Section):
         default_factory=ClusterSettings, description="Where the pipeline's training stages run on Kubernetes "
         "(compiled into the pipeline: GPUs, resources, node selector, tolerations, /dev/shm, secrets)."
     )
+
+    @model_validator(mode="after")
+    def _joint_ema(self) -> "AudiotuneConfig":
+        if self.joint.enabled and self.flow.ema.enabled and self.joint.train.deepspeed.zero_stage == 3:
+            raise ValueError("joint.train.deepspeed.zero_stage=3 with flow.ema.enabled=true: the flow's EMA needs "
+                             "whole weights on every process; use joint.train.deepspeed.zero_stage 0, 1 or 2, or "
+                             "set flow.ema.enabled=false")
+        return self
+
+    @model_validator(mode="after")
+    def _multinode_output(self) -> "AudiotuneConfig":
+        if self.cluster.num_nodes > 1 and not (self.pipeline.output_uri or "").startswith("s3://"):
+            raise ValueError(f"cluster.num_nodes={self.cluster.num_nodes} needs pipeline.output_uri set to an s3:// "
+                             f"location (got {self.pipeline.output_uri!r}): every node of a PyTorchJob reads the "
+                             "inputs and writes the output there")
+        return self
 
 
 def _format_errors(err: ValidationError, origin: str) -> str:

@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import re
 import tempfile
 import time
@@ -37,9 +38,10 @@ from audiotune.orchestration.runs import Promotion
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ConfigError", "LocalRun", "PipelineFailed", "SubmitError", "SubmittedRun", "arguments", "compile",
-           "failure_report", "promote", "run_local", "submit", "upload_pipeline", "wait"]
+__all__ = ["ConfigError", "LocalRun", "PipelineFailed", "SubmitError", "SubmittedRun", "arguments", "check",
+           "compile", "failure_report", "promote", "run_local", "submit", "upload_pipeline", "wait"]
 
+HOST_ENV = "KF_PIPELINES_ENDPOINT"  # the variable kfp.Client reads too
 DEFAULT_LOCAL_ROOT = "kfp-local"
 PIPELINE_NAME = "audiotune-finetune"
 DESCRIPTION = "Fine-tune an audio-token LLM and/or its flow decoder (audiotune)."
@@ -69,6 +71,34 @@ def arguments(config: str | Path | dict[str, Any] | AudiotuneConfig) -> dict[str
                       if _flat(again.model_dump(mode="json")).get(k) != v)
         raise ConfigError(f"config fields cannot be passed to the pipeline as given: {', '.join(diff)}")
     return {**typed, "config": mapping}
+
+
+def check(config: str | Path | dict[str, Any] | AudiotuneConfig, promote: bool = False) -> AudiotuneConfig:
+    """Everything about a config that would otherwise fail only once the run is on the cluster (or after it).
+
+    Args:
+        config: The run's config.
+        promote: The run's model is to be promoted afterwards (:func:`promote`).
+
+    Returns:
+        The validated config.
+
+    Raises:
+        ConfigError: Naming the field: an invalid config, one the pipeline parameters cannot carry, a
+            ``zero_stage: auto`` that could not be sized, or (``promote``) no ``export.registered_model_name`` or
+            tracking turned off.
+    """
+    from audiotune.orchestration import zero
+
+    cfg = load(config)
+    arguments(cfg)
+    zero.check(cfg)
+    if promote and not cfg.export.registered_model_name:
+        raise ConfigError("export.registered_model_name is unset: promoting needs the export registered in the "
+                          "MLflow model registry under a name")
+    if promote and not cfg.tracking.enabled:
+        raise ConfigError("tracking.enabled is false: promoting compares registered versions in MLflow")
+    return cfg
 
 
 def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -166,7 +196,12 @@ class SubmittedRun:
 
 @dataclass
 class Connection:
-    """How to reach a Kubeflow Pipelines host."""
+    """How to reach a Kubeflow Pipelines host.
+
+    Credentials: ``token`` (a bearer token) and/or ``cookies``; without a token, the projected ServiceAccount
+    token at :func:`~audiotune.orchestration.remote.sa_token_path` when there is one (``kfp.Client`` itself skips
+    it once a host is given).
+    """
 
     host: str
     namespace: str | None = None
@@ -174,17 +209,25 @@ class Connection:
     cookies: str | None = None
     _client: Any = None
 
+    def bearer(self) -> str | None:
+        """The bearer token sent: ``token``, else the ServiceAccount token (read each time: the kubelet rotates it)."""
+        return remote.bearer(self.token)
+
     def client(self) -> Any:
         """A ``kfp.Client``, after a probe that turns an unreachable host or refused credentials into one line."""
         if self._client is None:
-            remote.probe(self.host, self.token, self.cookies)
+            remote.probe(self.host, self.bearer(), self.cookies)
             import kfp
+            from kfp.client import ServiceAccountTokenVolumeCredentials
 
+            path = None if self.token else remote.sa_token_path()
+            credentials = ServiceAccountTokenVolumeCredentials(path) if path else None
             with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
                 warnings.simplefilter("ignore", FutureWarning)
                 try:
                     self._client = kfp.Client(host=self.host, namespace=self.namespace or "kubeflow",
-                                              existing_token=self.token, cookies=self.cookies)
+                                              existing_token=self.token, cookies=self.cookies,
+                                              credentials=credentials)
                 except Exception as err:  # the client's own connection and API errors → one line
                     raise remote.api_error(self.host, err) from None
         return self._client
@@ -214,8 +257,15 @@ class Connection:
         return f"{self.host.rstrip('/')}/#/runs/details/{run_id}"
 
 
-def _connection(host: str | Connection, namespace: str | None, token: str | None, cookies: str | None) -> Connection:
-    return host if isinstance(host, Connection) else Connection(host, namespace, token, cookies)
+def _connection(host: str | Connection | None, namespace: str | None, token: str | None,
+                cookies: str | None) -> Connection:
+    """A connection to ``host``; None: ``$KF_PIPELINES_ENDPOINT``, as the CLI and ``kfp.Client`` read it."""
+    if isinstance(host, Connection):
+        return host
+    host = host or os.environ.get(HOST_ENV)
+    if not host:
+        raise ConfigError(f"no Kubeflow Pipelines host: pass host= (the CLI's --host) or set ${HOST_ENV}")
+    return Connection(host, namespace, token, cookies)
 
 
 def upload_pipeline(package: str | Path, host: str | Connection, name: str = "audiotune-finetune", *,
@@ -244,7 +294,7 @@ def upload_pipeline(package: str | Path, host: str | Connection, name: str = "au
     return pipeline_id, made.pipeline_version_id
 
 
-def submit(config: str | Path | dict[str, Any] | AudiotuneConfig, host: str | Connection,
+def submit(config: str | Path | dict[str, Any] | AudiotuneConfig, host: str | Connection | None = None,
            experiment: str | None = None, wait: bool = False, *, run_name: str | None = None,
            namespace: str | None = None, token: str | None = None, cookies: str | None = None,
            upload: bool = True, timeout: float = 24 * 3600,
@@ -252,13 +302,15 @@ def submit(config: str | Path | dict[str, Any] | AudiotuneConfig, host: str | Co
     """Compile the pipeline for ``config`` and start a run of it on a Kubeflow Pipelines host.
 
     Args:
-        config: The run's config; validated before anything is sent.
-        host: Kubeflow Pipelines URL (e.g. ``https://kubeflow.example.com/pipeline``).
+        config: The run's config; validated (:func:`check`) before anything is sent.
+        host: Kubeflow Pipelines URL (e.g. ``https://kubeflow.example.com/pipeline``); None:
+            ``$KF_PIPELINES_ENDPOINT``.
         experiment: Kubeflow experiment (created when missing); default: ``tracking.experiment``.
         wait: Follow the run to its end (then ``state`` is set).
         run_name: Display name of the run; default ``<run.name> <timestamp>``.
         namespace: Kubernetes namespace (multi-user Kubeflow).
-        token: Bearer token for the API.
+        token: Bearer token for the API; None: the projected ServiceAccount token, if this pod has one
+            (``$KF_PIPELINES_SA_TOKEN_PATH``, else ``/var/run/secrets/kubeflow/pipelines/token``).
         cookies: Session cookies for the API (e.g. ``authservice_session=...``).
         upload: Upload the compiled pipeline as a pipeline version (listed in the UI, the run refers
             to it); False sends the spec inline with the run.
@@ -269,10 +321,10 @@ def submit(config: str | Path | dict[str, Any] | AudiotuneConfig, host: str | Co
         The run id and its page in the Kubeflow UI (and the final state with ``wait``).
 
     Raises:
-        ConfigError: The config is invalid (nothing was submitted).
+        ConfigError: The config is invalid, or there is no host (nothing was submitted).
         SubmitError: The host is unreachable or refused the request.
     """
-    cfg = load(config)
+    cfg = check(config)
     args = arguments(cfg)
     conn = _connection(host, namespace, token, cookies)
     name = run_name or f"{cfg.run.name} {time.strftime('%Y-%m-%d %H-%M-%S')}"
@@ -297,7 +349,7 @@ def submit(config: str | Path | dict[str, Any] | AudiotuneConfig, host: str | Co
     return run
 
 
-def get_run(run_id: str, host: str | Connection, namespace: str | None = None, token: str | None = None,
+def get_run(run_id: str, host: str | Connection | None = None, namespace: str | None = None, token: str | None = None,
             cookies: str | None = None) -> Any:
     """The run object (``V2beta1Run``) of ``run_id``."""
     conn = _connection(host, namespace, token, cookies)
@@ -312,9 +364,9 @@ def wait(run_id: str, timeout: float = 24 * 3600, host: str | Connection | None 
     Args:
         run_id: The run.
         timeout: Seconds before giving up.
-        host: Kubeflow Pipelines URL (or a connection).
+        host: Kubeflow Pipelines URL (or a connection); None: ``$KF_PIPELINES_ENDPOINT``.
         namespace: Kubernetes namespace (multi-user Kubeflow).
-        token: Bearer token for the API.
+        token: Bearer token for the API (None: the ServiceAccount token, as in :func:`submit`).
         cookies: Session cookies for the API.
         poll_s: Seconds between polls.
         progress: Called with a line whenever the run's or a task's state changes.
@@ -325,53 +377,23 @@ def wait(run_id: str, timeout: float = 24 * 3600, host: str | Connection | None 
     Raises:
         TimeoutError: The run did not end within ``timeout``.
         SubmitError: The host is unreachable or refused the request.
+        ConfigError: No host given and ``$KF_PIPELINES_ENDPOINT`` unset.
     """
-    if host is None:
-        raise ValueError("wait() needs the Kubeflow host")
     return _follow(_connection(host, namespace, token, cookies), run_id, timeout, poll_s, progress)
 
 
 def _follow(conn: Connection, run_id: str, timeout: float, poll_s: float,
             progress: Callable[[str], None] | None) -> str:
-    deadline = time.monotonic() + timeout
-    seen: dict[str, str] = {}
-    while True:
-        run = conn.call(lambda c: c.get_run(run_id))
-        state = remote.state_of(run)
-        if progress is not None:
-            for task in remote.tasks(run):
-                if seen.get(task.name) != task.state:
-                    seen[task.name] = task.state
-                    progress(f"{task.name}: {task.state.lower()}")
-            if seen.get("<run>") != state:
-                seen["<run>"] = state
-                progress(f"run {run_id}: {state.lower() or 'pending'}")
-        if state in remote.FINAL_STATES:
-            return "CANCELED" if state == "CANCELLED" else state
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"run {run_id} still {state or 'pending'} after {timeout:.0f}s: {conn.run_url(run_id)}")
-        time.sleep(poll_s)
+    return remote.follow(lambda: conn.call(lambda c: c.get_run(run_id)), run_id, timeout, poll_s, progress,
+                         conn.run_url(run_id))
 
 
-def failure_report(run_id: str, host: str | Connection, lines: int = 30, **auth: Any) -> list[str]:
+def failure_report(run_id: str, host: str | Connection | None = None, lines: int = 30, **auth: Any) -> list[str]:
     """Lines naming each failed task of a run, its error and the last lines of its log."""
     conn = _connection(host, auth.get("namespace"), auth.get("token"), auth.get("cookies"))
     run = conn.call(lambda c: c.get_run(run_id))
-    out = []
-    failed = remote.failed_tasks(run)
-    if not failed:
-        error = getattr(getattr(run, "error", None), "message", None)
-        return [f"run {run_id} {remote.state_of(run).lower()}" + (f": {error}" if error else "")]
-    for task in failed:
-        out.append(f"failed task: {task.name}" + (f": {task.error}" if task.error else ""))
-        logs = remote.pod_logs(conn.host, task.pod, conn.namespace, conn.token, conn.cookies, lines,
-                               run_id) if task.pod else None
-        if logs:
-            out.append(f"last {len(logs)} log lines of {task.name} (pod {task.pod}):")
-            out += [f"  {line}" for line in logs]
-        elif task.pod:
-            out.append(f"  (logs: kubectl logs -n {conn.namespace or '<namespace>'} {task.pod} -c main)")
-    return out
+    return remote.failure_lines(run, run_id, lambda pod: remote.pod_logs(
+        conn.host, pod, conn.namespace, conn.bearer(), conn.cookies, lines, run_id), conn.namespace)
 
 
 def promote(config: str | Path | dict[str, Any] | AudiotuneConfig, run_id: str,

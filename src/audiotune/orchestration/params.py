@@ -44,6 +44,15 @@ def _targets_from_config(value: Any) -> str:
     return value if isinstance(value, str) else ",".join(value)
 
 
+def _zero_to_config(value: str) -> Any:
+    value = value.strip()
+    try:
+        number = float(value)  # "2"; "2.0" when a number came back through protobuf
+    except ValueError:
+        return value  # "auto"; anything else is refused by the schema, naming the field
+    return int(number) if number.is_integer() else number
+
+
 @dataclass(frozen=True)
 class PipelineParam:
     """One typed pipeline parameter.
@@ -82,15 +91,17 @@ PARAMS: tuple[PipelineParam, ...] = (
     PipelineParam("flow_epochs", float, ("flow.train.epochs",), "Epochs of the flow stage."),
     PipelineParam("flow_lr", float, ("flow.train.lr",), "Peak learning rate of the flow stage."),
     PipelineParam("joint_epochs", float, ("joint.train.epochs",),
-                  "Epochs of the joint stage (mode both); 0 skips it."),
+                  "Epochs of the joint stage (mode both); 0 skips it, even when the config sets "
+                  "joint.train.max_steps."),
     PipelineParam("joint_lr_scale", float, ("joint.lr_scale",),
                   "The joint stage's learning rates: llm_lr and flow_lr times this."),
     PipelineParam("lora_r", int, ("llm.lora.r",), "LoRA rank."),
     PipelineParam("lora_alpha", float, ("llm.lora.alpha",), "LoRA alpha."),
     PipelineParam("lora_targets", str, ("llm.lora.target_modules",),
                   "LoRA target modules, comma-separated, or all-linear.", _targets_to_config, _targets_from_config),
-    PipelineParam("zero_stage", int, tuple(f"{s}.train.deepspeed.zero_stage" for s in TRAIN_STAGES),
-                  "DeepSpeed ZeRO stage (0-3) of the training stages."),
+    PipelineParam("zero_stage", str, tuple(f"{s}.train.deepspeed.zero_stage" for s in TRAIN_STAGES),
+                  "DeepSpeed ZeRO stage of the training stages: 0-3, or auto (picked at launch from the model's "
+                  "size, the GPUs and their memory).", _zero_to_config, str),
     PipelineParam("gpus", int, ("cluster.gpus_per_node",),
                   "GPUs per training pod (per node); one torchrun process each (0: CPU, one process)."),
     PipelineParam("output_uri", str, ("pipeline.output_uri",),

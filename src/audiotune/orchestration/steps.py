@@ -131,13 +131,16 @@ class Prepared:
 
 
 def joint_enabled(cfg: AudiotuneConfig) -> bool:
-    """Whether the joint stage runs: mode both, and joint epochs > 0 or max_steps set."""
+    """Whether the joint stage runs: mode both, and joint epochs > 0 (0 skips it, whatever max_steps says)."""
     return cfg.pipeline.mode == "both" and cfg.joint.enabled
 
 
 def prepare(config: dict[str, Any], typed: dict[str, Any], pipeline_run_id: str) -> Prepared:
     """Resolve and validate the run's config, fingerprint the source, open the MLflow parent run."""
+    from audiotune.orchestration import zero
+
     cfg, notes = params.resolve(config, typed)
+    zero.check(cfg)  # what the training tasks would only find out after convert and tokenize
     for note in notes:
         log.warning("%s", note)
     if not cfg.convert.source:
@@ -220,25 +223,28 @@ def _complete(uri: str) -> bool:
 
 
 def _train(stage: str, cfg: AudiotuneConfig, pipeline_run_id: str, inputs: dict[str, str],
-           outputs: dict[str, tuple[str, str]], output: str) -> None:
+           outputs: dict[str, tuple[str, str]], output: str, manifest: str | None) -> None:
     """Launch ``stage`` unless an earlier attempt already published all its outputs; then put each output into its
     KFP artifact path.
 
     Args:
         outputs: CLI option → (where the stage writes it, the KFP artifact path it must end up in).
         output: The stage's ``--output``.
+        manifest: The task's ``job_manifest`` artifact path (the PyTorchJob's manifest, or a note), or None.
     """
-    from audiotune.orchestration.training import LaunchError, launch
+    from audiotune.orchestration.training import LaunchError, launch, write_note
 
     durable = {opt: target for opt, (target, local) in outputs.items() if target != local}
     if durable and all(_complete(t) for t in durable.values()):
         log.info("%s already published by an earlier attempt of this task: reusing it", ", ".join(durable.values()))
+        write_note(manifest, launcher="none", reused=sorted(durable.values()))
     else:
         if any(storage.exists(t) for t in durable.values()):
             getattr(cfg, stage).overwrite = True  # half-published by a failed attempt (S3)
         extra = {opt: target for opt, (target, _) in outputs.items() if opt != "--output"}
         try:
-            launch(stage, cfg, {**inputs, **extra}, output, pipeline_run_id, durable_output(cfg, pipeline_run_id, ""))
+            launch(stage, cfg, {**inputs, **extra}, output, pipeline_run_id, durable_output(cfg, pipeline_run_id, ""),
+                   manifest)
         except LaunchError as err:
             raise StepError(str(err)) from None
     for target, local in outputs.values():
@@ -250,7 +256,8 @@ def _manifest(uri: str) -> dict[str, Any]:
     return json.loads(storage.read_text(storage.join(uri, artifacts.MANIFEST)))
 
 
-def train(stage: str, config: str, pipeline_run_id: str, output: str, inputs: dict[str, str]) -> Outcome:
+def train(stage: str, config: str, pipeline_run_id: str, output: str, inputs: dict[str, str],
+          manifest: str | None = None) -> Outcome:
     """Train ``stage`` (llm | flow) into the KFP artifact path ``output``.
 
     With ``pipeline.output_uri`` the stage writes to a durable location first (its checkpoints beside it), so that a
@@ -263,10 +270,12 @@ def train(stage: str, config: str, pipeline_run_id: str, output: str, inputs: di
         pipeline_run_id: The Kubeflow run id (stable across retries of a task).
         output: Local path of the task's output Model artifact.
         inputs: CLI options and their URIs, e.g. ``{"--tokens": ..., "--base-model": ...}``.
+        manifest: Local path of the task's ``job_manifest`` artifact: the PyTorchJob's manifest (several nodes)
+            or a YAML note of the torchrun command (one node).
     """
     cfg = load(config, f"train_{stage} config")
     target = durable_output(cfg, pipeline_run_id, stage) or output
-    _train(stage, cfg, pipeline_run_id, inputs, {"--output": (target, output)}, target)
+    _train(stage, cfg, pipeline_run_id, inputs, {"--output": (target, output)}, target, manifest)
     manifest = _manifest(output)
     metrics = manifest.get("metrics") or {}
     return Outcome(metrics=numeric(metrics, tuple(metrics)),
@@ -274,14 +283,14 @@ def train(stage: str, config: str, pipeline_run_id: str, output: str, inputs: di
 
 
 def train_joint(config: str, pipeline_run_id: str, tokens: str, llm: str, flow: str,
-                llm_output: str, flow_output: str) -> Outcome:
+                llm_output: str, flow_output: str, manifest: str | None = None) -> Outcome:
     """Train the LLM and the flow together into the two KFP artifact paths (durable copies as in :func:`train`)."""
     cfg = load(config, "train_joint config")
     base = durable_output(cfg, pipeline_run_id, "joint")
     targets = {"--llm-output": (storage.join(base, "llm") if base else llm_output, llm_output),
                "--flow-output": (storage.join(base, "flow") if base else flow_output, flow_output)}
     _train("joint", cfg, pipeline_run_id, {"--tokens": tokens, "--llm": llm, "--flow": flow}, targets,
-           base or os.path.dirname(llm_output.rstrip("/")))
+           base or os.path.dirname(llm_output.rstrip("/")), manifest)
     metrics_file = os.path.join(flow_output, "metrics.json")
     metrics = json.loads(Path(metrics_file).read_text()) if os.path.exists(metrics_file) else {}
     return Outcome(metrics=numeric(metrics, tuple(metrics)),

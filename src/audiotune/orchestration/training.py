@@ -5,7 +5,12 @@
   DeepSpeed ZeRO comes from the stage's ``train.deepspeed`` settings, which the stage turns into its config.
 - Several nodes: the task submits a Kubeflow PyTorchJob (:mod:`audiotune.train.pytorchjob`) that runs the same
   command on every node of the same image and follows it to the end. Every node must read its inputs and write its
-  output in one place, so this needs ``pipeline.output_uri``; inputs the task only has locally are published there.
+  output in one place, so this needs ``pipeline.output_uri`` (the config schema refuses a config without one);
+  inputs the task only has locally are published there.
+
+A ``zero_stage: auto`` is resolved here, before the processes start (:mod:`audiotune.orchestration.zero`). What was
+launched is written to ``manifest_path`` (the task's ``job_manifest`` artifact): the PyTorchJob's manifest, or on one
+node a short YAML note with the torchrun command.
 """
 
 from __future__ import annotations
@@ -56,17 +61,28 @@ def config_yaml(cfg: AudiotuneConfig, stage: str, nproc: int) -> str:
     return yaml.safe_dump(params.set_fields(cfg), sort_keys=False)
 
 
-def run_torchrun(stage: str, cfg: AudiotuneConfig, argv: list[str]) -> None:
-    """``torchrun --nproc_per_node <gpus> -m audiotune.cli <argv> --config <the run's config>`` in this pod."""
+def write_note(path: str | Path | None, **fields) -> None:
+    """The ``job_manifest`` artifact of a task that created no PyTorchJob: a YAML note of what it did instead."""
+    if path is None:
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("# no PyTorchJob: cluster.num_nodes is 1\n" + yaml.safe_dump(fields, sort_keys=False),
+                          encoding="utf-8")
+
+
+def run_torchrun(stage: str, cfg: AudiotuneConfig, argv: list[str], nproc: int,
+                 manifest_path: str | Path | None = None) -> None:
+    """``torchrun --nproc_per_node <nproc> -m audiotune.cli <argv> --config <the run's config>`` in this pod."""
     from audiotune.train.launch import torchrun_command
 
-    nproc = processes(cfg.cluster.gpus_per_node)
     with tempfile.TemporaryDirectory(prefix=f"audiotune-{stage}-") as tmp:
         config_path = os.path.join(tmp, "config.yaml")
         Path(config_path).write_text(config_yaml(cfg, stage, nproc), encoding="utf-8")
         cmd = torchrun_command(nproc, [*argv, "--config", config_path])
-        log.info("launching %d training process(es), DeepSpeed ZeRO %d: %s", nproc,
-                 getattr(cfg, stage).train.deepspeed.zero_stage, " ".join(cmd))
+        ds = getattr(cfg, stage).train.deepspeed
+        write_note(manifest_path, launcher="torchrun", nproc_per_node=nproc, zero_stage=ds.zero_stage,
+                   offload_optimizer=ds.offload_optimizer, offload_params=ds.offload_params, command=cmd)
+        log.info("launching %d training process(es), DeepSpeed ZeRO %d: %s", nproc, ds.zero_stage, " ".join(cmd))
         code = subprocess.run(cmd, check=False).returncode
     if code != 0:
         hint = " (interrupted; a retry resumes from the newest checkpoint)" if code == 143 else ""
@@ -87,8 +103,10 @@ def shared_input(uri: str, base: str, name: str) -> str:
     return target
 
 
-def run_multinode(stage: str, cfg: AudiotuneConfig, argv: list[str], pipeline_run_id: str) -> None:
-    """Run the stage on ``cluster.num_nodes`` nodes through a PyTorchJob and follow it to the end."""
+def run_multinode(stage: str, cfg: AudiotuneConfig, argv: list[str], pipeline_run_id: str,
+                  manifest_path: str | Path | None = None) -> None:
+    """Run the stage on ``cluster.num_nodes`` nodes through a PyTorchJob and follow it to the end; its manifest
+    (YAML) goes to ``manifest_path`` before it is created."""
     from audiotune.images import CUDA_IMAGE
     from audiotune.train.launch import torchrun_command
     from audiotune.train.pytorchjob import PyTorchJobError, run_pytorchjob
@@ -105,14 +123,14 @@ def run_multinode(stage: str, cfg: AudiotuneConfig, argv: list[str], pipeline_ru
     )
     log.info("training %s on %d nodes × %d GPUs through a PyTorchJob", stage, cfg.cluster.num_nodes, gpus)
     try:
-        result = run_pytorchjob(spec)
+        result = run_pytorchjob(spec, manifest_path=manifest_path)
     except PyTorchJobError as err:
         raise LaunchError(f"train {stage}: {err}") from None
     log.info("PyTorchJob %s/%s %s in %.0fs", result.namespace, result.name, result.state.lower(), result.duration_s)
 
 
 def launch(stage: str, cfg: AudiotuneConfig, inputs: dict[str, str], output: str, pipeline_run_id: str,
-           base: str | None) -> None:
+           base: str | None, manifest_path: str | Path | None = None) -> None:
     """Train ``stage`` from ``inputs`` (CLI option → URI) into ``output``, on this pod or on several nodes.
 
     Args:
@@ -122,11 +140,19 @@ def launch(stage: str, cfg: AudiotuneConfig, inputs: dict[str, str], output: str
         output: Where the stage publishes its artifact.
         pipeline_run_id: The Kubeflow run id (names the PyTorchJob).
         base: The run's durable location (``<output_uri>/<run.name>/<run id>``), needed for several nodes.
+        manifest_path: Where the PyTorchJob's manifest (or, on one node, a note of the torchrun command) goes.
     """
+    from audiotune.orchestration import zero
+
     multinode = cfg.cluster.num_nodes > 1
-    if multinode and not (base and storage.is_s3(base)):
+    if multinode and not (base and storage.is_s3(base)):  # the schema refuses it; a config built in code may not
         raise LaunchError(f"cluster.num_nodes={cfg.cluster.num_nodes}: every node must read the inputs and write "
                           "the output in one place; set pipeline.output_uri to an s3:// location")
+    nproc = max(1, cfg.cluster.gpus_per_node) if multinode else processes(cfg.cluster.gpus_per_node)
+    try:
+        zero.resolve(stage, cfg, nproc)
+    except zero.SizingError as err:
+        raise LaunchError(str(err)) from None
     argv = ["train", stage]
     for option, uri in inputs.items():
         if uri:  # artifacts of earlier tasks are local to this pod; base models are URIs every node can read
@@ -134,6 +160,6 @@ def launch(stage: str, cfg: AudiotuneConfig, inputs: dict[str, str], output: str
             argv += [option, shared_input(uri, base, option.lstrip("-")) if shared else uri]
     argv += ["--output", output]
     if multinode:
-        run_multinode(stage, cfg, argv, pipeline_run_id)
+        run_multinode(stage, cfg, argv, pipeline_run_id, manifest_path)
     else:
-        run_torchrun(stage, cfg, argv)
+        run_torchrun(stage, cfg, argv, nproc, manifest_path)

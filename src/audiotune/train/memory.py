@@ -1,4 +1,5 @@
-"""GPU memory of model states under DeepSpeed ZeRO, and the configuration the pipeline picks for a run.
+"""GPU memory of model states under DeepSpeed ZeRO, and the configuration the pipeline picks for a run whose
+``zero_stage`` is ``auto`` (:mod:`audiotune.orchestration.zero` calls :func:`choose_zero_config` at launch).
 
 Model states per parameter, mixed precision with Adam (the ZeRO paper's accounting): 2 bytes of bf16 weights,
 2 bytes of bf16 gradients and 12 bytes of optimizer state (fp32 master weights, momentum and variance). ZeRO-2
@@ -140,7 +141,8 @@ class ZeroChoice:
 
 def choose_zero_config(n_params: int, trainable_params: int, gpus: int, gpu_mem_gb: float, *,
                        largest_layer_params: int = 0, cpu_mem_gb_per_gpu: float | None = None,
-                       headroom: float = 0.25, activation_gb: float = 0.0) -> ZeroChoice:
+                       headroom: float = 0.25, activation_gb: float = 0.0,
+                       options: tuple[ZeroOption, ...] = PREFERENCE) -> ZeroChoice:
     """The first option in :data:`PREFERENCE` whose model states fit in ``(1 - headroom) × gpu_mem_gb``.
 
     Plain DDP (or one process) when everything fits replicated; then ZeRO-2 (partitioned gradients and optimizer
@@ -161,6 +163,7 @@ def choose_zero_config(n_params: int, trainable_params: int, gpus: int, gpu_mem_
         headroom: Fraction of GPU memory kept for activations, communication buckets, CUDA context and
             fragmentation (25% holds a 3B model's activations at 2k tokens with gradient checkpointing).
         activation_gb: Activation memory to reserve on top of the headroom (see :func:`activation_bytes`).
+        options: The options allowed (e.g. none of ZeRO-3 for a flow with EMA, which needs whole weights).
 
     Returns:
         The choice; ``fits`` is False (with the most memory-saving option) when nothing fits.
@@ -169,10 +172,12 @@ def choose_zero_config(n_params: int, trainable_params: int, gpus: int, gpu_mem_
         raise ValueError(f"gpus={gpus}, gpu_mem_gb={gpu_mem_gb}, headroom={headroom}: expected gpus >= 1, "
                          f"gpu_mem_gb > 0, 0 <= headroom < 1")
     budget = gpu_mem_gb * (1 - headroom) - activation_gb
-    order = list(PREFERENCE)
+    order = [o for o in PREFERENCE if o in options]
+    if not order:
+        raise ValueError(f"options={options}: none of them is a known ZeRO option")
     if gpus == 1:
-        order = [o for o in order if o not in (ZERO2, ZERO3)]
-    elif (GRAD + OPTIM) * trainable_params * (1 - 1 / gpus) / GiB > 0.1 * budget:
+        order = [o for o in order if o not in (ZERO2, ZERO3)] or order
+    elif ZERO2 in order and (GRAD + OPTIM) * trainable_params * (1 - 1 / gpus) / GiB > 0.1 * budget:
         order.remove(ZERO2)
         order.insert(0, ZERO2)
     last = None
