@@ -241,3 +241,19 @@ def test_auto_keeps_a_flow_with_ema_off_zero3(tmp_path):
     cfg = flow(True)
     assert zero.resolve("flow", cfg, 8, gpu_gib=0.4).option == ZERO2_OFFLOAD
     validate(cfg.model_dump(mode="json"))  # the resolved config is still a valid one
+
+
+def test_audiotune_train_by_hand_resolves_auto(llm_tokens, tmp_path, caplog):
+    """``audiotune train llm`` with ``zero_stage: auto`` on a machine without a GPU: no ZeRO, and it trains."""
+    import logging
+
+    from audiotune import cli
+
+    out = tmp_path / "llm"
+    with caplog.at_level(logging.INFO, logger="audiotune.orchestration.zero"):
+        code = cli.main(["train", "llm", "--tokens", str(llm_tokens), "--output", str(out),
+                         "--set", "tracking.enabled=false", "--set", "llm.init=scratch",
+                         "--set", "llm.preset=tiny-qwen2", "--set", "llm.train.max_steps=2",
+                         "--set", "llm.train.deepspeed.zero_stage=auto"])
+    assert code == 0 and (out / "manifest.json").is_file()
+    assert "zero_stage=auto" in caplog.text and "no ZeRO" in caplog.text

@@ -56,8 +56,14 @@ def _cmd_train(args: argparse.Namespace, cfg: AudiotuneConfig) -> int:
     section = {"llm": cfg.llm, "flow": cfg.flow, "joint": cfg.joint}[args.stage]
     if section.train.nproc_per_node > 1 and not under_torchrun():
         return relaunch(section.train.nproc_per_node, sys.argv[1:] if args.argv is None else args.argv)
+    from audiotune.orchestration import zero
     from audiotune.train.engine import TrainingInterrupted
 
+    try:  # zero_stage auto by hand: the same choice as the pipeline's launcher makes (no GPU: no ZeRO)
+        zero.resolve(args.stage, cfg, nproc=int(os.environ.get("LOCAL_WORLD_SIZE", section.train.nproc_per_node)))
+    except zero.SizingError as err:
+        print(f"audiotune train {args.stage}: {err}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         if args.stage == "flow":
             from audiotune.stages.train_flow import train_flow

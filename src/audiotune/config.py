@@ -210,7 +210,7 @@ class DeepSpeedSettings(_Section):
     zero_stage: Literal["auto", 0, 1, 2, 3] = Field(
         0, description="ZeRO stage; 0 runs plain DDP (or one process). auto: the pipeline's launcher picks the stage "
         "and offloading from the model's size, the GPUs and their memory (audiotune.train.memory."
-        "choose_zero_config) and logs why; `audiotune train` run by hand needs 0-3."
+        "choose_zero_config) and logs why; `audiotune train` run by hand does the same."
     )
     offload_optimizer: bool = Field(False, description="Keep optimizer states in CPU memory (ZeRO 2/3).")
     offload_params: bool = Field(False, description="Keep parameters in CPU memory (ZeRO 3).")

@@ -188,6 +188,7 @@ def resolve(stage: str, cfg: AudiotuneConfig, nproc: int, gpu_gib: float | None 
     if gpu_gib is None and cluster.gpus_per_node > 0:
         gpu_gib = _visible_gpu_gib() if cluster.num_nodes == 1 else gpu_memory_gib(cluster.gpu_type)
     if cluster.gpus_per_node == 0 or (gpu_gib is None and cluster.num_nodes == 1):
+        log.info("%s.train.deepspeed.zero_stage=auto: no GPU, so no ZeRO", stage)
         return _set(stage, train, ZeroChoice(PREFERENCE[0], 0.0, 0.0, 0.0, True, "no GPU: one process per node, "
                                              "no ZeRO"))
     if gpu_gib is None:
