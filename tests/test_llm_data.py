@@ -202,6 +202,20 @@ def test_distributed_ranks_share_the_epoch_and_run_equal_steps(world_size):
     assert all(b in global_batches[-world_size:] for b in map(list, extra))
 
 
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_repeats_mark_exactly_the_padding_so_validation_sees_each_example_once(world_size):
+    kwargs = dict(batch_tokens=1024, max_batch_size=16, seed=5, world_size=world_size, shuffle=False)
+    samplers = [TokenBudgetSampler(LENGTHS, rank=r, **kwargs) for r in range(world_size)]
+    kept, dealt, marked = [], 0, 0
+    for sampler in samplers:
+        batches, repeats = sampler.batches(0), sampler.repeats(0)
+        assert len(repeats) == len(batches)
+        dealt, marked = dealt + len(batches), marked + sum(repeats)
+        kept += [i for b, rep in zip(batches, repeats, strict=True) if not rep for i in b]
+    assert marked == dealt - len(samplers[0].global_batches(0))  # 1 of 2 and 4 ranks gets a repeat, 0 of 3
+    assert sorted(kept) == list(range(len(LENGTHS)))  # every example once, none twice
+
+
 # --- collation ---------------------------------------------------------------------------------------------------
 
 def _examples(vocab: AudioVocab) -> list:
@@ -311,3 +325,27 @@ def test_padded_batch_gives_the_same_per_sample_losses_as_one_by_one():
 def test_supports_packing():
     assert all(supports_packing(a) for a in ("sdpa", "eager", "flash_attention_2", "flex_attention"))
     assert not supports_packing("paged|sdpa")
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_batches_weighted_by_their_target_count_give_the_pooled_token_mean(packing):
+    """What validation computes: Σ batch loss × target_tokens / Σ target_tokens = the mean over every target."""
+    from audiotune.config import TrainSettings
+    from audiotune.train.llm_batches import ExampleBatches, llm_loss
+
+    vocab = _vocab()
+    examples = _examples(vocab)
+    assert examples[3].labels[0] != I  # the text layout trains on its first token, which nothing predicts
+    model = _tiny_qwen2(vocab.lm_vocab_size, "sdpa")
+    model.config.use_cache = False
+    source = ExampleBatches(examples, vocab, TrainSettings(batch_tokens=10_000, max_batch_size=2), seed=0, rank=0,
+                            world_size=1, packing=packing, shuffle=False)
+    total = count = 0.0
+    with torch.no_grad():
+        alone = _one_by_one(model, examples)
+        for indices in source.batches(0):
+            loss, metrics = llm_loss(model, source.collate(indices))
+            assert metrics["target_tokens"] == sum(len(alone[i]) for i in indices)  # predicted positions only
+            total, count = total + float(loss) * metrics["target_tokens"], count + metrics["target_tokens"]
+    assert len(source.batches(0)) == 3
+    assert total / count == pytest.approx(float(torch.cat(alone).mean()), abs=1e-5)

@@ -180,3 +180,32 @@ def test_build_lm_appends_rows_for_markers_and_codes(tmp_path):
     assert model.get_input_embeddings().weight.shape[0] == 64
     assert info["new_token_ids"] == list(range(30, 64))  # markers, codes and the rows padding to 64
     assert Path(base, "config.json").exists() and info["fingerprint"]["tensors"] > 0
+
+
+def test_lora_on_a_bf16_multicodebook_model_trains_every_new_weight_in_fp32(tmp_path):
+    from audiotune.models.lm import load_trained
+
+    base = tmp_path / "base"
+    _tiny(vocab=64).save_pretrained(str(base))
+    settings = LLMStageConfig(mode="lora")
+    model, info = build_lm(settings, _vocab(codebooks=3), base, torch.bfloat16, base_text_size=30)
+    model = apply_lora(model, settings.lora, info["new_token_ids"])
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert {n.split(".")[0] for n in trainable} == {"backbone", "codebook_embeddings", "codebook_heads"}
+    assert {n: p.dtype for n, p in trainable.items() if p.dtype != torch.float32} == {}  # Adam states in fp32 too
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters() if not p.requires_grad)  # the frozen base
+    ids = torch.stack([torch.randint(0, 56, (2, 7)), torch.randint(0, 18, (2, 7)), torch.randint(0, 18, (2, 7))], -1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    for module in [*model.codebook_embeddings, *model.codebook_heads]:
+        assert module.weight.grad is not None and module.weight.grad.dtype == torch.float32
+    # the joint stage reloads the artifact to train it further: the same holds there
+    (tmp_path / "artifact").mkdir()
+    model.save_pretrained(str(tmp_path / "artifact"))
+    (tmp_path / "artifact" / "manifest.json").write_text(json.dumps({"mode": "lora",
+                                                                     "embedding_rows": info["embedding_rows"]}))
+    reloaded, _ = load_trained(tmp_path / "artifact", base, torch.bfloat16, trainable=True)
+    again = {n: p.dtype for n, p in reloaded.named_parameters() if p.requires_grad}
+    assert again and set(again.values()) == {torch.float32}
+    assert {n.split(".")[0] for n in again} == {"backbone", "codebook_embeddings", "codebook_heads"}

@@ -23,8 +23,8 @@ from audiotune.train.joint_batches import predicted_codes
 
 BASE = ["tracking.enabled=false", "run.num_workers=1", "flow.preset=tiny", "flow.num_samples=0",
         "flow.max_frames_in_batch=3000", "llm.layout=tts", "llm.lora.dropout=0"]
-JOINT = [*BASE, "joint.train.epochs=1", "joint.train.log_every=1", "joint.train.eval_every=1000", "joint.train.save_every=1000",
-         "joint.train.schedule=constant", "llm.train.lr=1e-2", "flow.train.lr=2e-3"]
+JOINT = [*BASE, "joint.train.epochs=1", "joint.train.log_every=1", "joint.train.eval_every=1000",
+         "joint.train.save_every=1000", "joint.train.schedule=constant", "llm.train.lr=1e-2", "flow.train.lr=2e-3"]
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -48,31 +49,78 @@ def test_full_training_from_scratch_learns_each_layout(tokens, tmp_path, layout)
     assert manifest["kind"] == "audiotune.llm" and manifest["steps"] == 40
 
 
-def test_lora_trains_new_audio_rows_and_freezes_the_base(tokens, base_model, tmp_path):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+def _starting_model(cfg, tokens: Path, base: Path):
+    """The model the llm stage starts from, rebuilt with the stage's own steps and seed: the new rows that
+    resizing the embedding draws at random (mean resizing) come out the same."""
+    from audiotune.artifacts import TOKENS, TOKENS_VERSION, read_manifest
+    from audiotune.models.lm import build_lm
+    from audiotune.stages.train_llm import _vocab
+    from audiotune.train.engine import seed_everything
 
-    res = train_llm(_cfg("llm.mode=lora", "llm.lora.r=8", "llm.train.lr=1e-2", "llm.train.max_steps=40",
-                         "llm.layout=tts"), tokens=str(tokens), output=str(tmp_path / "lora"),
-                    base_model=str(base_model))
+    _, vocab, base_text_size = _vocab(tokens, read_manifest(str(tokens), TOKENS, TOKENS_VERSION), cfg)
+    seed_everything(cfg.run.seed)
+    model, info = build_lm(cfg.llm, vocab, base, torch.float32, base_text_size)
+    return model, info, vocab
+
+
+def _token_rows(adapter: dict[str, torch.Tensor], module: str) -> torch.Tensor:
+    (key,) = [k for k in adapter if f"{module}.token_adapter.trainable_tokens_delta" in k]
+    return adapter[key]
+
+
+def test_lora_trains_new_audio_rows_and_freezes_the_base(tokens, base_model, tmp_path):
+    from audiotune.models.lm import load_trained
+    from audiotune.train.data import load_examples
+
+    cfg = _cfg("llm.mode=lora", "llm.lora.r=8", "llm.train.lr=1e-2", "llm.train.max_steps=40", "llm.layout=tts")
+    res = train_llm(cfg, tokens=str(tokens), output=str(tmp_path / "lora"), base_model=str(base_model))
     assert res.metrics["final_loss"] < 0.7 * res.metrics["first_loss"], res.metrics
     out = tmp_path / "lora"
     assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
-    vocab = json.loads((out / "vocab.json").read_text())
-    base = AutoModelForCausalLM.from_pretrained(str(base_model))
-    base_vocab = base.get_input_embeddings().weight.shape[0]
+    start, info, vocab = _starting_model(cfg, tokens, base_model)
     rows = json.loads((out / "manifest.json").read_text())["embedding_rows"]  # codes + markers, padded to 64
-    assert rows >= vocab["audio_offset"] + vocab["codebook_size"] and rows % 64 == 0
-    base.resize_token_embeddings(rows)
-    reference = {k: v.clone() for k, v in base.state_dict().items()}
-    loaded = PeftModel.from_pretrained(base, str(out))
-    merged = loaded.merge_and_unload()
-    emb = merged.get_input_embeddings().weight
-    new_rows = slice(base_vocab, vocab["audio_offset"] + vocab["codebook_size"])
-    assert not torch.allclose(emb[new_rows], reference["model.embed_tokens.weight"][new_rows])
-    assert torch.equal(emb[:base_vocab], reference["model.embed_tokens.weight"][:base_vocab])
+    assert rows == info["embedding_rows"] and rows >= vocab.audio_offset + vocab.codebook_size and rows % 64 == 0
+    new_ids = info["new_token_ids"]
     adapter = load_file(str(out / "adapter_model.safetensors"))
-    assert any("lora_A" in k for k in adapter)
+    assert adapter and all("lora_" in k or "trainable_tokens_delta" in k for k in adapter), sorted(adapter)[:5]
+    trained_emb, trained_head = _token_rows(adapter, "embed_tokens"), _token_rows(adapter, "lm_head")
+    start_emb = start.get_input_embeddings().weight.detach()[new_ids]
+    start_head = start.get_output_embeddings().weight.detach()[new_ids]
+    assert start.get_output_embeddings().weight is not start.get_input_embeddings().weight  # an untied head
+
+    # Rows no input contains get no gradient: AdamW only decays them, by (1 - lr · weight_decay) a step. That they
+    # match the rebuilt start exactly so shows the reference is the run's real start, not a fresh random draw.
+    examples, _ = load_examples(tokens / "train", vocab, "tts", cfg.llm.max_seq_len, cfg.llm.overlong)
+    seen = {int(i) for e in examples for i in e.input_ids}
+    unseen = [k for k, i in enumerate(new_ids) if i not in seen]
+    used = [k for k, i in enumerate(new_ids) if i in seen]
+    assert unseen and used, (len(unseen), len(used))
+    decay = (1 - cfg.llm.train.lr * cfg.llm.train.weight_decay) ** 40
+    assert torch.allclose(trained_emb[unseen], start_emb[unseen] * decay, rtol=1e-5, atol=1e-8)
+    # the rows the data uses learned, in the input embedding and in the output head (every row: softmax)
+    assert ((trained_emb[used] - start_emb[used] * decay).abs().amax(dim=1) > 1e-3).all()
+    assert ((trained_head - start_head * decay).abs().amax(dim=1) > 1e-3).all()
+
+    # the checkpoint holds only adapter weights and new rows: nothing else was trainable; the base rows are untouched
+    ckpts = checkpoints_of(out)
+    trainable = load_file(str(ckpts[-1] / "trainable.safetensors"))
+    assert trainable and all("lora_" in k or "trainable_tokens_delta" in k for k in trainable), sorted(trainable)[:5]
+    merged = load_trained(out, base_model)[0].merge_and_unload()
+    base_rows = info["base_vocab_size"]
+    for name in ("get_input_embeddings", "get_output_embeddings"):
+        got, ref = getattr(merged, name)().weight, getattr(start, name)().weight
+        assert torch.equal(got[:base_rows], ref[:base_rows]), name  # bit-identical
+        assert torch.allclose(got[new_ids], trained_emb if name == "get_input_embeddings" else trained_head)
+    merged_state = merged.state_dict()
+    frozen = {k: v for k, v in start.state_dict().items() if not any(m in k for m in ("proj", "embed", "lm_head"))}
+    assert frozen and all(torch.equal(merged_state[k], v) for k, v in frozen.items())  # the norms: untouched
+
+
+def checkpoints_of(output: Path) -> list[Path]:
+    """The complete checkpoints of ``output``, oldest first."""
+    from audiotune.train.checkpoints import list_complete
+
+    return [Path(uri) for _, uri in list_complete(f"{output}.checkpoints")]
 
 
 @pytest.mark.parametrize("layout", ["clone", "understand", "text"])
@@ -123,39 +171,94 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(file if file.exists() else path / "model.safetensors"))
 
 
+SAVE_EVERY = 8  # periodic checkpoints of the 24 steps of _cli
+
+
 def _cli(out: Path, tokens: Path, base: Path, *extra: str) -> list[str]:
-    sets = [*FAST, "llm.mode=lora", "llm.layout=tts", "llm.train.max_steps=24", "llm.train.save_every=4",
-            "llm.train.lr=5e-3", "llm.lora.dropout=0.1", *extra]
+    sets = [*FAST, "llm.mode=lora", "llm.layout=tts", "llm.train.max_steps=24",
+            f"llm.train.save_every={SAVE_EVERY}", "llm.train.lr=5e-3", "llm.lora.dropout=0.1", *extra]
     return [sys.executable, "-m", "audiotune.cli", "train", "llm", "--tokens", str(tokens), "--base-model",
             str(base), "--output", str(out), *[a for s in sets for a in ("--set", s)]]
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120, text: str | None = None) -> None:
+    """Until ``path`` exists (and contains ``text``), while ``proc`` runs."""
     deadline = time.time() + timeout
-    while not path.exists():
+    while not path.exists() or (text is not None and text not in path.read_text()):
         assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline, f"{path} never appeared"
+        assert time.time() < deadline, f"{path} never appeared" + (f" with {text!r}" if text else "")
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("kill", [signal.SIGTERM, signal.SIGKILL])
-def test_interrupt_then_resume_equals_an_uninterrupted_run(tokens, base_model, tmp_path, kill):
-    whole = tmp_path / "whole"
-    subprocess.run(_cli(whole, tokens, base_model), check=True, capture_output=True, timeout=300)
-    out = tmp_path / "cut"
-    proc = subprocess.Popen(_cli(out, tokens, base_model, "llm.train.lr=5e-3"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-    _wait_for(Path(f"{out}.checkpoints") / "checkpoint-8" / "manifest.json", proc)
-    os.kill(proc.pid, kill)
-    proc.communicate(timeout=120)
-    assert proc.returncode != 0 and not out.exists()
-    resumed = subprocess.run(_cli(out, tokens, base_model), capture_output=True, text=True, timeout=300)
+@pytest.fixture(scope="module")
+def uninterrupted(llm_tokens, llm_base, tmp_path_factory) -> Path:
+    whole = tmp_path_factory.mktemp("whole") / "whole"
+    subprocess.run(_cli(whole, llm_tokens, llm_base), check=True, capture_output=True, timeout=300)
+    return whole
+
+
+def _resume_and_compare(out: Path, tokens: Path, base: Path, whole: Path) -> str:
+    resumed = subprocess.run(_cli(out, tokens, base), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from" in resumed.stderr
     a, b = _weights(whole), _weights(out)
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+    return resumed.stderr
+
+
+def test_sigterm_checkpoints_the_step_it_stops_at_exits_143_and_resumes_from_there(tokens, base_model,
+                                                                                   uninterrupted, tmp_path):
+    out = tmp_path / "cut"
+    ckpts = Path(f"{out}.checkpoints")
+    log_file = tmp_path / "cut.log"
+    with open(log_file, "w") as err:
+        proc = subprocess.Popen(_cli(out, tokens, base_model), stdout=subprocess.DEVNULL, stderr=err)
+        _wait_for(ckpts / f"checkpoint-{SAVE_EVERY}" / "manifest.json", proc)
+        _wait_for(log_file, proc, text=f"step {SAVE_EVERY + 1}/24")  # past the periodic checkpoint
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=120)
+    stderr = log_file.read_text()
+    assert proc.returncode == 143, stderr[-4000:]
+    assert not out.exists()
+    stopped = re.search(r"audiotune train llm: stopped by SIGTERM at step (\d+); checkpoint (\S+) written", stderr)
+    assert stopped, stderr[-4000:]
+    step = int(stopped.group(1))
+    assert step > SAVE_EVERY and step % SAVE_EVERY, step  # its own checkpoint, not a periodic one
+    assert stopped.group(2) == str(ckpts / f"checkpoint-{step}")
+    assert [p.name for p in checkpoints_of(out)] == [f"checkpoint-{SAVE_EVERY}", f"checkpoint-{step}"]
+    resumed = _resume_and_compare(out, tokens, base_model, uninterrupted)
+    assert f"resumed from {ckpts / f'checkpoint-{step}'} at step {step}" in resumed
+
+
+def test_sigkill_then_resume_from_the_last_periodic_checkpoint_equals_an_uninterrupted_run(tokens, base_model,
+                                                                                          uninterrupted, tmp_path):
+    out = tmp_path / "cut"
+    proc = subprocess.Popen(_cli(out, tokens, base_model), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(Path(f"{out}.checkpoints") / f"checkpoint-{SAVE_EVERY}" / "manifest.json", proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL and not out.exists()
+    resumed = _resume_and_compare(out, tokens, base_model, uninterrupted)
+    assert "resumed from" in resumed
+
+
+def test_resume_refuses_a_checkpoint_written_with_other_settings(tokens, base_model, tmp_path):
+    from audiotune.train.checkpoints import CheckpointMismatch
+
+    common = ["llm.mode=lora", "llm.layout=tts", "llm.train.save_every=2"]
+    train_llm(_cfg(*common, "llm.train.max_steps=2"), tokens=str(tokens), output=str(tmp_path / "a"),
+              base_model=str(base_model))
+    resume = f"llm.train.resume={tmp_path}/a.checkpoints/checkpoint-2"
+    for changed, named in (("llm.train.lr=1e-3", r"llm\.train\.lr: checkpoint 0\.0002, now 0\.001"),
+                           ("run.seed=1", r"seed: checkpoint 0, now 1")):
+        with pytest.raises(CheckpointMismatch, match=named):
+            train_llm(_cfg(*common, "llm.train.max_steps=4", resume, changed), tokens=str(tokens),
+                      output=str(tmp_path / "b"), base_model=str(base_model))
+    # what a resume may change: the length of the run, the cadence of checkpoints
+    res = train_llm(_cfg(*common, "llm.train.max_steps=4", "llm.train.save_every=3", resume), tokens=str(tokens),
+                    output=str(tmp_path / "c"), base_model=str(base_model))
+    assert res.metrics["steps"] == 4 and not (tmp_path / "b").exists()
 
 
 def test_bad_inputs_fail_before_training(tokens, base_model, tmp_path):

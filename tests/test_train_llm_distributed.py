@@ -7,8 +7,11 @@ ranks take together (one batch per rank, ``max_batch_size=1`` so an epoch splits
 from __future__ import annotations
 
 import json
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -88,3 +91,34 @@ def test_zero2_resumes_exactly_from_a_mid_run_checkpoint(llm_tokens, llm_base, t
     assert _losses(resumed) == _losses(whole)  # the history of steps 1-5 comes from the checkpoint
     a, b = _weights(whole), _weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_reaches_the_workers_through_torchrun_and_they_checkpoint_together(llm_tokens, llm_base, tmp_path):
+    """``audiotune train`` relaunched itself under torchrun: a SIGTERM to it stops both workers at one step with
+    one checkpoint of both ranks, the command exits 143, and a rerun resumes from that checkpoint."""
+    out, log_file = tmp_path / "ddp", tmp_path / "ddp.log"
+    ckpts = Path(f"{out}.checkpoints")
+    sets = [*COMMON, *MODES["full"], "llm.train.nproc_per_node=2", "llm.train.save_every=4"]
+    cmd = [sys.executable, "-m", "audiotune.cli", "train", "llm", "--tokens", str(llm_tokens), "--base-model",
+           str(llm_base), "--output", str(out), *[a for s in [*sets, "llm.train.max_steps=500"] for a in ("--set", s)]]
+    with open(log_file, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.time() + 300
+        while not (ckpts / "checkpoint-4" / "manifest.json").exists() or "step 5/500" not in log_file.read_text():
+            assert proc.poll() is None, log_file.read_text()[-4000:]
+            assert time.time() < deadline, log_file.read_text()[-4000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    stderr = log_file.read_text()
+    assert proc.returncode == 143, stderr[-4000:]
+    stopped = re.findall(r"stopped by SIGTERM at step (\d+); checkpoint (\S+) written", stderr)
+    assert len(stopped) == 2 and len(set(stopped)) == 1, stderr[-4000:]  # both workers, at the same step
+    step = int(stopped[0][0])
+    assert step > 4 and stopped[0][1] == str(ckpts / f"checkpoint-{step}")
+    assert {p.name for p in (ckpts / f"checkpoint-{step}").glob("rng_state_*.safetensors")} == {
+        "rng_state_0.safetensors", "rng_state_1.safetensors"}
+    assert not out.exists()
+    resumed = _train(llm_tokens, llm_base, out, *sets, f"llm.train.max_steps={step + 2}")  # may run longer
+    assert f"resumed from {ckpts / f'checkpoint-{step}'} at step {step}" in resumed.stderr
+    assert json.loads((out / "manifest.json").read_text())["steps"] == step + 2

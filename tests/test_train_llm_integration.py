@@ -29,7 +29,8 @@ def test_s3_inputs_output_and_checkpoints_resume_exactly(llm_tokens, llm_base, s
     done = storage.list_files(f"{s3_env}/llm.checkpoints")
     manifests = sorted(f for f in done if f.endswith("manifest.json"))
     # keep_last=1 plus the best by validation loss; every kept checkpoint is complete and small (LoRA only)
-    assert "checkpoint-6/manifest.json" in manifests and len(manifests) <= 2
+    best = whole.metrics["best_step"]
+    assert manifests == sorted({"checkpoint-6/manifest.json", f"checkpoint-{best}/manifest.json"}), (best, manifests)
     assert {f.split("/")[0] for f in done} == {m.split("/")[0] for m in manifests}  # pruned ones fully gone
     assert not any(f.endswith((".pkl", ".bin")) for f in done)  # no pickle in checkpoints
 

@@ -242,7 +242,8 @@ def apply_lora(model: nn.Module, lora, new_ids: list[int]) -> nn.Module:
     """Put LoRA adapters (and trainable rows for new tokens) on ``model``; every other base weight is frozen.
 
     A :class:`MultiCodebookLM` gets its adapters on the backbone; its extra codebook tables and heads are
-    new and stay fully trainable.
+    new and stay fully trainable. Every trainable parameter is fp32 (optimizer states and updates too), even
+    when the frozen base is bf16.
     """
     from peft import get_peft_model
 
@@ -250,16 +251,22 @@ def apply_lora(model: nn.Module, lora, new_ids: list[int]) -> nn.Module:
         model.backbone = apply_lora(model.backbone, lora, new_ids)
         for p in model.extra_parameters():
             p.requires_grad_(True)
+        upcast_trainable(model)
         return model
     config = lora_config(model, lora, new_ids)
     try:
         peft_model = get_peft_model(model, config)
     except ValueError as err:  # e.g. exclude_modules that remove every target
         raise ModelError(f"LoRA cannot be applied: {err}") from None
-    for p in peft_model.parameters():  # optimizer states and updates in fp32 even when the base is bf16
-        if p.requires_grad and p.dtype != torch.float32:
-            p.data = p.data.float()
+    upcast_trainable(peft_model)
     return peft_model
+
+
+def upcast_trainable(model: nn.Module) -> None:
+    """Make every trainable floating-point parameter fp32, in place (frozen ones keep their dtype)."""
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -392,5 +399,7 @@ def load_trained(artifact: str | Path, base_path: str | Path | None, dtype: torc
     if trainable and manifest.get("mode") != "lora":
         for p in model.parameters():
             p.requires_grad_(True)
+    if trainable and manifest.get("mode") == "lora":
+        upcast_trainable(model)  # the adapter, and a multi-codebook model's tables and heads, train in fp32
     return model, manifest
 

@@ -9,6 +9,7 @@ publish → track.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import tempfile
@@ -131,7 +132,7 @@ def train_llm(cfg: AudiotuneConfig, tokens: str, output: str, base_model: str | 
             train=T, accelerator=acc, model=model,
             param_groups=decay_groups(list(model.named_parameters()), T.lr, T.weight_decay, "llm"),
             loss_fn=llm_loss, train_data=train_data, val_data=val_data, output=output, tracker=tracker,
-            work_dir=Path(tmp), seed=cfg.run.seed,
+            work_dir=Path(tmp), seed=cfg.run.seed, identity=_identity(cfg, manifest, base_fp),
         )
         engine.maybe_resume()
         state = engine.fit()
@@ -156,6 +157,17 @@ def train_llm(cfg: AudiotuneConfig, tokens: str, output: str, base_model: str | 
                 )
         acc.wait_for_everyone()
     return TrainResult(output=output, metrics=metrics, manifest=result_manifest)
+
+
+def _identity(cfg: AudiotuneConfig, manifest: dict[str, Any], base_fp: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint's run must share with this one to be resumed: the llm settings (the base by its
+    fingerprint rather than its URI), the seed, the Tokens (their dataset and how it was tokenized)."""
+    tokens = {k: manifest.get(k) for k in ("text_tokenizer", "audio_tokenizer", "splits", "config")}
+    return checkpoints.run_identity(
+        "llm", cfg.llm.model_dump(mode="json"), free=("base_model",), seed=cfg.run.seed,
+        dataset_fingerprint=manifest.get("dataset_fingerprint"), base_checksum=base_fp.get("checksum"),
+        tokens=hashlib.blake2b(json.dumps(tokens, sort_keys=True).encode(), digest_size=16).hexdigest(),
+    )
 
 
 def write_llm_files(staging: Path, model, state_dict: dict, mode: str, tokenizer, vocab: AudioVocab,

@@ -70,7 +70,9 @@ class TokenBudgetSampler:
     ``world_size``-th one, starting at ``rank``. So that all ranks run the same number of
     steps (collectives would hang otherwise), the global list is first padded to a multiple
     of ``world_size`` by repeating its last batches: up to ``world_size - 1`` batches are
-    seen twice in an epoch.
+    seen twice in an epoch. :meth:`repeats` tells which of a rank's batches are such
+    repeats, so that validation can run them (ZeRO-3 gathers weights in every forward) and
+    give them no weight.
 
     Args:
         lengths: Length of every example.
@@ -99,7 +101,7 @@ class TokenBudgetSampler:
         expected = max(1, min(max_batch_size, int(batch_tokens // max(mean, 1.0))))
         self.mega_size = max(1, mega_batches * expected)
         self.epoch = 0
-        self._cache: tuple[int, list[list[int]]] | None = None
+        self._cache: tuple[int, tuple[list[list[int]], list[bool]]] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -134,17 +136,26 @@ class TokenBudgetSampler:
 
     def batches(self, epoch: int | None = None) -> list[list[int]]:
         """This rank's batches of ``epoch`` (default: the one set by ``set_epoch``), in order."""
-        epoch = self.epoch if epoch is None else epoch
+        return self._dealt(self.epoch if epoch is None else epoch)[0]
+
+    def repeats(self, epoch: int | None = None) -> list[bool]:
+        """For each of this rank's batches of ``epoch``: whether it repeats a batch dealt out before
+        (padding to a multiple of ``world_size``), i.e. is seen twice in the epoch."""
+        return self._dealt(self.epoch if epoch is None else epoch)[1]
+
+    def _dealt(self, epoch: int) -> tuple[list[list[int]], list[bool]]:
         if self._cache is not None and self._cache[0] == epoch:
             return self._cache[1]
         batches = self.global_batches(epoch)
+        repeats = [False] * len(batches)
         if batches and self.world_size > 1:
-            per_rank = math.ceil(len(batches) / self.world_size)
-            padded = batches + [batches[-1 - k % len(batches)] for k in range(per_rank * self.world_size
-                                                                              - len(batches))]
+            n = len(batches)
+            total = math.ceil(n / self.world_size) * self.world_size
+            padded = batches + [batches[-1 - k % n] for k in range(total - n)]
             batches = padded[self.rank::self.world_size]
-        self._cache = (epoch, batches)
-        return batches
+            repeats = [k >= n for k in range(self.rank, total, self.world_size)]
+        self._cache = (epoch, (batches, repeats))
+        return batches, repeats
 
     def iter_from(self, epoch: int, start: int = 0) -> Iterator[list[int]]:
         """Batches of ``epoch`` from batch index ``start`` on (exact resume)."""

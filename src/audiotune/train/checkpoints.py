@@ -1,16 +1,21 @@
 """Checkpoints beside the output artifact: complete only once fully written, newest-first resume.
 
 A checkpoint is a directory ``checkpoint-<step>`` under ``<output>.checkpoints`` (local
-or S3) written by ``accelerator.save_state`` plus our ``trainer_state.json``, published
-with :func:`audiotune.storage.publish_dir`, so its ``manifest.json`` appears last: a
-checkpoint without a manifest is incomplete and ignored.
+or S3): the training state of every process (:func:`save_training_state`) and, written
+last, ``manifest.json`` with the trainer state, so a checkpoint without a manifest is
+incomplete and ignored. The trainer state carries the run's identity
+(:func:`run_identity`: settings, data, number of processes); a resume from a checkpoint
+of another run is refused (:func:`check_identity`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +75,131 @@ def write_manifest(directory: Path, state: dict[str, Any]) -> None:
     (Path(directory) / "manifest.json").write_text(
         json.dumps({"kind": KIND, "schema_version": 1, "trainer_state": state}, indent=2) + "\n"
     )
+
+
+def save_checkpoint(acc, model, optimizer, scheduler, extra_state: dict[str, Any], root: str, work_dir: Path,
+                    state: dict[str, Any], keep_last: int) -> str:
+    """Write ``checkpoint-<step>`` of the trainer ``state`` under ``root``, then prune; returns its URI.
+
+    Every process takes part and writes its part (its RNG states, its DeepSpeed partitions) into a staging
+    directory: beside the target for a local root, in its own ``work_dir`` for S3, from where it uploads its
+    files. The main process writes the ``extra_state`` objects (``<name>.safetensors``) and ``manifest.json``
+    last (a rename locally), so a checkpoint without a manifest is incomplete; it then prunes to the newest
+    ``keep_last`` and ``state["best_step"]``.
+    """
+    name = f"checkpoint-{state['step']}"
+    local_root = not storage.is_s3(root)
+    staging = (Path(root) / f".{name}.tmp") if local_root else Path(work_dir) / name
+    if (acc.is_main_process or not local_root) and staging.exists():
+        shutil.rmtree(staging)
+    acc.wait_for_everyone()
+    save_training_state(acc, model, optimizer, scheduler, staging)
+    if acc.is_main_process and extra_state:
+        from safetensors.torch import save_file
+
+        for extra, obj in extra_state.items():
+            save_file(obj.state_dict(), str(staging / f"{extra}.safetensors"))
+    target = storage.join(root, name)
+    if not local_root:
+        storage.upload_dir(staging, target)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        write_manifest(staging, state)
+        if local_root:
+            if Path(target).exists():
+                shutil.rmtree(target)
+            os.replace(staging, target)
+        else:
+            storage.write_bytes(storage.join(target, "manifest.json"), (staging / "manifest.json").read_bytes())
+        prune(root, keep_last, state.get("best_step"))
+        log.info("checkpoint %s", target)
+    if not local_root:
+        shutil.rmtree(staging, ignore_errors=True)
+    acc.wait_for_everyone()
+    return target
+
+
+def load_checkpoint(acc, model, optimizer, scheduler, extra_state: dict[str, Any], uri: str, work_dir: Path) -> None:
+    """Restore what :func:`save_checkpoint` wrote at ``uri`` (every process calls it; S3 is downloaded first)."""
+    from safetensors.torch import load_file
+
+    local = Path(uri) if not storage.is_s3(uri) else storage.download(uri, Path(work_dir) / "resume")
+    load_training_state(acc, model, optimizer, scheduler, local)
+    for name, obj in extra_state.items():
+        path = local / f"{name}.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {uri} has no {path.name}; it was written without {name!r} "
+                                    "(resume from another checkpoint or set train.resume=never)")
+        obj.load_state_dict(load_file(str(path)))
+
+
+# ------------------------------------------------------------------------------------------- run identity
+class CheckpointMismatch(ValueError):
+    """A checkpoint to resume from was written by a run with other settings, data or processes."""
+
+
+# Settings a resume may change: how long to train, and the cadence of logs, validation and checkpoints; memory
+# knobs that leave the arithmetic alone (activation recomputation, DeepSpeed offloading; the JSON is compared
+# through the keys the stage settings check); nproc_per_node, since the number of processes is compared itself.
+RESUME_FREE = ("train.max_steps", "train.epochs", "train.resume", "train.save_every", "train.eval_every",
+               "train.log_every", "train.keep_last", "train.nproc_per_node", "train.gradient_checkpointing",
+               "train.deepspeed.offload_optimizer", "train.deepspeed.offload_params", "train.deepspeed.config_file",
+               "overwrite")
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def run_identity(section: str, config: dict[str, Any], free: tuple[str, ...] = (), **facts: Any) -> dict[str, Any]:
+    """What a resume must match: a stage's config section (but :data:`RESUME_FREE` and ``free``) and ``facts``.
+
+    Args:
+        section: Name of the config section (``llm``), the prefix of the field names in messages.
+        config: The section as JSON (``model_dump(mode="json")``).
+        free: More fields (relative to the section, e.g. ``base_model``) a resume may change.
+        facts: Further values that must match, e.g. the seed, the Tokens' dataset fingerprint.
+
+    Returns:
+        ``config`` (the compared fields, flat), ``config_hash`` (their digest) and the ``facts``.
+    """
+    skip = (*RESUME_FREE, *free)
+    flat = {f"{section}.{k}": v for k, v in _flatten(config).items()
+            if not any(k == s or k.startswith(f"{s}.") for s in skip)}
+    digest = hashlib.blake2b(json.dumps(flat, sort_keys=True).encode(), digest_size=16).hexdigest()
+    return {"config_hash": digest, "config": flat, **facts}
+
+
+def identity_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """What differs between the identity a checkpoint was written with and this run's (empty when none)."""
+    problems = []
+    if saved.get("config_hash") != current.get("config_hash") and "config" in saved and "config" in current:
+        old, new = saved["config"], current["config"]
+        problems += [f"{k}: checkpoint {old.get(k, '<unset>')!r}, now {new.get(k, '<unset>')!r}"
+                     for k in sorted(set(old) | set(new)) if old.get(k, "<unset>") != new.get(k, "<unset>")]
+    for key in sorted((set(saved) & set(current)) - {"config", "config_hash"}):
+        if saved[key] != current[key]:
+            problems.append(f"{key}: checkpoint {saved[key]!r}, now {current[key]!r}")
+    return problems
+
+
+def check_identity(uri: str, saved: dict[str, Any] | None, current: dict[str, Any]) -> None:
+    """Refuse to resume from ``uri`` when its identity differs from this run's, naming what differs."""
+    if not saved:
+        log.warning("checkpoint %s records no run identity (an older version wrote it): cannot check that it "
+                    "comes from a run with the same settings and data", uri)
+        return
+    problems = identity_mismatch(saved, current)
+    if problems:
+        raise CheckpointMismatch(
+            f"checkpoint {uri} was written by a different run: {'; '.join(problems)}. An exact resume needs the "
+            "same settings, data and number of processes: restore them, point train.resume at another "
+            "checkpoint, set train.resume=never, or write to another output")
 
 
 # ------------------------------------------------------------------------------------------- training state
@@ -168,6 +298,12 @@ def _save_rng(directory: Path, rank: int) -> None:
     }))
 
 
+def cuda_states(tensors: dict[str, Any]) -> list[Any]:
+    """The ``cuda<i>`` RNG states of a saved RNG file in device order (cuda2 before cuda10)."""
+    keys = [k for k in tensors if k.startswith("cuda") and k[4:].isdigit()]
+    return [tensors[k] for k in sorted(keys, key=lambda k: int(k[4:]))]
+
+
 def _load_rng(directory: Path, rank: int) -> None:
     import random
 
@@ -181,7 +317,7 @@ def _load_rng(directory: Path, rank: int) -> None:
                                 "processes; an exact resume needs the same number of processes")
     tensors = load_file(str(path))
     torch.set_rng_state(tensors["torch"])
-    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda")]
+    cuda = cuda_states(tensors)
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
     states = json.loads((directory / f"rng_state_{rank}.json").read_text())

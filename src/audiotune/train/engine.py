@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import resource
-import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,7 +27,6 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 from transformers import get_scheduler
 
-from audiotune import storage
 from audiotune.config import TrainSettings
 from audiotune.train import checkpoints
 from audiotune.train.deepspeed import deepspeed_plugin
@@ -41,7 +39,12 @@ class TrainingInterrupted(Exception):
 
 
 class BatchSource(Protocol):
-    """Batches for this process: ``batches(epoch)`` lists index groups, ``collate`` makes tensors."""
+    """Batches for this process: ``batches(epoch)`` lists index groups, ``collate`` makes tensors.
+
+    A source may also tell, with ``repeats(epoch)`` (its own, or its ``sampler``'s, e.g. a
+    :class:`~audiotune.train.batching.TokenBudgetSampler`), which of its batches only repeat one dealt to
+    another process so that every process runs as many batches; validation runs those with weight 0.
+    """
 
     def batches(self, epoch: int) -> list[list[int]]: ...
 
@@ -69,6 +72,7 @@ class EngineState:
     best_val_loss: float | None = None
     best_step: int | None = None
     history: list[dict[str, float]] = field(default_factory=list)
+    identity: dict[str, Any] = field(default_factory=dict)  # what a resume must match (checkpoints.run_identity)
 
 
 def resolve_dtype(dtype: str) -> str:
@@ -115,6 +119,15 @@ def build_optimizer(param_groups: list[dict[str, Any]], train: TrainSettings) ->
     return torch.optim.AdamW(param_groups, lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay)
 
 
+def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainSettings, total_steps: int):
+    """``train.schedule`` over ``total_steps``, after a linear warm-up from 0 over ``train.warmup_steps``
+    (or ``warmup_ratio`` × ``total_steps``); ``constant`` holds the peak learning rate after the warm-up."""
+    warmup = train.warmup_steps if train.warmup_steps is not None else int(train.warmup_ratio * total_steps)
+    # transformers' "constant" takes no warm-up (it ignores num_warmup_steps)
+    name = "constant_with_warmup" if train.schedule == "constant" and warmup > 0 else train.schedule
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
 def decay_groups(named_params: list[tuple[str, torch.nn.Parameter]], lr: float, weight_decay: float,
                  name: str = "params") -> list[dict[str, Any]]:
     """Split trainable parameters into decayed and not decayed (biases, norms, 1-D) groups."""
@@ -143,12 +156,14 @@ class Engine:
                  val_data: BatchSource | None, output: str, tracker, work_dir: Path, seed: int,
                  on_step: Callable[[EngineState], None] | None = None,
                  eval_context: Callable[[], contextlib.AbstractContextManager] | None = None,
-                 extra_state: dict[str, Stateful] | None = None):
+                 extra_state: dict[str, Stateful] | None = None, identity: dict[str, Any] | None = None):
         """Optional hooks (all processes): ``on_step(state)`` runs after every optimizer step (e.g. an EMA
         update, periodic samples), before logging, validation and checkpointing of that step;
         ``eval_context()`` is entered around validation (e.g. swap in EMA weights); ``extra_state`` objects
         (``state_dict()`` of tensors / ``load_state_dict``) are saved in every checkpoint as
-        ``<name>.safetensors`` by the main process and restored on resume."""
+        ``<name>.safetensors`` by the main process and restored on resume; ``identity``
+        (:func:`audiotune.train.checkpoints.run_identity`) is saved with the number of processes in every
+        checkpoint, and a resume from a checkpoint whose identity differs is refused."""
         self.on_step = on_step
         self.eval_context = eval_context
         self.extra_state = dict(extra_state or {})
@@ -161,14 +176,13 @@ class Engine:
         self.work_dir = Path(work_dir)
         self.seed = seed
         self.ckpt_root = checkpoints.checkpoints_uri(output)
-        self.state = EngineState()
+        self.state = EngineState(identity={**(identity or {}), "num_processes": accelerator.num_processes})
         self._stop = False
+        self._saved: tuple[int, str] | None = None  # (step, uri) of the last checkpoint written
         self.steps_per_epoch = max(1, math.ceil(len(train_data.batches(0)) / train.grad_accum))
         self.total_steps = train.max_steps or max(1, math.ceil(train.epochs * self.steps_per_epoch))
         optimizer = build_optimizer(param_groups, train)
-        warmup = train.warmup_steps if train.warmup_steps is not None else int(train.warmup_ratio * self.total_steps)
-        scheduler = get_scheduler(train.schedule, optimizer, num_warmup_steps=warmup,
-                                  num_training_steps=self.total_steps)
+        scheduler = build_scheduler(optimizer, train, self.total_steps)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.scheduler = scheduler
         self.base_lrs = [g["lr"] for g in optimizer.param_groups]
@@ -182,17 +196,11 @@ class Engine:
         uri = checkpoints.find_resume(self.ckpt_root, self.train.resume)
         if uri is None:
             return False
-        local = Path(uri) if not storage.is_s3(uri) else storage.download(uri, self.work_dir / "resume")
-        checkpoints.load_training_state(self.acc, self.model, self.optimizer, self.scheduler, local)
-        for name, obj in self.extra_state.items():
-            path = local / f"{name}.safetensors"
-            if not path.is_file():
-                raise FileNotFoundError(f"checkpoint {uri} has no {path.name}; it was written without {name!r} "
-                                        "(resume from another checkpoint or set train.resume=never)")
-            from safetensors.torch import load_file
-
-            obj.load_state_dict(load_file(str(path)))
-        self.state = EngineState(**checkpoints.read_state(str(local)))
+        saved = checkpoints.read_state(uri)
+        checkpoints.check_identity(uri, saved.get("identity"), self.state.identity)
+        checkpoints.load_checkpoint(self.acc, self.model, self.optimizer, self.scheduler, self.extra_state, uri,
+                                    self.work_dir)
+        self.state = EngineState(**{**saved, "identity": self.state.identity})
         log.info("resumed from %s at step %d (epoch %d, batch %d)", uri, self.state.step, self.state.epoch,
                  self.state.batch_in_epoch)
         return True
@@ -203,7 +211,7 @@ class Engine:
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         s = self.state
         self.model.train()
-        window = {"loss": 0.0, "tokens": 0, "samples": 0, "micro": 0, "t0": time.perf_counter()}
+        window = {"loss": 0.0, "tokens": 0, "samples": 0, "micro": 0, "t0": time.perf_counter(), "extra": {}}
         log.info("training %d steps (%d per epoch, %d processes)", self.total_steps, self.steps_per_epoch,
                  self.acc.num_processes)
         try:
@@ -220,8 +228,10 @@ class Engine:
                             self.on_step(s)
                         self._after_step(window, grad_norm)
                         if self._should_stop():
-                            self.save_checkpoint()
-                            raise TrainingInterrupted(f"stopped by SIGTERM at step {s.step}; checkpoint written")
+                            done = self._saved is not None and self._saved[0] == s.step
+                            target = self._saved[1] if done else self.save_checkpoint()
+                            raise TrainingInterrupted(f"stopped by SIGTERM at step {s.step}; checkpoint {target} "
+                                                      "written")
                 if s.batch_in_epoch >= len(batches):
                     s.epoch += 1
                     s.batch_in_epoch = 0
@@ -250,117 +260,122 @@ class Engine:
         window["tokens"] += int(metrics.get("tokens", 0))
         window["samples"] += int(metrics.get("samples", 0))
         window["micro"] += 1
-        for key, value in metrics.items():
+        for key, value in metrics.items():  # other metrics: (sum, count) of this process, reduced when logged
             if key not in ("tokens", "samples"):
-                window.setdefault("extra", {}).setdefault(key, []).append(float(value))
+                value = value.detach().float() if isinstance(value, torch.Tensor) else float(value)
+                total, count = window["extra"].get(key, (0.0, 0))
+                window["extra"][key] = (total + value, count + 1)
         return grad_norm
 
     def _after_step(self, window: dict[str, Any], grad_norm: Any) -> None:
         s = self.state
         if s.step % self.train.log_every == 0 or s.step == self.total_steps:
-            elapsed = time.perf_counter() - window["t0"]
-            totals = self._reduce([float(window["loss"]), window["micro"], window["tokens"], window["samples"]])
-            record = {
-                "step": s.step, "loss": totals[0] / max(totals[1], 1),
-                "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": totals[2] / elapsed,
-                "samples_per_s": totals[3] / elapsed, "peak_memory_mb": peak_memory_mb(),
-            }
-            names = [g.get("name") for g in self.optimizer.param_groups]
-            if len({n.split(".")[0] for n in names if n}) > 1:  # several models (joint): each one's learning rate
-                for name, lr in zip(names, self.scheduler.get_last_lr(), strict=True):
-                    if name:
-                        record[f"lr.{name}"] = lr
-            if grad_norm is not None:
-                record["grad_norm"] = float(grad_norm)
-            for key, values in window.get("extra", {}).items():
-                record[key] = sum(values) / len(values)
-            s.history.append(record)
-            self.tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, step=s.step)
-            eta = (self.total_steps - s.step) * elapsed / max(self.train.log_every, 1)
-            log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s ETA %.0fs", s.step, self.total_steps,
-                     record["loss"], record["lr"], record["tokens_per_s"], eta)
-            window.update(loss=0.0, tokens=0, samples=0, micro=0, t0=time.perf_counter(), extra={})
-        if self.val_data is not None and s.step % self.train.eval_every == 0:
-            self._validate()
-        if s.step % self.train.save_every == 0 and s.step < self.total_steps:
+            self._log(window, grad_norm)
+        improved = self.val_data is not None and s.step % self.train.eval_every == 0 and self._validate()
+        # pruning keeps the best checkpoint only if one exists at the best step: write it when validation improves
+        if (s.step % self.train.save_every == 0 or improved) and s.step < self.total_steps:
             self.save_checkpoint()
+
+    def _log(self, window: dict[str, Any], grad_norm: Any) -> None:
+        """Log the window's metrics, each the mean over every process's micro-batches (as the loss is)."""
+        s = self.state
+        elapsed = time.perf_counter() - window["t0"]
+        extra = window["extra"]
+        keys = self._all_keys(extra)
+        sums = [float(extra[k][0]) if k in extra else 0.0 for k in keys]
+        counts = [extra[k][1] if k in extra else 0 for k in keys]
+        totals = self._reduce([float(window["loss"]), window["micro"], window["tokens"], window["samples"],
+                               *sums, *counts])
+        record = {
+            "step": s.step, "loss": totals[0] / max(totals[1], 1),
+            "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": totals[2] / elapsed,
+            "samples_per_s": totals[3] / elapsed, "peak_memory_mb": peak_memory_mb(),
+        }
+        names = [g.get("name") for g in self.optimizer.param_groups]
+        if len({n.split(".")[0] for n in names if n}) > 1:  # several models (joint): each one's learning rate
+            for name, lr in zip(names, self.scheduler.get_last_lr(), strict=True):
+                if name:
+                    record[f"lr.{name}"] = lr
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        n = len(keys)
+        for key, total, count in zip(keys, totals[4:4 + n], totals[4 + n:], strict=True):
+            if count:
+                record[key] = total / count
+        s.history.append(record)
+        self.tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, step=s.step)
+        eta = (self.total_steps - s.step) * elapsed / max(self.train.log_every, 1)
+        log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s ETA %.0fs", s.step, self.total_steps,
+                 record["loss"], record["lr"], record["tokens_per_s"], eta)
+        window.update(loss=0.0, tokens=0, samples=0, micro=0, t0=time.perf_counter(), extra={})
 
     def _reduce(self, values: list[float]) -> list[float]:
         tensor = torch.tensor(values, dtype=torch.float64, device=self.acc.device)
         return self.acc.reduce(tensor, reduction="sum").tolist() if self.acc.num_processes > 1 else values
 
+    def _all_keys(self, keys) -> list[str]:
+        """The metric names of every process, sorted: each must reduce the same list."""
+        keys = sorted(keys)
+        if self.acc.num_processes == 1:
+            return keys
+        gathered: list[Any] = [None] * self.acc.num_processes
+        torch.distributed.all_gather_object(gathered, keys)
+        return sorted({k for rank_keys in gathered for k in rank_keys})
+
     @torch.no_grad()
-    def _validate(self) -> float:
+    def _validate(self) -> bool:
+        """The validation loss over every process's share; True when it is a new best.
+
+        Each batch's mean loss is weighted by its targets (``target_tokens``, else ``tokens``); a batch that
+        only repeats another process's (see :class:`BatchSource`) still runs, so that every process does as
+        many forwards (ZeRO-3 gathers weights in each), but weighs 0.
+        """
         self.model.eval()
         total, count = 0.0, 0.0
         parts: dict[str, float] = {}  # loss components a loss function reports as loss_<name> (joint: llm, flow)
+        batches = self.val_data.batches(0)
         with self.eval_context() if self.eval_context is not None else contextlib.nullcontext():
-            for indices in self.val_data.batches(0):
+            for indices, repeat in zip(batches, _repeats(self.val_data, 0, len(batches)), strict=True):
                 batch = self._to_device(self.val_data.collate(indices))
                 with self.autocast:
                     loss, metrics = self.loss_fn(self.model, batch)
-                weight = float(metrics.get("tokens", 1)) or 1.0
-                total += float(loss) * weight
-                count += weight
+                weight = 0.0 if repeat else float(metrics.get("target_tokens", metrics.get("tokens", 1)))
+                if weight > 0:  # a batch without targets has no mean loss (NaN)
+                    total += float(loss) * weight
+                    count += weight
                 for key, value in metrics.items():
                     if key.startswith("loss_"):
-                        parts[key] = parts.get(key, 0.0) + float(value) * weight
-        names = sorted(parts)
-        reduced = self._reduce([total, count, *(parts[k] for k in names)])
+                        parts[key] = parts.get(key, 0.0) + (float(value) * weight if weight > 0 else 0.0)
+        names = self._all_keys(parts)
+        reduced = self._reduce([total, count, *(parts.get(k, 0.0) for k in names)])
         total, count = reduced[0], reduced[1]
         extra = {f"val_{k}": v / count for k, v in zip(names, reduced[2:], strict=True)} if count else {}
         self.model.train()
         val = total / count if count else float("nan")
         s = self.state
-        if s.best_val_loss is None or val < s.best_val_loss:
+        improved = not math.isnan(val) and (s.best_val_loss is None or val < s.best_val_loss)
+        if improved:
             s.best_val_loss, s.best_step = val, s.step
         if s.history and s.history[-1].get("step") == s.step:
             s.history[-1].update(val_loss=val, **extra)
         else:
             s.history.append({"step": s.step, "val_loss": val, **extra})
         self.tracker.log_metrics({"val_loss": val, **extra}, step=s.step)
-        log.info("step %d val_loss %.4f (best %.4f at step %s)", s.step, val, s.best_val_loss, s.best_step)
-        return val
+        log.info("step %d val_loss %.4f (best %.4f at step %s)", s.step, val,
+                 math.nan if s.best_val_loss is None else s.best_val_loss, s.best_step)
+        return improved
 
     # ------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> str:
-        """Write a complete checkpoint of the current step (all processes take part).
+        """Write a complete checkpoint of the current step (all processes take part); returns its URI.
 
-        Every process writes its part (its RNG states, its DeepSpeed partitions) into a staging directory: beside
-        the target for a local root, in its own work directory for S3, from where it uploads its files. The main
-        process writes ``manifest.json`` last (a rename locally), so a checkpoint without one is incomplete.
+        See :func:`audiotune.train.checkpoints.save_checkpoint`; older checkpoints are pruned to the newest
+        ``train.keep_last`` plus the best by validation loss.
         """
         step = self.state.step
-        name = f"checkpoint-{step}"
-        local_root = not storage.is_s3(self.ckpt_root)
-        staging = (Path(self.ckpt_root) / f".{name}.tmp") if local_root else self.work_dir / name
-        if (self.acc.is_main_process or not local_root) and staging.exists():
-            shutil.rmtree(staging)
-        self.acc.wait_for_everyone()
-        checkpoints.save_training_state(self.acc, self.model, self.optimizer, self.scheduler, staging)
-        if self.acc.is_main_process and self.extra_state:
-            from safetensors.torch import save_file
-
-            for extra, obj in self.extra_state.items():
-                save_file(obj.state_dict(), str(staging / f"{extra}.safetensors"))
-        target = storage.join(self.ckpt_root, name)
-        if not local_root:
-            storage.upload_dir(staging, target)
-        self.acc.wait_for_everyone()
-        if self.acc.is_main_process:
-            state = asdict(self.state)
-            checkpoints.write_manifest(staging, state)
-            if local_root:
-                if Path(target).exists():
-                    shutil.rmtree(target)
-                os.replace(staging, target)
-            else:
-                storage.write_bytes(storage.join(target, "manifest.json"), (staging / "manifest.json").read_bytes())
-            checkpoints.prune(self.ckpt_root, self.train.keep_last, self.state.best_step)
-            log.info("checkpoint %s", target)
-        if not local_root:
-            shutil.rmtree(staging, ignore_errors=True)
-        self.acc.wait_for_everyone()
+        target = checkpoints.save_checkpoint(self.acc, self.model, self.optimizer, self.scheduler, self.extra_state,
+                                             self.ckpt_root, self.work_dir, asdict(self.state), self.train.keep_last)
+        self._saved = (step, target)
         return target
 
     # ------------------------------------------------------------------ misc
@@ -376,6 +391,19 @@ class Engine:
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.acc.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _repeats(source: BatchSource, epoch: int, count: int) -> list[bool]:
+    """Which of ``source``'s ``count`` batches of ``epoch`` repeat another process's (see :class:`BatchSource`)."""
+    for owner in (source, getattr(source, "sampler", None)):
+        repeats = getattr(owner, "repeats", None)
+        if callable(repeats):
+            flags = list(repeats(epoch))
+            if len(flags) != count:
+                raise ValueError(f"{type(owner).__name__}.repeats({epoch}) has {len(flags)} entries for {count} "
+                                 "batches")
+            return flags
+    return [False] * count
 
 
 def seed_everything(seed: int) -> None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +43,43 @@ def torchrun_command(nproc_per_node: int, argv: list[str], nnodes: int = 1, pyth
     return cmd + ["-m", "audiotune.cli", *argv]
 
 
+INTERRUPTED = 143  # 128 + SIGTERM: stopped with a checkpoint written; a rerun resumes
+
+
 def relaunch(nproc_per_node: int, argv: list[str]) -> int:
-    """Run this command again under torchrun and return its exit code."""
+    """Run this command again under torchrun and return its exit code.
+
+    SIGTERM and SIGINT sent to this process are passed on to torchrun, which passes SIGTERM on to its workers:
+    they finish the current step, write a checkpoint and exit with 143. torchrun itself then exits with 1 (it
+    re-raises the signal as an exception), so after a SIGTERM a failed torchrun is reported as 143. torchrun
+    gives the workers ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` seconds (default 30) before it kills them. torchrun
+    runs in its own session, so that a signal to this process group does not reach it twice.
+    """
     cmd = torchrun_command(nproc_per_node, argv)
     log.info("launching %d processes: %s", nproc_per_node, " ".join(cmd))
-    return subprocess.run(cmd, check=False).returncode
+    received: list[int] = []
+    pending: list[int] = []  # arrived before torchrun started
+    procs: list[subprocess.Popen] = []
+
+    def forward(signum, frame) -> None:  # noqa: ARG001
+        received.append(signum)
+        if not procs:
+            pending.append(signum)
+            return
+        log.warning("%s: passing it on to torchrun (pid %d)", signal.Signals(signum).name, procs[0].pid)
+        with contextlib.suppress(ProcessLookupError):
+            procs[0].send_signal(signum)
+
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)} if main_thread else {}
+    try:
+        procs.append(subprocess.Popen(cmd, start_new_session=True))
+        while pending:
+            procs[0].send_signal(pending.pop(0))
+        code = procs[0].wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if code != 0 and signal.SIGTERM in received:
+        return INTERRUPTED
+    return code

@@ -27,6 +27,10 @@ class ExampleBatches:
     def batches(self, epoch: int) -> list[list[int]]:
         return self.sampler.batches(epoch)
 
+    def repeats(self, epoch: int) -> list[bool]:
+        """Per batch of ``epoch``: whether it only repeats another process's (padding; validation weighs it 0)."""
+        return self.sampler.repeats(epoch)
+
     def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
         from audiotune.train.data import collate_packed, collate_padded
 
@@ -39,17 +43,23 @@ class ExampleBatches:
         # counted here, on the CPU, so the training step needs no device sync for its metrics
         batch["n_tokens"] = sum(len(e.input_ids) for e in chosen)
         batch["n_samples"] = len(chosen)
-        batch["n_targets"] = int((batch["labels"] != IGNORE_INDEX).sum())
+        # the positions whose next token is predicted (labels are aligned with the inputs, the model shifts them);
+        # multi-codebook labels are [B, T, C]: counted on channel 0, one per frame
+        labels = batch["labels"] if batch["labels"].ndim == 2 else batch["labels"][..., 0]
+        batch["n_targets"] = int((labels[:, 1:] != IGNORE_INDEX).sum())
         return batch
 
 
 def llm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean next-token loss of a padded or packed batch, with token and sample counts."""
+    """Mean next-token loss of a padded or packed batch, with token, sample and target counts.
+
+    ``target_tokens`` (predicted positions) is what validation weights a batch's mean loss by.
+    """
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids", "labels")}
     out = model(**inputs)
     metrics = {"tokens": batch["n_tokens"], "samples": batch["n_samples"], "target_tokens": batch["n_targets"]}
     per_codebook = getattr(out, "per_codebook_loss", None)
     if per_codebook is not None:
         for k, value in enumerate(per_codebook):
-            metrics[f"loss_codebook{k}"] = float(value)
+            metrics[f"loss_codebook{k}"] = value  # a detached tensor: read at logging time, no sync per step
     return out.loss, metrics
