@@ -209,3 +209,24 @@ def test_lora_on_a_bf16_multicodebook_model_trains_every_new_weight_in_fp32(tmp_
     again = {n: p.dtype for n, p in reloaded.named_parameters() if p.requires_grad}
     assert again and set(again.values()) == {torch.float32}
     assert {n.split(".")[0] for n in again} == {"backbone", "codebook_embeddings", "codebook_heads"}
+
+
+def test_untrained_new_rows_are_rebuilt_exactly_from_the_base(tmp_path):
+    """With train_new_tokens off, LoRA leaves the added rows alone: export and reload must rebuild the very rows
+    training saw (the mean of the base's rows), not draw new random ones."""
+    from audiotune.models.lm import new_rows_trained, resize_embeddings
+
+    base = tmp_path / "base"
+    _tiny(vocab=30).save_pretrained(str(base))
+    settings = LLMStageConfig(mode="lora", lora=LoraSettings(train_new_tokens=False))
+    trained, info = build_lm(settings, _vocab(), base, torch.float32, base_text_size=30)
+    manifest = {"mode": "lora", "config": settings.model_dump(mode="json")}
+    assert not new_rows_trained(manifest) and new_rows_trained({"mode": "full"})
+    for _ in range(2):  # what export (merge) and load_trained do, twice: the same rows each time
+        again = load_base(base, torch.float32, "eager")
+        resize_embeddings(again, info["embedding_rows"], new_rows_trained(manifest), mean_resizing=False)
+        for a, b in ((trained.get_input_embeddings(), again.get_input_embeddings()),
+                     (trained.get_output_embeddings(), again.get_output_embeddings())):
+            assert torch.equal(a.weight, b.weight)
+    rows = trained.get_input_embeddings().weight
+    assert torch.equal(rows[30:], rows[:30].mean(0, keepdim=True).expand(rows.shape[0] - 30, -1))

@@ -17,7 +17,14 @@ from typing import Any
 
 import torch
 
-from audiotune.models.lm import ModelError, fingerprint_checkpoint, fingerprint_mismatch, load_base
+from audiotune.models.lm import (
+    ModelError,
+    fingerprint_checkpoint,
+    fingerprint_mismatch,
+    load_base,
+    new_rows_trained,
+    resize_embeddings,
+)
 from audiotune.models.multicodebook import MultiCodebookLM
 
 log = logging.getLogger(__name__)
@@ -102,8 +109,7 @@ def merge_llm(artifact: Path, manifest: dict[str, Any], base_path: Path, dtype: 
     multi = isinstance(manifest.get("vocab"), dict) and manifest["vocab"].get("num_codebooks", 1) > 1
     model = load_base(base_path, dtype, "eager" if dtype == torch.float32 else "sdpa")
     rows = int(manifest.get("embedding_rows") or model.get_input_embeddings().weight.shape[0])
-    if model.get_input_embeddings().weight.shape[0] != rows:
-        model.resize_token_embeddings(rows, mean_resizing=False)
+    resize_embeddings(model, rows, new_rows_trained(manifest), mean_resizing=False)  # untrained rows as trained
     try:
         model = PeftModel.from_pretrained(model, str(artifact), is_trainable=False)
     except (ValueError, KeyError, RuntimeError) as err:

@@ -147,7 +147,7 @@ def build_lm(settings, vocab: AudioVocab, base_path: str | Path | None, dtype: t
         if base_path is None:
             raise ModelError("llm.init=pretrained needs a base model")
         model = load_base(base_path, dtype, attn)
-        base_rows = model.get_input_embeddings().weight.shape[0]
+        base_rows = embedding_rows(model)
         info.update(base_vocab_size=base_rows, fingerprint=fingerprint_checkpoint(base_path))
         if settings.audio_tokens == "offset" and vocab.audio_offset + vocab.codebook_size > base_rows:
             raise ModelError(
@@ -157,7 +157,7 @@ def build_lm(settings, vocab: AudioVocab, base_path: str | Path | None, dtype: t
         rows = base_rows
         if vocab.lm_vocab_size > base_rows:
             rows = _padded(vocab.lm_vocab_size)
-            model.resize_token_embeddings(rows)
+            resize_embeddings(model, rows, rows_trained=settings.mode != "lora" or settings.lora.train_new_tokens)
             log.info("embedding rows %d -> %d for %d segment markers and audio codes", base_rows, rows,
                      rows - base_rows)
         info["embedding_rows"] = rows
@@ -175,6 +175,50 @@ def build_lm(settings, vocab: AudioVocab, base_path: str | Path | None, dtype: t
         backbone = model.backbone if isinstance(model, MultiCodebookLM) else model
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, info
+
+
+def embedding_rows(model: nn.Module) -> int:
+    """Rows of the input embedding (its full size under ZeRO-3, where the local tensor is an empty partition)."""
+    weight = model.get_input_embeddings().weight
+    return int(getattr(weight, "ds_shape", weight.shape)[0])
+
+
+def new_rows_trained(manifest: dict[str, Any]) -> bool:
+    """Whether an LLM artifact's rows added to the base vocabulary were trained (and saved) or left untrained."""
+    lora = (manifest.get("config") or {}).get("lora") or {}
+    return manifest.get("mode") != "lora" or bool(lora.get("train_new_tokens", True))
+
+
+def resize_embeddings(model: nn.Module, rows: int, rows_trained: bool, mean_resizing: bool = True) -> None:
+    """Grow the input embedding and the output head to ``rows``.
+
+    Rows that training updates (``rows_trained``) start from transformers' mean resizing and are saved
+    with the artifact. Rows a LoRA run leaves untrained (``llm.lora.train_new_tokens: false``) are set to
+    the mean of the base's rows instead: not random, so an export or reload rebuilds exactly the rows
+    the adapter was trained with, from the base alone.
+    """
+    old = embedding_rows(model)
+    if old == rows:
+        return
+    model.resize_token_embeddings(rows, mean_resizing=mean_resizing and rows_trained)
+    if rows_trained:
+        return
+    import contextlib
+
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    weights = [model.get_input_embeddings().weight]
+    head = getattr(model.get_output_embeddings(), "weight", None)
+    if head is not None and head is not weights[0]:
+        weights.append(head)
+    gathered = contextlib.nullcontext()
+    if is_deepspeed_zero3_enabled():  # the weights are partitioned across ranks: edit them whole, from rank 0
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(weights, modifier_rank=0)
+    with gathered, torch.no_grad():
+        for weight in weights:
+            weight[old:] = weight[:old].mean(dim=0, keepdim=True)
 
 
 def new_token_ids(vocab: AudioVocab, base_text_size: int, audio_tokens: str, rows: int | None = None) -> list[int]:
@@ -385,8 +429,7 @@ def load_trained(artifact: str | Path, base_path: str | Path | None, dtype: torc
             raise ModelError(f"{artifact} holds a LoRA adapter; the base model it was trained on is needed")
         model = load_base(base_path, dtype, attn_implementation)
         rows = int(manifest.get("embedding_rows") or model.get_input_embeddings().weight.shape[0])
-        if model.get_input_embeddings().weight.shape[0] != rows:
-            model.resize_token_embeddings(rows, mean_resizing=False)
+        resize_embeddings(model, rows, new_rows_trained(manifest), mean_resizing=False)
         model = PeftModel.from_pretrained(model, str(artifact),
                                           is_trainable=trainable)
     else:
