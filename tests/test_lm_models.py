@@ -11,14 +11,12 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from audiotune.config import LLMStageConfig, LoraSettings
+from audiotune.models.fingerprint import fingerprint_checkpoint, fingerprint_mismatch, fingerprint_model
 from audiotune.models.lm import (
     PRESETS,
     ModelError,
     apply_lora,
     build_lm,
-    fingerprint_checkpoint,
-    fingerprint_mismatch,
-    fingerprint_model,
     linear_module_names,
     load_base,
     new_token_ids,

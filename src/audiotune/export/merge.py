@@ -17,14 +17,8 @@ from typing import Any
 
 import torch
 
-from audiotune.models.lm import (
-    ModelError,
-    fingerprint_checkpoint,
-    fingerprint_mismatch,
-    load_base,
-    new_rows_trained,
-    resize_embeddings,
-)
+from audiotune.models.fingerprint import fingerprint_checkpoint, fingerprint_mismatch
+from audiotune.models.lm import ModelError, load_base, new_rows_trained, resize_embeddings
 from audiotune.models.multicodebook import MultiCodebookLM
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Causal LMs for the llm stage: a Hugging Face base or a size preset, audio rows, LoRA, fingerprints.
+"""Causal LMs for the llm stage: a Hugging Face base or a size preset, audio rows, LoRA.
 
 - :func:`build_lm` loads any ``AutoModelForCausalLM`` from a local directory (safetensors only),
   or builds one from a named :data:`PRESETS` config with random weights, makes room for the
@@ -7,14 +7,13 @@
 - :func:`apply_lora` puts PEFT LoRA adapters on it; the rows of tokens the base never had (markers,
   appended audio codes) are trained through PEFT's ``trainable_token_indices`` in the input
   embedding and, when untied, the output head.
-- :func:`fingerprint_checkpoint` identifies a base model by its config and every tensor's name,
-  shape and bytes, so the export stage can refuse to merge an adapter into another base.
+- The base it loads is fingerprinted (:mod:`audiotune.models.fingerprint`), so the export stage can
+  refuse to merge an adapter into another base.
 - :func:`load_trained` reloads an LLM model artifact (adapter on its base, or the full model).
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from audiotune.models.fingerprint import fingerprint_checkpoint
 from audiotune.models.multicodebook import CODEBOOKS_CONFIG, MultiCodebookLM, default_codebook_weights
 from audiotune.models.vocab import AudioVocab
 
@@ -320,88 +320,6 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------------- fingerprints
-_CONFIG_KEYS = ("model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
-                "num_attention_heads", "num_key_value_heads", "vocab_size", "tie_word_embeddings")
-
-
-def _tensor_bytes(tensor: torch.Tensor) -> bytes:
-    t = tensor.detach().contiguous().cpu()
-    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
-
-
-def _digest(config: dict[str, Any], tensors) -> dict[str, Any]:
-    h = hashlib.blake2b(digest_size=20)
-    shapes = {}
-    for name, tensor in tensors:
-        shapes[name] = [list(tensor.shape), str(tensor.dtype).replace("torch.", "")]
-        h.update(name.encode())
-        h.update(json.dumps(shapes[name]).encode())
-        h.update(_tensor_bytes(tensor))
-    return {"config": {k: config.get(k) for k in _CONFIG_KEYS if k in config}, "tensors": len(shapes),
-            "parameters": int(sum(_numel(s[0]) for s in shapes.values())),
-            "shapes_digest": hashlib.blake2b(json.dumps(shapes, sort_keys=True).encode(), digest_size=16).hexdigest(),
-            "checksum": h.hexdigest()}
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def fingerprint_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Fingerprint of a checkpoint directory: its config and every stored tensor (name, shape, dtype, bytes).
-
-    Independent of sharding and of the dtype a model is later loaded in; a few seconds per GB.
-    """
-    from safetensors import safe_open
-
-    path = Path(path)
-    config = json.loads((path / "config.json").read_text())
-    files = sorted(path.glob("*.safetensors"))
-    index: dict[str, Path] = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                index[key] = file
-
-    def tensors():
-        handles: dict[Path, Any] = {}
-        try:
-            for name in sorted(index):
-                file = index[name]
-                if file not in handles:
-                    handles[file] = safe_open(str(file), framework="pt").__enter__()
-                yield name, handles[file].get_tensor(name)
-        finally:
-            for h in handles.values():
-                h.__exit__(None, None, None)
-
-    return _digest(config, tensors())
-
-
-def fingerprint_model(model: nn.Module) -> dict[str, Any]:
-    """Fingerprint of an in-memory model (a scratch init), in the same form as :func:`fingerprint_checkpoint`."""
-    config = model.config.to_dict() if hasattr(model, "config") else {}
-    state = model.state_dict()
-    return _digest(config, ((k, state[k]) for k in sorted(state)))
-
-
-def fingerprint_mismatch(recorded: dict[str, Any], found: dict[str, Any]) -> list[str]:
-    """What differs between two fingerprints (empty when they agree)."""
-    problems = []
-    for key in sorted(set(recorded.get("config", {})) | set(found.get("config", {}))):
-        a, b = recorded.get("config", {}).get(key), found.get("config", {}).get(key)
-        if a != b:
-            problems.append(f"config.{key}: trained on {a!r}, found {b!r}")
-    for key in ("tensors", "parameters", "shapes_digest", "checksum"):
-        if recorded.get(key) != found.get(key):
-            problems.append(f"{key}: trained on {recorded.get(key)!r}, found {found.get(key)!r}")
-    return problems
-
-
-# ------------------------------------------------------------------------------------------------ reloading
 def load_trained(artifact: str | Path, base_path: str | Path | None, dtype: torch.dtype = torch.float32,
                  trainable: bool = False, attn_implementation: str = "sdpa") -> tuple[nn.Module, dict[str, Any]]:
     """Reload an LLM model artifact: the full model, or the base with the adapter (LoRA) on top.

@@ -52,7 +52,7 @@ class JointResult:
 
 def resolve_base(llm_manifest: dict[str, Any], llm: str, override: str | None) -> str | None:
     """The local base model of a LoRA artifact, checked against the fingerprint recorded at training."""
-    from audiotune.models.lm import fingerprint_checkpoint, fingerprint_mismatch
+    from audiotune.models.fingerprint import fingerprint_checkpoint, fingerprint_mismatch
 
     if llm_manifest.get("mode") != "lora":
         return None

@@ -82,7 +82,8 @@ def train_llm(cfg: AudiotuneConfig, tokens: str, output: str, base_model: str | 
         output: URI for the LLM model artifact.
         base_model: Base model URI (overrides ``llm.base_model``).
     """
-    from audiotune.models.lm import apply_lora, build_lm, check_base_dir, count_parameters, fingerprint_model
+    from audiotune.models.fingerprint import fingerprint_model
+    from audiotune.models.lm import apply_lora, build_lm, check_base_dir, count_parameters
     from audiotune.train.data import load_examples, resolve_packing
 
     L, T = cfg.llm, cfg.llm.train
