@@ -1,0 +1,146 @@
+"""The data stages' sections: convert and tokenize (audio tokenizer, mel, speaker)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from audiotune.config.base import _Section
+
+
+class ConvertConfig(_Section):
+    """The convert stage: source corpus → validated Dataset artifact."""
+
+    source: str | None = Field(None, description="Source URI (local path or s3://); the CLI's --source.")
+    format: Literal["jsonl", "acestep", "kaldi", "text"] | None = Field(
+        None, description="Source layout; unset means autodetect."
+    )
+    val_source: str | None = Field(
+        None, description="Optional separate validation source (same format); replaces the hash split."
+    )
+    sample_rate: int = Field(22050, ge=8000, le=192000, description="Target sample rate of stored audio (Hz).")
+    trim_silence: bool = Field(False, description="Trim leading and trailing silence.")
+    trim_top_db: float = Field(40.0, gt=0, description="Frames this many dB below the loudest frame count as silence.")
+    silence_threshold_db: float = Field(
+        -60.0, le=0, description="Audio whose peak is below this level (dBFS) is quarantined as silent."
+    )
+    min_duration_s: float = Field(0.3, ge=0, description="Shorter audio is quarantined (seconds, after trimming).")
+    max_duration_s: float = Field(30.0, gt=0, description="Longer audio is quarantined (seconds, after trimming).")
+    val_fraction: float = Field(
+        0.05, ge=0, lt=1, description="Fraction of rows in the validation split, chosen by a hash of the row id."
+    )
+    shard_max_rows: int = Field(2000, ge=1, description="Maximum rows per Parquet shard.")
+    shard_max_mb: float = Field(256.0, gt=0, description="Approximate maximum size of a Parquet shard (MiB).")
+    max_bad_fraction: float = Field(
+        0.2, ge=0, le=1, description="Fail the stage when more than this fraction of rows is quarantined."
+    )
+    text_field: str = Field("text", description="Field holding the document in text JSONL sources.")
+    repeat_count: int = Field(1, ge=1, description="ACE-Step: how often each row counts in training.")
+    overwrite: bool = Field(False, description="Replace an existing Dataset at the output URI.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "ConvertConfig":
+        if self.min_duration_s >= self.max_duration_s:
+            raise ValueError(
+                f"min_duration_s ({self.min_duration_s}) must be below max_duration_s ({self.max_duration_s})"
+            )
+        return self
+
+
+MEL_PRESETS: dict[str, dict[str, Any]] = {
+    "cosyvoice-300m": dict(sample_rate=22050, n_fft=1024, hop_length=256, win_length=1024, n_mels=80,
+                           fmin=0.0, fmax=8000.0, center=False),
+    "cosyvoice2": dict(sample_rate=24000, n_fft=1920, hop_length=480, win_length=1920, n_mels=80,
+                       fmin=0.0, fmax=None, center=False),
+}
+
+
+class MelConfig(_Section):
+    """Target mel spectrograms for the flow decoder (log of the clamped magnitude, as CosyVoice)."""
+
+    preset: Literal["cosyvoice-300m", "cosyvoice2", "custom"] = Field(
+        "cosyvoice-300m", description="Named mel setup; fields set explicitly override the preset."
+    )
+    sample_rate: int | None = Field(None, description="Sample rate the mel is computed at (Hz).")
+    n_fft: int | None = Field(None, description="FFT size.")
+    hop_length: int | None = Field(None, description="Hop between frames (samples).")
+    win_length: int | None = Field(None, description="Window length (samples, Hann window).")
+    n_mels: int | None = Field(None, description="Number of mel bins.")
+    fmin: float | None = Field(None, description="Lowest mel filter frequency (Hz).")
+    fmax: float | None = Field(None, description="Highest mel filter frequency (Hz); null means sample_rate/2.")
+    center: bool | None = Field(None, description="Centre frames (torch.stft center=); CosyVoice uses False.")
+
+    def resolved(self) -> dict[str, Any]:
+        """Preset values with explicit fields applied on top."""
+        base = dict(MEL_PRESETS.get(self.preset, MEL_PRESETS["cosyvoice-300m"]))
+        for key in base:
+            value = getattr(self, key)
+            if value is not None or (key == "fmax" and "fmax" in self.model_fields_set):
+                base[key] = value
+        return base
+
+
+class AudioTokenizerConfig(_Section):
+    """The pluggable audio tokenizer that turns audio into discrete codes (codebooks × frames)."""
+
+    type: Literal["mel-kmeans", "s3tokenizer", "precomputed", "none"] = Field(
+        "mel-kmeans", description="Which tokenizer: built-in mel k-means, CosyVoice S3 ONNX, or codes in the source."
+    )
+    token_rate: float = Field(25.0, gt=0, description="mel-kmeans: tokens per second of audio (e.g. 25 or 50).")
+    codebook_size: int = Field(1024, ge=2, description="mel-kmeans: codes per codebook (k of k-means).")
+    num_codebooks: int = Field(1, ge=1, le=32, description="mel-kmeans: codebooks (>1: residual k-means).")
+    fit_max_frames: int = Field(100_000, ge=100, description="mel-kmeans: train frames sampled to fit k-means.")
+    fit_iters: int = Field(30, ge=1, description="mel-kmeans: k-means iterations.")
+    onnx_path: str | None = Field(None, description="s3tokenizer: path or s3:// URI of the speech tokenizer ONNX.")
+    s3_version: Literal["v1", "v2"] = Field("v2", description="s3tokenizer: v1 is 50 Hz, v2 is 25 Hz.")
+    codes_field: str = Field("codes", description="precomputed: key in the Dataset row's meta holding the codes.")
+    moss_path: str | None = Field(
+        None, description="precomputed: folder or file of MOSS-TTSD `.pkl` + `_metas.npy` shards."
+    )
+    trust_pickle: bool = Field(
+        False, description="precomputed: allow reading pickle shards (restricted to plain containers and arrays)."
+    )
+    vocab_size: int | None = Field(
+        None, description="precomputed: codes per codebook; codes outside [0, vocab_size) are quarantined."
+    )
+
+
+class SpeakerConfig(_Section):
+    """Speaker conditioning for the flow decoder."""
+
+    type: Literal["none", "speaker-id", "onnx"] = Field(
+        "speaker-id", description="none, an index into a learned table, or a CAM++-style ONNX embedding."
+    )
+    onnx_path: str | None = Field(None, description="onnx: path or s3:// URI of the speaker model.")
+
+
+class TokenizeConfig(_Section):
+    """The tokenize stage: Dataset → Tokens (text ids, audio codes, mels, speaker features)."""
+
+    base_model: str | None = Field(
+        None, description="Base model URI whose tokenizer is used (local path or s3://); the CLI's --base-model."
+    )
+    text_tokenizer: Literal["auto", "base", "bpe", "char"] = Field(
+        "auto", description="auto: the base model's tokenizer if given, else train BPE; char: character level."
+    )
+    vocab_size: int = Field(4000, ge=64, description="Vocabulary size of a BPE tokenizer trained here.")
+    context_length: int = Field(1024, ge=8, description="Text LM windows: tokens per window.")
+    stride: int = Field(128, ge=0, description="Text LM windows: tokens of overlap between windows.")
+    audio_tokenizer: AudioTokenizerConfig = Field(
+        default_factory=AudioTokenizerConfig, description="Discrete audio tokenizer."
+    )
+    mel: MelConfig = Field(default_factory=MelConfig, description="Target mel features for the flow.")
+    speaker: SpeakerConfig = Field(default_factory=SpeakerConfig, description="Speaker embeddings.")
+    align_tolerance: int = Field(
+        3, ge=0, description="Mel frames a row may differ from tokens × ratio before it is quarantined."
+    )
+    shard_max_rows: int = Field(2000, ge=1, description="Maximum rows per Tokens shard.")
+    max_bad_fraction: float = Field(0.2, ge=0, le=1, description="Fail when more rows than this are quarantined.")
+    overwrite: bool = Field(False, description="Replace an existing Tokens artifact at the output URI.")
+
+    @model_validator(mode="after")
+    def _windows(self) -> "TokenizeConfig":
+        if self.stride >= self.context_length:
+            raise ValueError(f"stride ({self.stride}) must be below context_length ({self.context_length})")
+        return self
