@@ -226,3 +226,18 @@ def test_cli_writes_a_complete_flow_and_a_killed_run_resumes_exactly(tokens, tmp
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_resume_refuses_a_flow_checkpoint_written_with_other_settings(tokens, tmp_path):
+    from audiotune.train.checkpoints import CheckpointMismatch
+
+    common = ["flow.train.save_every=2", "flow.ema.enabled=false"]
+    train_flow(_cfg(*common, "flow.train.max_steps=2"), tokens=str(tokens), output=str(tmp_path / "a"))
+    resume = f"flow.train.resume={tmp_path}/a.checkpoints/checkpoint-2"
+    with pytest.raises(CheckpointMismatch, match=r"flow\.train\.lr: checkpoint 0\.003, now 0\.001"):
+        train_flow(_cfg(*common, "flow.train.max_steps=4", resume, "flow.train.lr=1e-3"), tokens=str(tokens),
+                   output=str(tmp_path / "b"))
+    # sample rendering and the length of the run may change on resume
+    res = train_flow(_cfg(*common, "flow.train.max_steps=3", resume, "flow.num_samples=1", "flow.sample_every=3"),
+                     tokens=str(tokens), output=str(tmp_path / "c"))
+    assert res.metrics["steps"] == 3 and not (tmp_path / "b").exists()

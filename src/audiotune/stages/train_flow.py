@@ -290,6 +290,10 @@ def train_flow(cfg: AudiotuneConfig, tokens: str, output: str, base_flow: str | 
             work_dir=Path(tmp), seed=cfg.run.seed, on_step=on_step,
             eval_context=weights_of_ema if ema is not None else None,
             extra_state={"ema": ema} if ema is not None else None,
+            # what a resumed checkpoint must share with this run (sample rendering may change in between)
+            identity=checkpoints.run_identity(
+                "flow", F.model_dump(mode="json"), free=("num_samples", "sample_every", "vocoder", "sample"),
+                seed=cfg.run.seed, dataset_fingerprint=manifest.get("dataset_fingerprint")),
         )
         engine.maybe_resume()
         state = engine.fit()

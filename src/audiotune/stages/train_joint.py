@@ -182,7 +182,11 @@ def train_joint(cfg: AudiotuneConfig, tokens: str, llm: str, flow: str, llm_outp
                         train_data=train_data, val_data=val_data, output=llm_output, tracker=tracker,
                         work_dir=Path(tmp), seed=cfg.run.seed, on_step=on_step,
                         eval_context=ema_weights if ema is not None else None,
-                        extra_state={"ema": ema} if ema is not None else None)
+                        extra_state={"ema": ema} if ema is not None else None,
+                        identity=checkpoints.run_identity(  # what a resumed checkpoint must share with this run
+                            "joint", J.model_dump(mode="json"), seed=cfg.run.seed, llm=llm, flow=flow,
+                            dataset_fingerprint=tokens_manifest.get("dataset_fingerprint"),
+                            llm_lr=cfg.llm.train.lr, flow_lr=cfg.flow.train.lr))
         engine.maybe_resume()
         state = engine.fit()
         state_dict = acc.get_state_dict(engine.model)
