@@ -282,3 +282,20 @@ def test_bad_inputs_fail_before_training(tokens, base_model, tmp_path):
                   output=str(tmp_path / "e"))
     for name in "abcde":
         assert not (tmp_path / name).exists()
+
+
+def test_overlong_sequences_are_dropped_or_truncated_and_counted(tokens, tmp_path):
+    base = ["llm.init=scratch", "llm.preset=tiny-qwen2", "llm.mode=full", "llm.layout=tts", "llm.train.max_steps=1"]
+    full = train_llm(_cfg(*base), tokens=str(tokens), output=str(tmp_path / "all")).metrics
+    assert full["dropped_overlong"] == full["truncated"] == full["val_dropped_overlong"] == 0
+    short = ["llm.max_seq_len=80"]  # shorter than most tts sequences of the corpus
+    dropped = train_llm(_cfg(*base, *short, "llm.overlong=drop"), tokens=str(tokens),
+                        output=str(tmp_path / "drop")).metrics
+    assert 0 < dropped["dropped_overlong"] < dropped["train_sequences"] and dropped["truncated"] == 0
+    assert dropped["val_dropped_overlong"] > 0
+    cut = train_llm(_cfg(*base, *short, "llm.overlong=truncate"), tokens=str(tokens),
+                    output=str(tmp_path / "cut")).metrics
+    assert cut["truncated"] == dropped["dropped_overlong"] and cut["dropped_overlong"] == 0
+    assert cut["val_truncated"] == dropped["val_dropped_overlong"]
+    manifest = json.loads((tmp_path / "drop" / "manifest.json").read_text())
+    assert manifest["metrics"]["dropped_overlong"] == dropped["dropped_overlong"]

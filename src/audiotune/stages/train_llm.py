@@ -205,6 +205,8 @@ def _final_metrics(state, train_stats: dict, val_stats: dict) -> dict[str, Any]:
         "dropped_overlong": train_stats.get("dropped_overlong", 0),
         "truncated": train_stats.get("truncated", 0),
         "val_sequences": val_stats.get("rows"),
+        "val_dropped_overlong": val_stats.get("dropped_overlong", 0),
+        "val_truncated": val_stats.get("truncated", 0),
     }
 
 
