@@ -307,10 +307,15 @@ def delete(uri: str | os.PathLike) -> None:
         _remove_local(Path(uri))
         return
     bucket, key = split_s3(str(uri))
-    s3 = client()
     keys = list(_iter_keys(bucket, _dir_prefix(key)))
     if key and _head(bucket, key) is not None:
         keys.append(key)
+    _delete_keys(bucket, keys, str(uri))
+
+
+def _delete_keys(bucket: str, keys: list[str], uri: str) -> None:
+    """Delete objects in batches; any object S3 could not delete is an error."""
+    s3 = client()
     for start in range(0, len(keys), _DELETE_BATCH):
         batch = [{"Key": k} for k in keys[start:start + _DELETE_BATCH]]
         reply = s3.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
@@ -491,11 +496,8 @@ def _publish_s3(staging: Path, uri: str, overwrite: bool) -> None:
     rels = list_files(staging)
     has_manifest = MANIFEST in rels
     _upload_files(staging, uri, [r for r in rels if r != MANIFEST])
-    stale = sorted(previous - set(rels))
     bucket, key = split_s3(uri)
-    for start in range(0, len(stale), _DELETE_BATCH):
-        objects = [{"Key": _dir_prefix(key) + rel} for rel in stale[start:start + _DELETE_BATCH]]
-        client().delete_objects(Bucket=bucket, Delete={"Objects": objects, "Quiet": True})
+    _delete_keys(bucket, [_dir_prefix(key) + rel for rel in sorted(previous - set(rels))], uri)  # stale files
     if has_manifest:
         _upload_files(staging, uri, [MANIFEST])
     else:
