@@ -73,6 +73,17 @@ def _start(cmd: list[str], health: str, log_path: Path, timeout: float, env: dic
     return proc
 
 
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Torch on one intra-op thread for the test (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory) -> Iterator[str]:
     """A moto S3 server on 127.0.0.1; yields its endpoint URL."""

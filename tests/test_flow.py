@@ -29,13 +29,8 @@ N_MELS = 80
 RATIO = 4  # mel frames per code frame
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a second intra-op thread, and on a busy 2-core box spinning threads stall."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny models gain nothing from a second intra-op thread; on a busy 2-core box spinning threads stall
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rows(n: int, codebooks: int = 1, emb_dim: int | None = None, seed: int = 0, lengths=None) -> list[dict]:

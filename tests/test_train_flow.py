@@ -34,13 +34,8 @@ FAST = ["tracking.enabled=false", "run.num_workers=1", "flow.preset=tiny", "flow
 MEL_FPS = 22050 / 256
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a second intra-op thread, and on a busy 2-core box spinning threads stall."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny models gain nothing from a second intra-op thread; on a busy 2-core box spinning threads stall
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(*overrides: str):

@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from audiotune.config import load_config
@@ -30,13 +29,8 @@ COMMON = ["tracking.enabled=false", "run.num_workers=1", "flow.preset=tiny", f"f
           "flow.vocoder=griffin-lim:2"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The in-process reference on one intra-op thread, as the torchrun processes (OMP_NUM_THREADS=1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# the in-process reference on one intra-op thread, as the torchrun processes (OMP_NUM_THREADS=1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _history(out: Path) -> list[dict]:

@@ -242,7 +242,24 @@ def load_flow_examples(split_dir: Path, n_mels: int, codebooks: str = "all",
     return examples, stats
 
 
-class FlowBatches:
+class EpochBatches:
+    """A TokenBudgetSampler's batches that remember the epoch last listed, for per-example noise seeds.
+
+    The engine lists an epoch's batches (:meth:`batches`) before it collates them, so ``collate``
+    of a subclass can derive each example's seed from ``(seed, epoch, position)``.
+    """
+
+    sampler: TokenBudgetSampler
+    seed: int
+    epoch: int = 0
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """This process's batches of ``epoch``; collate uses this epoch."""
+        self.epoch = epoch
+        return self.sampler.batches(epoch)
+
+
+class FlowBatches(EpochBatches):
     """Mel-frame-budget batches of one process's share of the examples (the engine's BatchSource).
 
     :meth:`collate` adds each example's ``noise_seed`` for the epoch of the latest :meth:`batches`
@@ -269,11 +286,6 @@ class FlowBatches:
                                           max_batch_size=max_batch_size, seed=seed, shuffle=shuffle, rank=rank,
                                           world_size=world_size)
         self.seed, self.epoch = seed, 0
-
-    def batches(self, epoch: int) -> list[list[int]]:
-        """This process's batches of ``epoch`` (positions in the item list); collate uses this epoch."""
-        self.epoch = epoch
-        return self.sampler.batches(epoch)
 
     def collate(self, indices: list[int]) -> dict[str, Any]:
         """The padded batch of these positions, with their ``noise_seed`` for the current epoch."""

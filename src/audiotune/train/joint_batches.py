@@ -23,7 +23,7 @@ import torch
 
 from audiotune.models.vocab import IGNORE_INDEX, AudioVocab
 from audiotune.train.batching import TokenBudgetSampler, collate_padded
-from audiotune.train.flow_batches import FlowExamples, flow_loss, noise_seeds
+from audiotune.train.flow_batches import EpochBatches, FlowExamples, flow_loss, noise_seeds
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def pair_examples(llm_examples: Sequence, flow_examples: FlowExamples,
     return pairs, stats
 
 
-class JointBatches:
+class JointBatches(EpochBatches):
     """Batches of paired examples within both budgets (the engine's BatchSource).
 
     :meth:`collate` adds the flow's ``noise_seed`` of each pair for the epoch of the latest
@@ -71,11 +71,6 @@ class JointBatches:
                                           max_batch_size=max_batch_size, seed=seed, shuffle=shuffle, rank=rank,
                                           world_size=world_size)
         self.seed, self.epoch = seed, 0
-
-    def batches(self, epoch: int) -> list[list[int]]:
-        """This process's batches of ``epoch`` (indices into the pairs); collate uses this epoch."""
-        self.epoch = epoch
-        return self.sampler.batches(epoch)
 
     def collate(self, indices: list[int]) -> dict[str, Any]:
         llm = [self.llm_examples[self.pairs[k][0]] for k in indices]

@@ -332,24 +332,21 @@ def run_pytorchjob(spec: JobSpec, *, api_client=None, manifest_path: str | Path 
     if follower is not None:
         follower.start()
     try:
-        with _sigterm_cancels():
-            final = _wait(jobs, name, job, deadline, poll_interval_s, watch_timeout_s)
+        try:
+            with _sigterm_cancels():
+                final = _wait(jobs, name, job, deadline, poll_interval_s, watch_timeout_s)
+        except BaseException:  # whatever stops the wait stops the log follower first
+            if follower is not None:
+                follower.abort()
+            raise
     except JobTimeoutError:
-        if follower is not None:
-            follower.abort()
         _delete(jobs, name, "timed out")
         raise JobTimeoutError(f"PyTorchJob {namespace}/{name} did not finish within {spec.timeout_s:.0f}s; "
                               f"it was deleted") from None
     except _Cancelled:
-        if follower is not None:
-            follower.abort()
         _delete(jobs, name, "this task was stopped")
         raise JobCancelledError(f"stopped by SIGTERM while waiting for PyTorchJob {namespace}/{name}; it was "
                                 f"deleted") from None
-    except BaseException:
-        if follower is not None:
-            follower.abort()
-        raise
     if follower is not None:
         follower.finish()
         follower.join(log_drain_s)
