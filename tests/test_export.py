@@ -144,7 +144,7 @@ def test_s3_export_is_complete_and_loads_after_download(trained, s3_env, tmp_pat
     assert speech.wav.size > 0
 
     # an upload that breaks off leaves no manifest.json, so no reader takes it for an export
-    real = storage._upload_files
+    real = storage.upload_files
     calls = {"n": 0}
 
     def flaky(local_dir, target, rels):
@@ -153,7 +153,7 @@ def test_s3_export_is_complete_and_loads_after_download(trained, s3_env, tmp_pat
             raise OSError("connection reset")
         return real(local_dir, target, rels[: max(1, len(rels) // 2)])
 
-    monkeypatch.setattr(storage, "_upload_files", flaky)
+    monkeypatch.setattr(storage, "upload_files", flaky)
     with pytest.raises(OSError):
         export(load_config(None, QUICK), f"{s3_env}/exports/two", llm=str(trained.qwen2), flow=str(trained.flow))
     assert "manifest.json" not in storage.list_files(f"{s3_env}/exports/two")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from audiotune import storage
+from audiotune import publish, storage
 
 
 def _write_tree(root, files: dict[str, bytes]) -> None:
@@ -113,13 +113,13 @@ def test_local_copy_caches_a_plain_prefix_once_across_processes(s3_env, tmp_path
 
 def test_publish_then_refuse_then_overwrite(base):
     uri = storage.join(base, "out", "ds")
-    with storage.publish_dir(uri) as staging:
+    with publish.publish_dir(uri) as staging:
         _write_tree(staging, TREE)
     assert storage.list_files(uri) == sorted(TREE)
     with pytest.raises(FileExistsError, match="ds"):
-        with storage.publish_dir(uri):
+        with publish.publish_dir(uri):
             raise AssertionError("the block must not run for an existing target")
-    with storage.publish_dir(uri, overwrite=True) as staging:
+    with publish.publish_dir(uri, overwrite=True) as staging:
         _write_tree(staging, {"manifest.json": b"{}", "new.txt": b"n"})
     assert storage.list_files(uri) == ["manifest.json", "new.txt"]
     assert storage.read_text(storage.join(uri, "manifest.json")) == "{}"
@@ -128,14 +128,14 @@ def test_publish_then_refuse_then_overwrite(base):
 def test_publish_local_leaves_no_staging(tmp_path):
     target = tmp_path / "ds"
     with pytest.raises(RuntimeError):
-        with storage.publish_dir(target) as staging:
+        with publish.publish_dir(target) as staging:
             assert staging.parent == tmp_path and staging.name.startswith(".ds.tmp-")
             _write_tree(staging, TREE)
             raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
-    with storage.publish_dir(target) as staging:
+    with publish.publish_dir(target) as staging:
         _write_tree(staging, TREE)
-    with storage.publish_dir(target, overwrite=True) as staging:
+    with publish.publish_dir(target, overwrite=True) as staging:
         _write_tree(staging, {"manifest.json": b"{}"})
     assert [p.name for p in tmp_path.iterdir()] == ["ds"]
 
@@ -143,7 +143,7 @@ def test_publish_local_leaves_no_staging(tmp_path):
 def test_publish_exception_publishes_nothing(base):
     uri = storage.join(base, "ds")
     with pytest.raises(RuntimeError, match="boom"):
-        with storage.publish_dir(uri) as staging:
+        with publish.publish_dir(uri) as staging:
             _write_tree(staging, TREE)
             raise RuntimeError("boom")
     assert not storage.exists(uri)
@@ -172,24 +172,24 @@ def test_publish_s3_interrupted_upload_leaves_no_manifest(s3_env, monkeypatch):
         patch.setattr(storage, "_run_all", lambda fn, items: [fn(i) for i in items])
         patch.setattr(storage, "client", lambda: Flaky())
         with pytest.raises(OSError, match="connection dropped"):
-            with storage.publish_dir(uri) as staging:
+            with publish.publish_dir(uri) as staging:
                 _write_tree(staging, files)
     assert len(storage.list_files(uri)) == 2
     assert not storage.exists(f"{uri}/manifest.json")
     assert all(not k.endswith("manifest.json") for k in uploaded)
     # what the interrupted upload left is no artifact: a retry (no overwrite) publishes and replaces it
-    assert not storage.holds_artifact(uri)
+    assert not publish.holds_artifact(uri)
     retry = {"part-9.bin": b"9", "manifest.json": b"{}"}
-    with storage.publish_dir(uri) as staging:
+    with publish.publish_dir(uri) as staging:
         _write_tree(staging, retry)
-    assert storage.list_files(uri) == sorted(retry) and storage.holds_artifact(uri)
+    assert storage.list_files(uri) == sorted(retry) and publish.holds_artifact(uri)
 
 
 def test_s3_manifest_uploaded_last(s3_env, monkeypatch):
     order: list[str] = []
-    real_upload = storage._upload_files
-    monkeypatch.setattr(storage, "_upload_files", lambda d, u, rels: (order.extend(rels), real_upload(d, u, rels)))
-    with storage.publish_dir(f"{s3_env}/ds") as staging:
+    real_upload = storage.upload_files
+    monkeypatch.setattr(storage, "upload_files", lambda d, u, rels: (order.extend(rels), real_upload(d, u, rels)))
+    with publish.publish_dir(f"{s3_env}/ds") as staging:
         _write_tree(staging, TREE)
     assert order[-1] == "manifest.json" and sorted(order) == sorted(TREE)
 

@@ -14,13 +14,11 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -277,7 +275,8 @@ def _run_all(fn: Callable[[str], None], items: list[str]) -> None:
             future.result()
 
 
-def _upload_files(local_dir: Path, uri: str, rels: list[str]) -> None:
+def upload_files(local_dir: Path, uri: str, rels: list[str]) -> None:
+    """Upload the files ``rels`` (relative to ``local_dir``) below ``uri``, in parallel with retries."""
     bucket, key = split_s3(uri)
     prefix = _dir_prefix(key)
     s3 = client()
@@ -297,7 +296,7 @@ def upload_dir(local_dir: str | os.PathLike, uri: str | os.PathLike) -> None:
         shutil.copytree(src, Path(uri), dirs_exist_ok=True)
         return
     rels = list_files(src)
-    _upload_files(src, str(uri), rels)
+    upload_files(src, str(uri), rels)
     log.debug("uploaded %d files from %s to %s", len(rels), src, uri)
 
 
@@ -311,6 +310,16 @@ def delete(uri: str | os.PathLike) -> None:
     if key and _head(bucket, key) is not None:
         keys.append(key)
     _delete_keys(bucket, keys, str(uri))
+
+
+def delete_files(uri: str, rels: list[str]) -> None:
+    """Delete the files ``rels`` (relative paths) below the directory or S3 prefix ``uri``."""
+    if not is_s3(uri):
+        for rel in rels:
+            _remove_local(Path(uri) / rel)
+        return
+    bucket, key = split_s3(str(uri).rstrip("/"))
+    _delete_keys(bucket, [_dir_prefix(key) + rel for rel in rels], str(uri))
 
 
 def _delete_keys(bucket: str, keys: list[str], uri: str) -> None:
@@ -405,101 +414,3 @@ def local_copy(uri: str | os.PathLike, cache_dir: str | os.PathLike | None = Non
         stamp_file.write_text(stamp)
     log.info("downloaded %s to %s", uri, entry)
     return entry
-
-
-def holds_artifact(uri: str | os.PathLike) -> bool:
-    """Whether ``uri`` holds a published artifact (or anything, for a local path).
-
-    Locally a target only ever appears by a rename, so any existing path counts. On S3 only a
-    prefix with ``manifest.json`` at its root holds an artifact: files without one are what an
-    interrupted upload left, and the next publish replaces them.
-    """
-    if not is_s3(uri):
-        return exists(uri)
-    bucket, key = split_s3(str(uri).rstrip("/"))
-    return _head(bucket, _dir_prefix(key) + MANIFEST) is not None or (bool(key) and _head(bucket, key) is not None)
-
-
-def require_missing_or_overwrite(uri: str | os.PathLike, overwrite: bool) -> None:
-    """Refuse a target that holds an artifact unless ``overwrite`` (see :func:`holds_artifact`).
-
-    Raises:
-        FileExistsError: When ``uri`` holds an artifact and ``overwrite`` is False.
-    """
-    if not overwrite and holds_artifact(uri):
-        raise FileExistsError(f"{uri} already exists; choose another output or set overwrite")
-
-
-@contextmanager
-def publish_dir(uri: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Stage an artifact directory locally and publish it atomically when the block succeeds.
-
-    Locally the staging directory is a hidden sibling of the target (``.<name>.tmp-<uuid>``) that is
-    renamed onto the target. On S3 every file but ``manifest.json`` is uploaded first and
-    ``manifest.json`` last, so a reader that waits for the manifest never sees half an artifact.
-    When the block raises, the staging directory is removed and nothing is published.
-
-    Args:
-        uri: Target directory or S3 prefix.
-        overwrite: Replace an existing target. Otherwise an existing target is refused on entry.
-
-    Yields:
-        The local staging directory to write the artifact into.
-
-    Raises:
-        FileExistsError: When the target exists (on entry, or again at publish) and not ``overwrite``.
-    """
-    require_missing_or_overwrite(uri, overwrite)
-    if is_s3(uri):
-        staging = Path(tempfile.mkdtemp(prefix="audiotune-publish-"))
-    else:
-        target = Path(uri)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
-        staging.mkdir()
-    try:
-        yield staging
-        if is_s3(uri):
-            _publish_s3(staging, str(uri).rstrip("/"), overwrite)
-        else:
-            _publish_local(staging, Path(uri), overwrite)
-    finally:
-        _remove_local(staging)
-
-
-def _publish_local(staging: Path, target: Path, overwrite: bool) -> None:
-    if not (target.exists() or target.is_symlink()):
-        os.rename(staging, target)
-        log.info("published %s", target)
-        return
-    if not overwrite:
-        raise FileExistsError(f"{target} appeared while it was being written; nothing was published")
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex}"
-    os.rename(target, old)
-    try:
-        os.rename(staging, target)
-    except OSError:
-        os.rename(old, target)
-        raise
-    _remove_local(old)
-    log.info("published %s (replaced the previous one)", target)
-
-
-def _publish_s3(staging: Path, uri: str, overwrite: bool) -> None:
-    if holds_artifact(uri):
-        if not overwrite:
-            raise FileExistsError(f"{uri} appeared while it was being written; nothing was published")
-        delete(join(uri, MANIFEST))  # from here on no reader takes the old files for a complete artifact
-    previous = set(list_files(uri))  # the old artifact's files, or what an interrupted upload left
-    if previous:
-        log.info("%s: replacing %d files already under the prefix", uri, len(previous))
-    rels = list_files(staging)
-    has_manifest = MANIFEST in rels
-    _upload_files(staging, uri, [r for r in rels if r != MANIFEST])
-    bucket, key = split_s3(uri)
-    _delete_keys(bucket, [_dir_prefix(key) + rel for rel in sorted(previous - set(rels))], uri)  # stale files
-    if has_manifest:
-        _upload_files(staging, uri, [MANIFEST])
-    else:
-        log.warning("published %s without a %s at its root", uri, MANIFEST)
-    log.info("published %s (%d files)", uri, len(rels))

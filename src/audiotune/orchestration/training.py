@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from audiotune import artifacts, storage
+from audiotune import artifacts, publish, storage
 from audiotune.config import AudiotuneConfig
 from audiotune.orchestration import params
 
@@ -98,7 +98,7 @@ def shared_input(uri: str, base: str, name: str) -> str:
     if storage.exists(storage.join(target, artifacts.MANIFEST)):
         return target
     log.info("publishing %s to %s for the training nodes", uri, target)
-    with storage.publish_dir(target, overwrite=True) as staging:
+    with publish.publish_dir(target, overwrite=True) as staging:
         shutil.copytree(uri, staging, dirs_exist_ok=True)
     return target
 

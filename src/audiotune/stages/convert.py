@@ -21,7 +21,7 @@ from typing import Any, Iterable, Iterator
 
 from tqdm import tqdm
 
-from audiotune import artifacts, storage, tracking
+from audiotune import artifacts, publish, storage, tracking
 from audiotune.config import AudiotuneConfig, ConvertConfig, dump_config
 from audiotune.data import reasons
 from audiotune.data.report import ConvertReport
@@ -151,7 +151,7 @@ def convert(cfg: AudiotuneConfig, source: str | None = None, output: str | None 
 
     with tempfile.TemporaryDirectory(prefix="audiotune-convert-") as tmp, \
             tracking.stage_run(cfg.tracking, "convert") as tracker, \
-            storage.publish_dir(output, overwrite=c.overwrite) as staging:
+            publish.publish_dir(output, overwrite=c.overwrite) as staging:
         start = time.perf_counter()  # the work itself, not MLflow's set-up
         tracker.log_params({"convert": c.model_dump(mode="json"), "run": cfg.run.model_dump(mode="json")})
         workdir = Path(tmp)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from audiotune import __version__, artifacts, storage, tracking
+from audiotune import __version__, artifacts, publish, storage, tracking
 from audiotune.config import AudiotuneConfig, dump_config
 from audiotune.export.merge import ExportError, Verification, base_dtype, check_base, check_reload, merge_llm
 from audiotune.export.samples import render_samples
@@ -62,7 +62,7 @@ def export(cfg: AudiotuneConfig, output: str, llm: str | None = None, flow: str 
     if E.registered_model_name and not cfg.tracking.enabled:
         raise ExportError("export.registered_model_name needs tracking (tracking.enabled=true): the registry is "
                           "MLflow's")
-    storage.require_missing_or_overwrite(output, E.overwrite)
+    publish.require_missing_or_overwrite(output, E.overwrite)
     llm_manifest = artifacts.read_manifest(llm, artifacts.LLM, artifacts.LLM_VERSION) if llm else None
     flow_manifest = artifacts.read_manifest(flow, artifacts.FLOW, artifacts.FLOW_VERSION) if flow else None
     tokens = tokens or (llm_manifest or {}).get("tokens") or (flow_manifest or {}).get("tokens")
@@ -94,7 +94,7 @@ def export(cfg: AudiotuneConfig, output: str, llm: str | None = None, flow: str 
         (package / "README.md").write_text(model_card(name, {**fields, "audiotune_version": __version__},
                                                       llm_manifest, flow_manifest, data, samples))
         fields["contents"] = sorted([*(p.name for p in package.iterdir()), "manifest.json"])
-        with storage.publish_dir(output, overwrite=E.overwrite) as staging:
+        with publish.publish_dir(output, overwrite=E.overwrite) as staging:
             shutil.copytree(package, staging, dirs_exist_ok=True)
             manifest = artifacts.write_manifest(staging, artifacts.EXPORT, artifacts.EXPORT_VERSION, **fields)
         (package / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")  # for the MLflow copy

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from audiotune import artifacts, storage, tracking
+from audiotune import artifacts, publish, storage, tracking
 from audiotune.config import AudiotuneConfig, TokenizeConfig, dump_config
 from audiotune.data.audio import decode_flac
 from audiotune.data.schema import ShardWriter, split_of
@@ -170,7 +170,7 @@ def tokenize(cfg: AudiotuneConfig, dataset: str | None, output: str, base_model:
     workers = num_workers(cfg.run.num_workers)
     with tempfile.TemporaryDirectory(prefix="audiotune-tokenize-"), \
             tracking.stage_run(cfg.tracking, "tokenize") as tracker, \
-            storage.publish_dir(output, overwrite=t.overwrite) as staging:
+            publish.publish_dir(output, overwrite=t.overwrite) as staging:
         start = time.perf_counter()
         tracker.log_params({"tokenize": t.model_dump(mode="json"), "run": cfg.run.model_dump(mode="json")})
         ds_dir = storage.local_copy(dataset) if dataset else None

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from audiotune import artifacts, storage, tracking
+from audiotune import artifacts, publish, storage, tracking
 from audiotune.config import AudiotuneConfig, FlowStageConfig, dump_config
 from audiotune.train import checkpoints
 from audiotune.train.engine import Engine, decay_groups, make_accelerator, resolve_dtype, seed_everything
@@ -211,7 +211,7 @@ def train_flow(cfg: AudiotuneConfig, tokens: str, output: str, base_flow: str | 
 
     F, T = cfg.flow, cfg.flow.train
     base_flow = base_flow or F.base_flow
-    storage.require_missing_or_overwrite(output, F.overwrite)
+    publish.require_missing_or_overwrite(output, F.overwrite)
     manifest = artifacts.read_manifest(tokens, artifacts.TOKENS, artifacts.TOKENS_VERSION)
     info = tokens_info(manifest, tokens, F.codebooks)
     if not base_flow and F.preset == FROM_BASE:
@@ -302,7 +302,7 @@ def train_flow(cfg: AudiotuneConfig, tokens: str, output: str, base_flow: str | 
         result_manifest = None
         if acc.is_main_process:
             tracker.log_metrics(tracking.final_metrics(metrics))
-            with storage.publish_dir(output, overwrite=F.overwrite) as staging:
+            with publish.publish_dir(output, overwrite=F.overwrite) as staging:
                 export = export_flow_model(model.config, state_dict, F, ema, staging)
                 if renderer is not None:
                     for file in renderer.render(export, staging / "samples", "final"):

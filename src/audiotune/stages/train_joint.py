@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer
 
-from audiotune import artifacts, storage, tracking
+from audiotune import artifacts, publish, storage, tracking
 from audiotune.config import AudiotuneConfig, dump_config
 from audiotune.models.vocab import AudioVocab
 from audiotune.stages.train_flow import TrainFlowError, check_flow_fits, export_flow_model, speaker_spec, tokens_info
@@ -101,7 +101,7 @@ def train_joint(cfg: AudiotuneConfig, tokens: str, llm: str, flow: str, llm_outp
     if not J.enabled:
         raise TrainJointError("joint.train.epochs is 0, which turns the joint stage off: nothing to train")
     for out in (llm_output, flow_output):
-        storage.require_missing_or_overwrite(out, J.overwrite)
+        publish.require_missing_or_overwrite(out, J.overwrite)
     tokens_manifest = artifacts.read_manifest(tokens, artifacts.TOKENS, artifacts.TOKENS_VERSION)
     llm_manifest = artifacts.read_manifest(llm, artifacts.LLM, artifacts.LLM_VERSION)
     flow_manifest = artifacts.read_manifest(flow, artifacts.FLOW, artifacts.FLOW_VERSION)
@@ -199,7 +199,7 @@ def train_joint(cfg: AudiotuneConfig, tokens: str, llm: str, flow: str, llm_outp
             unwrapped = acc.unwrap_model(engine.model)
             llm_state = {k[len("llm."):]: v for k, v in state_dict.items() if k.startswith("llm.")}
             flow_state = {k[len("flow."):]: v for k, v in state_dict.items() if k.startswith("flow.")}
-            with storage.publish_dir(llm_output, overwrite=J.overwrite) as staging:
+            with publish.publish_dir(llm_output, overwrite=J.overwrite) as staging:
                 tokenizer = AutoTokenizer.from_pretrained(str(llm_dir))
                 base_fp = json.loads((llm_dir / "base_fingerprint.json").read_text())
                 write_llm_files(staging, unwrapped.llm, llm_state, llm_manifest["mode"], tokenizer, vocab, base_fp,
@@ -211,7 +211,7 @@ def train_joint(cfg: AudiotuneConfig, tokens: str, llm: str, flow: str, llm_outp
                 manifests["llm"] = artifacts.write_manifest(
                     staging, artifacts.LLM, artifacts.LLM_VERSION,
                     **{**fields, "checkpoints": checkpoints.checkpoints_uri(llm_output), "joint": joint_info})
-            with storage.publish_dir(flow_output, overwrite=J.overwrite) as staging:
+            with publish.publish_dir(flow_output, overwrite=J.overwrite) as staging:
                 export_flow_model(flow_model.config, flow_state, F, ema, staging)
                 for name in ("speakers.json", "speaker_embeddings.safetensors", "mel.json"):
                     source = storage.local_copy(flow) / name

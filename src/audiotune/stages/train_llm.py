@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer
 
-from audiotune import artifacts, storage, tracking
+from audiotune import artifacts, publish, storage, tracking
 from audiotune.config import AudiotuneConfig, dump_config
 from audiotune.models.vocab import AudioVocab, build_vocab
 from audiotune.train import checkpoints
@@ -91,7 +91,7 @@ def train_llm(cfg: AudiotuneConfig, tokens: str, output: str, base_model: str | 
     if L.init == "pretrained" and not base_model:
         raise TrainLLMError("llm.init is 'pretrained' but no base model was given (--base-model or llm.base_model); "
                             "use llm.init=scratch to train from a size preset")
-    storage.require_missing_or_overwrite(output, L.overwrite)
+    publish.require_missing_or_overwrite(output, L.overwrite)
     manifest = artifacts.read_manifest(tokens, artifacts.TOKENS, artifacts.TOKENS_VERSION)
     dtype = resolve_dtype(T.dtype)
     acc = make_accelerator(T, dtype)
@@ -142,7 +142,7 @@ def train_llm(cfg: AudiotuneConfig, tokens: str, output: str, base_model: str | 
         metrics = _final_metrics(state, train_stats, val_stats)
         if acc.is_main_process:
             tracker.log_metrics(tracking.final_metrics(metrics))
-            with storage.publish_dir(output, overwrite=L.overwrite) as staging:
+            with publish.publish_dir(output, overwrite=L.overwrite) as staging:
                 write_llm_files(staging, acc.unwrap_model(engine.model), state_dict, L.mode, tokenizer, vocab,
                                 base_fp, metrics, state.history, tracker)
                 result_manifest = artifacts.write_manifest(
