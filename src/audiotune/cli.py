@@ -16,6 +16,7 @@ from typing import Callable
 
 from audiotune import __version__
 from audiotune.config import AudiotuneConfig, ConfigError, load_config
+from audiotune.errors import AudiotuneError
 
 log = logging.getLogger("audiotune")
 
@@ -286,11 +287,19 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"audiotune: {err}", file=sys.stderr)
         return usage
+    except AudiotuneError as err:
+        return _report(args, err, usage if err.exit_code == EXIT_USAGE else err.exit_code)
     except _failure_types() as err:
-        if args.verbose:
-            log.exception("failed")
-        print(f"audiotune {args.command}: error: {err}", file=sys.stderr)
-        return EXIT_FAILED
+        return _report(args, err, EXIT_FAILED)
+
+
+def _report(args: argparse.Namespace, err: BaseException, code: int) -> int:
+    """Print ``err`` as one line (its traceback too with ``-v``) and return the exit code ``code``."""
+    if args.verbose:
+        log.exception("failed")
+    message = " ".join(str(err).split()) or type(err).__name__
+    print(f"audiotune {args.command}: error: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -103,7 +103,8 @@ def _publish_s3(staging: Path, uri: str, overwrite: bool) -> None:
             raise FileExistsError(f"{uri} appeared while it was being written; nothing was published")
         # from here on no reader takes the old files for a complete artifact
         storage.delete(storage.join(uri, storage.MANIFEST))
-    previous = set(storage.list_files(uri))  # the old artifact's files, or what an interrupted upload left
+    # the old artifact's files, or what an interrupted upload left (odd keys too: they are deleted by exact key)
+    previous = set(storage.list_files(uri, check_keys=False))
     if previous:
         log.info("%s: replacing %d files already under the prefix", uri, len(previous))
     rels = storage.list_files(staging)

@@ -1,10 +1,13 @@
-"""Local paths and ``s3://bucket/prefix`` URIs behind one small API, and atomic publish of artifacts.
+"""Local paths and ``s3://bucket/prefix`` URIs behind one small API, and a download cache.
 
 S3 goes through boto3 with the standard AWS environment (``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3``,
 ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``, profiles), so MinIO and other
 S3-compatible stores work unchanged. Every artifact is a directory with a ``manifest.json`` at its root;
-:func:`publish_dir` makes it appear all at once: a local directory by a final rename, an S3 prefix by
-writing ``manifest.json`` last.
+:mod:`audiotune.publish` makes it appear all at once.
+
+An S3 key is any string, so a key below a prefix can hold ``..`` or start with ``/``: listing and
+downloading refuse such keys (:class:`~audiotune.errors.UnsafePathError`, naming the key) rather than
+write outside the destination directory.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
+
+from audiotune.errors import UnsafePathError
 
 log = logging.getLogger(__name__)
 
@@ -207,10 +212,54 @@ def write_text(uri: str | os.PathLike, text: str, encoding: str = "utf-8") -> No
     write_bytes(uri, text.encode(encoding))
 
 
-def list_files(uri: str | os.PathLike) -> list[str]:
+def check_relative(rel: str, where: str) -> str:
+    """Return ``rel`` if it is a relative path that stays inside the directory it is joined onto.
+
+    Refused: an empty path, an absolute one (a leading ``/``), a ``.`` or ``..`` segment, a NUL byte.
+
+    Args:
+        rel: A ``/``-separated relative path: an S3 key below a prefix, an archive member, a manifest entry.
+        where: What ``rel`` was found in (a URI), for the message.
+
+    Raises:
+        UnsafePathError: naming ``rel`` and ``where``.
+    """
+    parts = rel.split("/")
+    if not rel or rel.startswith("/") or "\0" in rel or any(p in (".", "..") for p in parts):
+        raise UnsafePathError(f"{where}: refusing the object {rel!r}: its relative path is absolute or holds "
+                              "'.' or '..', so it would be written outside the destination folder")
+    return rel
+
+
+def inside(root: str | os.PathLike, rel: str, where: str) -> Path:
+    """``root / rel``, refused when it does not resolve inside ``root`` (see :func:`check_relative`).
+
+    Beyond :func:`check_relative`, symbolic links already in ``root`` are followed, so a link out of
+    ``root`` cannot redirect a write either.
+
+    Raises:
+        UnsafePathError: naming ``rel`` and ``where``.
+    """
+    base = Path(root)
+    target = base / check_relative(rel, where)
+    if not target.resolve().is_relative_to(base.resolve()):
+        raise UnsafePathError(f"{where}: refusing the object {rel!r}: it resolves to {target.resolve()}, "
+                              f"outside the destination folder {base}")
+    return target
+
+
+def list_files(uri: str | os.PathLike, check_keys: bool = True) -> list[str]:
     """Relative ``/``-separated paths of every file below a directory or S3 prefix, sorted.
 
     A missing directory or an empty prefix gives an empty list.
+
+    Args:
+        uri: Local directory or S3 prefix.
+        check_keys: Refuse S3 keys whose relative path is not safe to join onto a local folder
+            (see :func:`check_relative`). Only code that deletes objects by their exact key turns it off.
+
+    Raises:
+        UnsafePathError: An S3 key below the prefix is absolute or holds ``.`` / ``..`` segments.
     """
     if not is_s3(uri):
         root = Path(uri)
@@ -219,7 +268,11 @@ def list_files(uri: str | os.PathLike) -> list[str]:
         return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
     bucket, key = split_s3(str(uri))
     prefix = _dir_prefix(key)
-    return sorted(k[len(prefix):] for k in _iter_keys(bucket, prefix) if not k.endswith("/"))
+    rels = sorted(k[len(prefix):] for k in _iter_keys(bucket, prefix) if not k.endswith("/"))
+    if check_keys:
+        for rel in rels:
+            check_relative(rel, str(uri))
+    return rels
 
 
 
@@ -231,6 +284,8 @@ def download(uri: str | os.PathLike, local_path: str | os.PathLike) -> Path:
 
     Raises:
         FileNotFoundError: When ``uri`` names neither a file nor a non-empty prefix.
+        UnsafePathError: When a key below the prefix would land outside ``local_path``; nothing is
+            downloaded then.
     """
     dest = Path(local_path)
     if not is_s3(uri):
@@ -253,9 +308,10 @@ def download(uri: str | os.PathLike, local_path: str | os.PathLike) -> Path:
     if not files:
         raise FileNotFoundError(f"{uri} does not exist (no object and no objects below it)")
     prefix = _dir_prefix(key)
+    targets = {rel: inside(dest, rel, str(uri)) for rel in files}  # every key checked before any write
 
     def fetch(rel: str) -> None:
-        target = dest / rel
+        target = targets[rel]
         target.parent.mkdir(parents=True, exist_ok=True)
         s3.download_file(bucket, prefix + rel, str(target))
 
@@ -383,6 +439,8 @@ def local_copy(uri: str | os.PathLike, cache_dir: str | os.PathLike | None = Non
 
     Raises:
         FileNotFoundError: When ``uri`` names neither a file nor a non-empty prefix.
+        UnsafePathError: When a key below the prefix would land outside the cache entry (see
+            :func:`download`); nothing is cached then.
     """
     if not is_s3(uri):
         return Path(uri)
