@@ -4,7 +4,9 @@ Frames of C codebooks enter as one position: codebook 0 uses the backbone's own 
 (its ids live in the LM vocabulary with the text), codebooks 1..C-1 have their own tables of
 ``codebook_size + 2`` rows (codes, the delay filler, padding); their embeddings are summed at
 the input. The backbone's head predicts channel 0, one linear head per extra codebook predicts
-the others from the same final hidden state. The delay pattern itself is laid out by the
+the others from the same final hidden state. A family that ships its own pretrained tables and
+heads (MOSS-TTSD's AsteroidTTS, :mod:`audiotune.models.moss`) sets their row count and padding
+row, and marks them pretrained: LoRA then leaves them frozen like every other base weight. The delay pattern itself is laid out by the
 collator (:mod:`audiotune.train.layouts`). The loss is the weighted mean of the per-codebook
 next-token losses (MOSS-TTSD weights 8,2,1,1,1,1,1,1 for 8 codebooks).
 """
@@ -61,9 +63,15 @@ class MultiCodebookLM(nn.Module):
         num_codebooks: C, codebooks per frame.
         codebook_size: Codes per codebook.
         weights: Loss weight of every codebook (length C).
+        codebook_rows: Rows of every extra table and head (default ``codebook_size + 2``: codes, the delay
+            filler, padding).
+        padding_idx: Row of the extra tables that gets no gradient (default none).
     """
 
-    def __init__(self, backbone: nn.Module, num_codebooks: int, codebook_size: int, weights: list[float]):
+    extra_pretrained = False  # the extra tables and heads are new: LoRA trains them fully
+
+    def __init__(self, backbone: nn.Module, num_codebooks: int, codebook_size: int, weights: list[float],
+                 codebook_rows: int | None = None, padding_idx: int | None = None):
         super().__init__()
         if len(weights) != num_codebooks:
             raise ValueError(f"{len(weights)} codebook weights for {num_codebooks} codebooks")
@@ -72,9 +80,11 @@ class MultiCodebookLM(nn.Module):
         self.backbone = backbone
         self.config = backbone.config
         self.num_codebooks, self.codebook_size, self.weights = num_codebooks, codebook_size, list(weights)
-        hidden = backbone.config.hidden_size
-        rows = codebook_size + 2
-        self.codebook_embeddings = nn.ModuleList(nn.Embedding(rows, hidden) for _ in range(num_codebooks - 1))
+        self.codebook_rows = codebook_rows if codebook_rows is not None else codebook_size + 2
+        self.padding_idx = padding_idx
+        hidden, rows = backbone.config.hidden_size, self.codebook_rows
+        self.codebook_embeddings = nn.ModuleList(nn.Embedding(rows, hidden, padding_idx=padding_idx)
+                                                 for _ in range(num_codebooks - 1))
         self.codebook_heads = nn.ModuleList(nn.Linear(hidden, rows, bias=False) for _ in range(num_codebooks - 1))
         std = getattr(backbone.config, "initializer_range", 0.02)
         for module in [*self.codebook_embeddings, *self.codebook_heads]:
@@ -124,9 +134,10 @@ class MultiCodebookLM(nn.Module):
         self.backbone.save_pretrained(str(directory), state_dict=backbone_state, **kwargs)
         extra = {k: v.detach().contiguous().cpu() for k, v in state.items() if k.startswith("codebook_")}
         save_file(extra, str(directory / CODEBOOKS_WEIGHTS))
-        (directory / CODEBOOKS_CONFIG).write_text(json.dumps({
-            "num_codebooks": self.num_codebooks, "codebook_size": self.codebook_size, "weights": self.weights,
-        }, indent=2) + "\n")
+        meta = {"num_codebooks": self.num_codebooks, "codebook_size": self.codebook_size, "weights": self.weights}
+        if self.codebook_rows != self.codebook_size + 2 or self.padding_idx is not None:
+            meta.update(codebook_rows=self.codebook_rows, padding_idx=self.padding_idx)
+        (directory / CODEBOOKS_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
 
     @classmethod
     def from_saved(cls, backbone: nn.Module, directory: str | Path) -> "MultiCodebookLM":
@@ -135,7 +146,8 @@ class MultiCodebookLM(nn.Module):
 
         directory = Path(directory)
         meta = json.loads((directory / CODEBOOKS_CONFIG).read_text())
-        model = cls(backbone, meta["num_codebooks"], meta["codebook_size"], meta["weights"])
+        model = cls(backbone, meta["num_codebooks"], meta["codebook_size"], meta["weights"],
+                    meta.get("codebook_rows"), meta.get("padding_idx"))
         state = load_file(str(directory / CODEBOOKS_WEIGHTS))
         own = {k: v for k, v in model.state_dict().items() if k.startswith("codebook_")}
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))

@@ -50,13 +50,14 @@ class AudioVocab:
 
     @property
     def filler_id(self) -> int:
-        """Delay-pattern filler of codebooks 1..C-1 (their own tables)."""
-        return self.codebook_size
+        """Delay-pattern filler of codebooks 1..C-1 (their own tables); a base family may set it in ``extra``."""
+        return int(self.extra.get("filler_id", self.codebook_size))
 
     @property
     def channel_pad_id(self) -> int:
-        """Padding of codebooks 1..C-1 (their own tables)."""
-        return self.codebook_size + 1
+        """Padding of codebooks 1..C-1 (their own tables); a base family may set it in ``extra``
+        (MOSS-TTSD: one speech pad id serves as filler and padding)."""
+        return int(self.extra.get("channel_pad_id", self.codebook_size + 1))
 
     def new_token_ids(self, base_vocab_size: int) -> list[int]:
         """LM ids that did not exist in the base model (trainable under LoRA)."""
