@@ -61,7 +61,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor,
                 rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """``key_mask`` is ``[B, T]`` bool (True: a real frame)."""
+        """``key_mask`` is ``[B, T]`` bool (True: a real frame), or a full attention mask ``[B, T or 1, T]``
+        (bool, or an additive float bias as upstream's ``mask_to_bias`` gives)."""
         b, t, _ = x.shape
 
         def split(y: torch.Tensor) -> torch.Tensor:
@@ -70,7 +71,8 @@ class Attention(nn.Module):
         q, k, v = split(self.to_q(x)), split(self.to_k(x)), split(self.to_v(x))
         if rotary is not None:
             q, k = _rotate(q, *rotary), _rotate(k, *rotary)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :],
+        attn_mask = key_mask[:, None] if key_mask.dim() == 3 else key_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                              dropout_p=self.dropout if self.training else 0.0)
         return self.to_out(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
 
@@ -107,25 +109,33 @@ class TransformerBlock(nn.Module):
 
 
 class Block1D(nn.Module):
-    """Conv1d(k=3) → ChannelNorm → Mish on ``[B, C, T]``, masked before and after."""
+    """Conv1d(k=3) → ChannelNorm → Mish on ``[B, C, T]``, masked before and after.
 
-    def __init__(self, dim: int, dim_out: int) -> None:
+    ``norm_groups`` swaps the norm for upstream's ``GroupNorm(norm_groups)`` (Matcha-TTS / CosyVoice
+    use 8) under the same keys: the arithmetic of the released estimators, whose statistics over
+    time include the padded frames (so it is not padding-invariant).
+    """
+
+    def __init__(self, dim: int, dim_out: int, norm_groups: int | None = None) -> None:
         super().__init__()
         self.conv = nn.Conv1d(dim, dim_out, 3, padding=1)
-        self.norm = ChannelNorm(dim_out)
+        self.norm = ChannelNorm(dim_out) if norm_groups is None else nn.GroupNorm(norm_groups, dim_out)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return F.mish(self.norm(self.conv(x * mask))) * mask
 
 
 class ResnetBlock1D(nn.Module):
-    """Two :class:`Block1D` with the time embedding added in between, and a 1×1 residual."""
+    """Two :class:`Block1D` with the time embedding added in between, and a 1×1 residual.
 
-    def __init__(self, dim: int, dim_out: int, time_dim: int) -> None:
+    ``norm_groups``: see :class:`Block1D` (None: per-frame ChannelNorm, the default).
+    """
+
+    def __init__(self, dim: int, dim_out: int, time_dim: int, norm_groups: int | None = None) -> None:
         super().__init__()
-        self.block1 = Block1D(dim, dim_out)
+        self.block1 = Block1D(dim, dim_out, norm_groups)
         self.time_proj = nn.Linear(time_dim, dim_out)
-        self.block2 = Block1D(dim_out, dim_out)
+        self.block2 = Block1D(dim_out, dim_out, norm_groups)
         self.res_conv = nn.Conv1d(dim, dim_out, 1)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
