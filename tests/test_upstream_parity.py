@@ -56,6 +56,39 @@ def assert_parity(yours: torch.Tensor, ref: torch.Tensor, name: str) -> float:
 # ---- HiFT vocoder: (4) decode ----------------------------------------------------------------------------------
 
 
+def _release_vocoder(folder: Path):
+    """The folder's HiFT through the loader ``flow.vocoder`` / ``synthesize --vocoder`` use, given the
+    yaml's own mel settings."""
+    from audiotune.models.flow.native.hyperyaml import load_release_yaml
+    from audiotune.models.vocoder import load_vocoder, release_mel_settings
+
+    (yaml_file,) = [p for p in sorted(folder.glob("*.yaml")) if "hift" in load_release_yaml(p)]
+    return load_vocoder(str(folder), release_mel_settings(load_release_yaml(yaml_file)))
+
+
+@pytest.mark.parametrize("name", FLOW_FOLDERS)
+def test_hift_decode(name: str) -> None:
+    folder = kit_folder(name)
+    ref = reference(folder)
+    hift = _release_vocoder(folder).model
+    with torch.inference_mode():
+        wav = hift.decode(x=ref["hift_mel"], s=ref["hift_source"])
+    assert_parity(wav, ref["hift_wav"], f"{name} hift_wav")
+
+
+@pytest.mark.parametrize("name", FLOW_FOLDERS)
+def test_hift_weights_round_trip(name: str) -> None:
+    from audiotune.models.flow.native.hift import hift_state_dict
+
+    folder = kit_folder(name)
+    hift = _release_vocoder(folder).model
+    release = torch.load(folder / "hift.pt", map_location="cpu", weights_only=True)
+    saved = hift_state_dict(hift)
+    assert list(saved) == list(release)
+    for key, tensor in release.items():
+        assert saved[key].dtype == tensor.dtype and torch.equal(saved[key], tensor), key
+
+
 # ---- flow release folder: load → export round trip, fine-tune with the encoder frozen ---------------------------
 
 

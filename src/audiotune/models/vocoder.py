@@ -15,6 +15,12 @@ export for that.
 A checkpoint vocoder maps ``mel [B, n_mels, T]`` float32 to ``wav [B, samples]`` (or
 ``[B, 1, samples]``): a TorchScript file (``.pt``, ``.jit``, ``.ts``, ``.torchscript``; loaded
 with ``torch.jit.load``) or an ONNX file (``.onnx``; onnxruntime, first input and output).
+
+:class:`HiftVocoder` is the real model's vocoder: a CosyVoice / Step-Audio-EditX release folder
+(local or ``s3://``) holding the yaml with a ``hift:`` section and ``hift.pt``, built natively
+(:mod:`audiotune.models.flow.native.hift`; nothing in the yaml is imported). Its sample rate, hop and
+mel bins, and the yaml's own mel settings (``feat_extractor`` / ``mel_conf``), must be those of the
+mels it is given. A BigVGAN vocoder (Step-Audio-EditX can use one) is refused by name.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ log = logging.getLogger(__name__)
 GRIFFIN_LIM = "griffin-lim"
 TORCHSCRIPT_SUFFIXES = (".pt", ".jit", ".ts", ".torchscript")
 ONNX_SUFFIXES = (".onnx",)
+RELEASE_WEIGHTS = "hift.pt"
 LOG_FLOOR = 1e-5
 
 
@@ -189,18 +196,157 @@ def _flatten_wav(wav: np.ndarray, batch: int) -> np.ndarray:
     return wav.astype(np.float32, copy=False)
 
 
+class HiftVocoder:
+    """A release's HiFT (F0 predictor → NSF source → iSTFT head); see :func:`load_release_vocoder`.
+
+    The harmonic source draws random start phases and noise: each call seeds them from ``seed`` on a
+    forked RNG, so the output is repeatable and the caller's RNG stream (a training run's) is untouched.
+
+    Args:
+        model: A loaded :class:`audiotune.models.flow.native.hift.HiFTGenerator`.
+        seed: Seed of the excitation's random phases and noise.
+    """
+
+    def __init__(self, model: torch.nn.Module, seed: int = 0) -> None:
+        self.model = model.eval()
+        self.sample_rate, self.hop_length = int(model.sample_rate), int(model.hop_length)
+        self.n_mels, self.seed = int(model.in_channels), seed
+
+    def __call__(self, mel: np.ndarray | torch.Tensor) -> np.ndarray:
+        batch, single = _as_batch(mel)
+        if batch.shape[1] != self.n_mels:
+            raise VocoderError(f"hift: mel has {batch.shape[1]} bins, the vocoder {self.n_mels}")
+        if batch.shape[-1] == 0:
+            out = np.zeros((batch.shape[0], 0), dtype=np.float32)
+        else:
+            param = next(self.model.parameters())
+            with torch.random.fork_rng(devices=[param.device] if param.device.type == "cuda" else []):
+                torch.manual_seed(self.seed)
+                with torch.inference_mode():
+                    out = self.model(batch.to(param.device, param.dtype)).float().cpu().numpy()
+        return out[0] if single else out
+
+
+_RELEASE_MEL_KEYS = {  # our mel setting ← matcha mel_spectrogram argument (feat_extractor / mel_conf)
+    "sample_rate": "sampling_rate", "n_fft": "n_fft", "hop_length": "hop_size", "win_length": "win_size",
+    "n_mels": "num_mels", "fmin": "fmin", "fmax": "fmax", "center": "center",
+}
+
+
+def release_mel_settings(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """Our mel settings from a parsed release yaml's ``feat_extractor`` (CosyVoice) or ``mel_conf``
+    (Step-Audio-EditX) node, in the keys of a Tokens ``mel.json``; ``None`` when it has neither."""
+    node = cfg.get("feat_extractor") or cfg.get("mel_conf")
+    if node is None:
+        return None
+    kwargs = dict(getattr(node, "kwargs", node) or {})
+    return {ours: kwargs[theirs] for ours, theirs in _RELEASE_MEL_KEYS.items() if theirs in kwargs}
+
+
+def _same(a: Any, b: Any) -> bool:
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b))
+    return abs(float(a) - float(b)) <= 1e-6 * max(1.0, abs(float(a))) if numbers else a == b
+
+
+def _check_mel_agreement(source: str, hift: HiftVocoder, release: dict[str, Any] | None,
+                         settings: dict[str, Any]) -> None:
+    """The vocoder's rate / hop / bins and the yaml's mel settings must be those of the given mels."""
+    nyquist = float(settings["sample_rate"]) / 2
+    pairs = [("sample_rate", hift.sample_rate, "hift sampling_rate"),
+             ("hop_length", hift.hop_length, "hift prod(upsample_rates) * hop_len"),
+             ("n_mels", hift.n_mels, "hift in_channels")]
+    for key, value in (release or {}).items():
+        pairs.append((key, value, f"yaml mel setting {_RELEASE_MEL_KEYS[key]}"))
+    for key, theirs, what in pairs:
+        ours = settings.get(key)
+        if key == "win_length" and ours is None:
+            ours = settings.get("n_fft")
+        if key == "fmax":
+            theirs = nyquist if theirs is None else theirs
+            ours = nyquist if ours is None else ours
+        if ours is None and key == "center":
+            ours = False
+        if not _same(theirs, ours):
+            raise VocoderError(f"vocoder {source}: {what} is {theirs!r} but the mels have {key}={ours!r}; "
+                               "use the vocoder of the release the mels follow (or matching tokenize.mel settings)")
+
+
+def _release_files(spec: str) -> tuple[str, list[str]]:
+    """The release folder a spec names (the folder itself, or its ``hift.pt``) and its top-level file names."""
+    from audiotune import storage
+
+    folder = spec.rstrip("/")
+    if Path(folder).name == RELEASE_WEIGHTS:
+        folder = folder[: -len(RELEASE_WEIGHTS)].rstrip("/") or "."
+    names = [rel for rel in storage.list_files(folder) if "/" not in rel]
+    return folder, names
+
+
+def load_release_vocoder(spec: str, mel_cfg: Any, device: str = "cpu") -> HiftVocoder:
+    """The HiFT of a release folder (local or ``s3://``; its ``hift.pt`` may be named instead).
+
+    The folder needs one yaml with a ``hift:`` section and ``hift.pt``; only those two are fetched.
+
+    Raises:
+        VocoderError: no yaml with ``hift:``, several, no ``hift.pt``, a BigVGAN or other unsupported
+            vocoder class, weights that do not fit (listed), or mel settings that disagree (both named).
+    """
+    from audiotune import storage
+    from audiotune.models.flow.io import FlowLoadError
+    from audiotune.models.flow.native.hift import build_hift, load_hift_file
+    from audiotune.models.flow.native.hyperyaml import ReleaseYamlError, load_release_yaml
+
+    settings = _mel_settings(mel_cfg)
+    folder, names = _release_files(spec)
+    sections = ("hift", "feat_extractor", "mel_conf")
+    found = []
+    try:
+        for name in sorted(n for n in names if n.endswith((".yaml", ".yml"))):
+            cfg = load_release_yaml(storage.local_copy(storage.join(folder, name)), sections=sections)
+            if "hift" in cfg:
+                found.append((name, cfg))
+        if len(found) != 1:
+            raise VocoderError(f"vocoder {spec}: expected one yaml with a hift: section in {folder}, found "
+                               f"{', '.join(n for n, _ in found) or 'none'}")
+        if RELEASE_WEIGHTS not in names:
+            raise VocoderError(f"vocoder {spec}: {folder} has {found[0][0]} but no {RELEASE_WEIGHTS}")
+        model = build_hift(found[0][1]["hift"])
+        load_hift_file(model, storage.local_copy(storage.join(folder, RELEASE_WEIGHTS)))
+    except (FlowLoadError, ReleaseYamlError) as err:
+        raise VocoderError(f"vocoder {spec}: {err}") from None
+    vocoder = HiftVocoder(model.to(device))
+    _check_mel_agreement(spec, vocoder, release_mel_settings(found[0][1]), settings)
+    log.info("vocoder %s: HiFT from %s (%d Hz, %d samples per frame)", spec, found[0][0], vocoder.sample_rate,
+             vocoder.hop_length)
+    return vocoder
+
+
+def _is_release(spec: str) -> bool:
+    """Whether a vocoder spec names a release folder (or its ``hift.pt``) rather than a checkpoint file."""
+    from audiotune import storage
+
+    if Path(spec.rstrip("/")).name == RELEASE_WEIGHTS:
+        folder, names = _release_files(spec)
+        return any(n.endswith((".yaml", ".yml")) for n in names)
+    if not storage.is_s3(spec):
+        return Path(spec).is_dir()
+    return Path(spec).suffix.lower() not in TORCHSCRIPT_SUFFIXES + ONNX_SUFFIXES
+
+
 def load_vocoder(spec: str | None, mel_cfg: Any) -> Vocoder:
     """The vocoder a spec names.
 
     Args:
         spec: ``None`` or ``"griffin-lim"`` (built in; ``"griffin-lim:64"`` sets the iterations),
-            or a local path / ``s3://`` URI of a TorchScript (``.pt``, ``.jit``, ``.ts``,
-            ``.torchscript``) or ONNX (``.onnx``) vocoder for this mel configuration.
+            or a local path / ``s3://`` URI of a CosyVoice / Step-Audio-EditX release folder (yaml
+            with ``hift:`` + ``hift.pt``; see :func:`load_release_vocoder`), or of a TorchScript
+            (``.pt``, ``.jit``, ``.ts``, ``.torchscript``) or ONNX (``.onnx``) vocoder for this mel configuration.
         mel_cfg: The mel settings the mels were computed with (a Tokens ``mel.json`` dict, a
             ``MelConfig`` or a ``MelExtractor``); give the sample rate and hop.
 
     Raises:
-        VocoderError: An unknown spec, or a checkpoint that cannot be loaded.
+        VocoderError: An unknown spec, a BigVGAN, a checkpoint or release folder that cannot be
+            loaded, or a release vocoder whose mel settings differ from ``mel_cfg``.
         FileNotFoundError: The checkpoint does not exist.
     """
     settings = _mel_settings(mel_cfg)
@@ -214,10 +360,15 @@ def load_vocoder(spec: str | None, mel_cfg: Any) -> Vocoder:
         return GriffinLimVocoder(settings, n_iter=n_iter)
     from audiotune import storage
 
+    if Path(spec.rstrip("/")).name.lower().startswith("bigvgan"):
+        raise VocoderError(f"vocoder {spec!r}: BigVGAN vocoders are not supported; give the release folder "
+                           "with its HiFT (yaml hift: + hift.pt)")
+    if _is_release(spec):
+        return load_release_vocoder(spec, settings)
     suffix = Path(spec).suffix.lower()
     if suffix not in TORCHSCRIPT_SUFFIXES + ONNX_SUFFIXES:
-        raise VocoderError(f"vocoder {spec!r}: expected 'griffin-lim' or a TorchScript "
-                           f"({', '.join(TORCHSCRIPT_SUFFIXES)}) or ONNX (.onnx) file")
+        raise VocoderError(f"vocoder {spec!r}: expected 'griffin-lim', a release folder (yaml with hift: + "
+                           f"hift.pt) or a TorchScript ({', '.join(TORCHSCRIPT_SUFFIXES)}) or ONNX (.onnx) file")
     path = storage.local_copy(spec)
     if not Path(path).is_file():
         raise FileNotFoundError(f"vocoder {spec} does not exist")
