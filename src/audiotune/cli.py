@@ -185,8 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-wav", help="A recording of the voice to clone (needs --prompt-text).")
     p.add_argument("--prompt-text", help="The transcript of --prompt-wav.")
     p.add_argument("--speaker", help="A speaker of the training data (speaker-id or embedding flows).")
-    p.add_argument("--vocoder", help="griffin-lim[:N] or a TorchScript / ONNX vocoder file "
-                   "(default: export.synthesis.vocoder).")
+    p.add_argument("--vocoder", help="griffin-lim[:N], a CosyVoice / Step-Audio-EditX release folder (yaml with "
+                   "hift: + hift.pt) or a TorchScript / ONNX vocoder file (default: export.synthesis.vocoder).")
     p.add_argument("--out", required=True, help="WAV file to write.")
     p.add_argument("--config", help="YAML config (export.synthesis settings).")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="a.b=v")

@@ -26,7 +26,8 @@ class SynthesisSettings(_Section):
     n_timesteps: int | None = Field(None, ge=1, description="Flow ODE steps; unset: the flow's own setting.")
     cfg_rate: float | None = Field(None, ge=0, description="Flow classifier-free guidance; unset: the flow's.")
     vocoder: str = Field(
-        "griffin-lim", description="griffin-lim (built in, griffin-lim:N for N iterations) or a TorchScript "
+        "griffin-lim", description="griffin-lim (built in, griffin-lim:N for N iterations), a CosyVoice / "
+        "Step-Audio-EditX release folder (yaml with hift: + hift.pt; its HiFT), or a TorchScript "
         "(.pt/.jit/.ts) or ONNX (.onnx) mel→wav file (local or s3://)."
     )
     seed: int = Field(0, description="Seed of the sampling, so a sample can be generated again.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -209,8 +210,9 @@ class FlowStageConfig(_Section):
     num_samples: int = Field(2, ge=0, le=32, description="Utterances rendered each time (validation ones first); "
                              "0 turns samples off.")
     vocoder: str = Field(
-        "griffin-lim", description="Vocoder for sample WAVs: griffin-lim (built in, griffin-lim:N for N iterations) "
-        "or a TorchScript (.pt/.jit/.ts) or ONNX (.onnx) mel→wav file (local or s3://)."
+        "griffin-lim", description="Vocoder for sample WAVs: griffin-lim (built in, griffin-lim:N for N iterations), "
+        "a CosyVoice / Step-Audio-EditX release folder (yaml with hift: + hift.pt; its HiFT), or a TorchScript "
+        "(.pt/.jit/.ts) or ONNX (.onnx) mel→wav file (local or s3://)."
     )
     train: TrainSettings = Field(
         default_factory=TrainSettings, description="The training loop (batch_tokens is not used: the batch size "
@@ -226,9 +228,11 @@ class FlowStageConfig(_Section):
         if self.lora.enabled and self.freeze_encoder:
             raise ValueError("lora.enabled already freezes every base weight; leave freeze_encoder false")
         spec = self.vocoder
-        if not (spec == "griffin-lim" or spec.startswith("griffin-lim:") or spec.lower().endswith(VOCODER_SUFFIXES)):
-            raise ValueError(f"vocoder {spec!r}: expected griffin-lim[:N] or a file ending in "
-                             f"{', '.join(VOCODER_SUFFIXES)}")
+        folder = "/" in spec or Path(spec).is_dir()  # a release folder (yaml hift: + hift.pt), local or s3://
+        if not (spec == "griffin-lim" or spec.startswith("griffin-lim:") or spec.lower().endswith(VOCODER_SUFFIXES)
+                or folder):
+            raise ValueError(f"vocoder {spec!r}: expected griffin-lim[:N], a release folder (yaml with hift: + "
+                             f"hift.pt) or a file ending in {', '.join(VOCODER_SUFFIXES)}")
         if spec.startswith("griffin-lim:") and not spec.split(":", 1)[1].isdigit():
             raise ValueError(f"vocoder {spec!r}: expected griffin-lim:<iterations>")
         return self
