@@ -93,3 +93,51 @@ def test_hift_weights_round_trip(name: str) -> None:
 
 
 # ---- LLM: MOSS-TTSD AsteroidTTS heads and round trip -----------------------------------------------------------
+def _moss(folder: Path, attn: str):
+    """The kit's AsteroidTTS checkpoint through the loader users get (the base-family registry)."""
+    from audiotune.models.families import family_for, load_model
+
+    assert family_for(folder).name == "moss-asteroid-tts"
+    return load_model(folder, None, torch.float32, attn).eval()
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_moss_ttsd_heads_match_upstream(attn):
+    """Every head's logits (``logits_all[k]`` upstream) from the stored input_ids [B, T, C] and attention mask."""
+    folder = kit_folder("moss-ttsd-v0.7")
+    ref = reference(folder)
+    model = _moss(folder, attn)
+    with torch.inference_mode():
+        out = model(input_ids=ref["input_ids"], attention_mask=ref["attention_mask"])
+    heads = [out.logits, *out.codebook_logits]
+    expected = sorted((k for k in ref if k.startswith("logits_")), key=lambda k: int(k.split("_")[1]))
+    assert len(heads) == len(expected), f"{len(heads)} heads, the reference has {len(expected)}"
+    failures = []
+    for k, name in enumerate(expected):
+        try:
+            assert_parity(heads[k], ref[name], f"{name} ({attn})")
+        except AssertionError as err:
+            failures.append(str(err).splitlines()[0])
+    assert not failures, "; ".join(failures)
+
+
+def test_moss_ttsd_round_trip_is_bit_identical(tmp_path):
+    """load → save in the AsteroidTTS layout, no training: the same config fields, keys, shapes, dtypes, bits."""
+    import json
+
+    from safetensors import safe_open
+
+    from audiotune.models.families import family_for, save_model
+
+    folder = kit_folder("moss-ttsd-v0.7")
+    save_model(_moss(folder, "eager"), tmp_path / "out", family_for(folder))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
+    written, original = (json.loads((d / "config.json").read_text()) for d in (tmp_path / "out", folder))
+    assert written == original
+    with safe_open(str(folder / "model.safetensors"), "pt") as a, \
+            safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as b:
+        assert sorted(a.keys()) == sorted(b.keys())
+        assert b.metadata() == a.metadata()
+        for key in a.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            x, y = a.get_tensor(key), b.get_tensor(key)
+            assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y), key

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from audiotune.errors import ModelLoadError
+from audiotune.models.families import ModelError, register
 from audiotune.models.multicodebook import MultiCodebookLM, default_codebook_weights
 from audiotune.models.vocab import AudioVocab
 
@@ -53,7 +53,7 @@ WEIGHTS_FILE = "model.safetensors"
 _CARRIED = "language_model_embed_tokens"
 
 
-class MossCheckpointError(ModelLoadError):
+class MossCheckpointError(ModelError):
     """An AsteroidTTS checkpoint (or Tokens for it) that cannot be used; the message names file, key and value."""
 
 
@@ -154,12 +154,22 @@ class MossTTSLM(MultiCodebookLM):
 
     def save_pretrained(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None,
                         **kwargs) -> None:
-        """A LoRA backbone: the adapter and the channel tables (as any multi-codebook model); a plain one: the
-        AsteroidTTS layout (:func:`save_moss`)."""
-        if hasattr(self.backbone, "peft_config"):
+        """A LoRA backbone: the adapter (and the channel tables and heads only if they were trained: frozen, they
+        are the base's); a plain one: the AsteroidTTS layout (:func:`save_moss`)."""
+        if not hasattr(self.backbone, "peft_config"):
+            save_moss(self, directory, state_dict)
+        elif any(p.requires_grad for p in self.extra_parameters()):
             super().save_pretrained(directory, state_dict=state_dict, **kwargs)
-            return
-        save_moss(self, directory, state_dict)
+        else:
+            state = state_dict if state_dict is not None else self.state_dict()
+            self.backbone.save_pretrained(str(directory), **kwargs, state_dict={
+                k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")})
+
+    def resize_token_embeddings(self, rows: int, mean_resizing: bool = True) -> nn.Module:
+        """Grow channel 0 (table and head) to ``rows`` for new tokens; the carried table follows."""
+        out = self.backbone.resize_token_embeddings(rows, mean_resizing=mean_resizing)
+        resize_carried(self)
+        return out
 
 
 def key_map(channels: int) -> dict[str, str]:
@@ -337,3 +347,29 @@ def moss_vocab(vocab: AudioVocab, spec: MossSpec, base: str | Path = "the MOSS c
     extra = {**vocab.extra, "filler_id": spec.speech_pad_token, "channel_pad_id": spec.speech_pad_token,
              "codebook_rows": spec.speech_vocab_size}
     return dataclasses.replace(vocab, audio_offset=start, extra=extra)
+
+
+# ------------------------------------------------------------------------------------------------- family
+class MossFamily:
+    """The base family of MOSS-TTSD v0.7 checkpoints (:mod:`audiotune.models.families`)."""
+
+    name, priority = "moss-asteroid-tts", 50
+
+    def detect(self, config: dict[str, Any], path: Path) -> bool:
+        return is_moss_config(config)
+
+    def load(self, path: Path, settings: Any, dtype: torch.dtype, attn: str) -> MossTTSLM:
+        return load_moss(path, dtype, attn, getattr(settings, "codebook_weights", None))
+
+    def save(self, model: nn.Module, directory: Path, max_shard_size: str = "5GB") -> None:
+        if not isinstance(model, MossTTSLM):
+            raise MossCheckpointError(f"{type(model).__name__} is not a MOSS-TTSD model; cannot write it as "
+                                      "AsteroidTTS")
+        save_moss(model, directory)  # one file, as the release (max_shard_size does not apply)
+
+    def fit_vocab(self, vocab: AudioVocab, path: Path, tokens: str) -> AudioVocab:
+        """The Tokens' vocabulary on this checkpoint's ids (:func:`moss_vocab`)."""
+        return moss_vocab(vocab, MossSpec.from_config(read_config(path), Path(path) / "config.json"), path, tokens)
+
+
+register(MossFamily())

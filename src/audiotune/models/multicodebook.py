@@ -6,9 +6,10 @@ Frames of C codebooks enter as one position: codebook 0 uses the backbone's own 
 the input. The backbone's head predicts channel 0, one linear head per extra codebook predicts
 the others from the same final hidden state. A family that ships its own pretrained tables and
 heads (MOSS-TTSD's AsteroidTTS, :mod:`audiotune.models.moss`) sets their row count and padding
-row, and marks them pretrained: LoRA then leaves them frozen like every other base weight. The delay pattern itself is laid out by the
-collator (:mod:`audiotune.train.layouts`). The loss is the weighted mean of the per-codebook
-next-token losses (MOSS-TTSD weights 8,2,1,1,1,1,1,1 for 8 codebooks).
+row, and marks them pretrained: LoRA then leaves them frozen like every other base weight. The
+delay pattern itself is laid out by the collator (:mod:`audiotune.train.layouts`). The loss is
+the weighted mean of the per-codebook next-token losses (MOSS-TTSD weights 8,2,1,1,1,1,1,1 for 8
+codebooks).
 """
 
 from __future__ import annotations
