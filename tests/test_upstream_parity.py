@@ -51,6 +51,46 @@ def assert_parity(yours: torch.Tensor, ref: torch.Tensor, name: str) -> float:
 
 
 # ---- flow: (2) estimator and (3) Euler solver -------------------------------------------------------------------
+def _release_cfm(folder: Path):
+    """The flow's ``decoder`` (CFM + estimator) built from the folder's yaml, with the ``decoder.*`` part of
+    ``flow.pt`` loaded strictly (a missing, unexpected or mis-shaped estimator key fails here)."""
+    from audiotune.models.flow.io import load_state_dict_strict
+    from audiotune.models.flow.native.cfm import build_cfm
+    from audiotune.models.flow.native.hyperyaml import load_release_yaml
+    from audiotune.models.flow.native.release import find_yaml, read_state
+
+    cfm = build_cfm(load_release_yaml(find_yaml(folder))["flow"].get("decoder"))
+    state = read_state(folder / "flow.pt")
+    load_state_dict_strict(cfm, {k[len("decoder."):]: v for k, v in state.items() if k.startswith("decoder.")},
+                           str(folder / "flow.pt"))
+    return cfm.eval()
+
+
+@pytest.mark.parametrize("name", FLOW_FOLDERS)
+def test_flow_estimator(name: str) -> None:
+    """One velocity evaluation on a batch of 2 (row 1 padded), all positions compared (``est_out``)."""
+    folder = kit_folder(name)
+    ref = reference(folder)
+    cfm = _release_cfm(folder)
+    with torch.inference_mode():
+        out = cfm.estimator(ref["est_x"], ref["est_mask"], ref["est_mu"], ref["est_t"], ref["est_spks"],
+                            ref["est_cond"])
+    assert_parity(out, ref["est_out"], f"{name} est_out")
+
+
+@pytest.mark.parametrize("name", FLOW_FOLDERS)
+def test_flow_euler_solver(name: str) -> None:
+    """Euler sampling with CFG from the kit's noise over the cosine t_span of ``n_timesteps`` (``mel``)."""
+    from audiotune.models.flow.native.cfm import time_span
+
+    folder = kit_folder(name)
+    ref = reference(folder)
+    cfm = _release_cfm(folder)
+    assert cfm.inference_cfg_rate == pytest.approx(float(ref["cfg_rate"]))
+    t_span = time_span(int(ref["n_timesteps"]), cfm.t_scheduler)
+    with torch.inference_mode():
+        mel = cfm.solve_euler(ref["noise"], t_span, ref["mu"], ref["mask"], ref["spks"], ref["cond"])
+    assert_parity(mel, ref["mel"], f"{name} mel")
 
 
 # ---- HiFT vocoder: (4) decode ----------------------------------------------------------------------------------
