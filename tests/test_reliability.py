@@ -79,7 +79,105 @@ def test_s3_key_outside_the_destination_fails_the_stage_with_one_line(s3_env, tm
 def test_publish_over_a_prefix_with_odd_keys_removes_them(s3_env, tmp_path):
     from audiotune import publish
 
+    _put(s3_env, "art/manifest.json", b'{"kind": "audiotune.test"}')
     _put(s3_env, "art/../../planted")
     with publish.publish_dir(f"{s3_env}/art", overwrite=True) as staging:
         (staging / "manifest.json").write_text('{"kind": "audiotune.test"}')
     assert storage.list_files(f"{s3_env}/art") == ["manifest.json"]
+
+
+# ------------------------------------------------------------------- 2. outputs that overlap inputs, overwrite
+def _snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every file's content and every folder (None) below ``root``."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() if p.is_file() else None for p in root.rglob("*")}
+
+
+def _convert(source, output, *sets: str) -> list[str]:
+    return ["convert", "--source", str(source), "--output", str(output), *NO_TRACKING, "--set",
+            "run.num_workers=1", *[a for s in sets for a in ("--set", s)]]
+
+
+@pytest.mark.parametrize("where", ["source-folder", "manifest-folder", "inside-source", "parent-of-source",
+                                   "audio-folder"])
+def test_convert_output_overlapping_its_source_is_refused_before_any_work(tmp_path, capsys, where):
+    from tests.helpers import good_corpus
+
+    manifest = good_corpus(tmp_path / "corpus", 2)
+    before = _snapshot(tmp_path)
+    source, output = {
+        "source-folder": (tmp_path / "corpus", tmp_path / "corpus"),
+        "manifest-folder": (manifest, tmp_path / "corpus"),
+        "inside-source": (tmp_path / "corpus", tmp_path / "corpus" / "wavs" / "ds"),
+        "parent-of-source": (tmp_path / "corpus", tmp_path),
+        "audio-folder": (manifest, tmp_path / "corpus" / "wavs"),  # beside the manifest: not an artifact
+    }[where]
+    code = cli_main(_convert(source, output, "convert.overwrite=true"))
+    line = _one_line_error(capsys.readouterr().err)
+    assert code == 2
+    assert (f"output {output} holds files but no manifest.json" if where == "audio-folder" else
+            f"output {output} is, contains or lies inside the input") in line
+    assert _snapshot(tmp_path) == before  # the corpus is intact, and nothing was staged or written beside it
+
+
+def test_convert_output_overlapping_an_s3_source_is_refused(s3_env, capsys):
+    _put(s3_env, "corpus/data.jsonl", b'{"id": "a", "audio": "a.wav", "text": "t"}\n')
+    _put(s3_env, "corpus/a.wav", b"RIFF")
+    code = cli_main(_convert(f"{s3_env}/corpus/data.jsonl", f"{s3_env}/corpus/", "convert.overwrite=true"))
+    assert code == 2 and "lies inside the input" in _one_line_error(capsys.readouterr().err)
+    assert storage.list_files(f"{s3_env}/corpus") == ["a.wav", "data.jsonl"]
+
+
+def test_tokenize_output_equal_to_its_dataset_is_refused(tmp_path, capsys):
+    dataset = tmp_path / "ds"
+    (dataset / "train").mkdir(parents=True)
+    (dataset / "manifest.json").write_text('{"kind": "audiotune.dataset", "schema_version": 1}')
+    (dataset / "train" / "part-00000.parquet").write_bytes(b"rows")
+    before = _snapshot(tmp_path)
+    for output in (dataset, dataset / "tokens"):
+        code = cli_main(["tokenize", "--dataset", str(dataset), "--output", str(output), *NO_TRACKING,
+                         "--set", "tokenize.overwrite=true"])
+        assert code == 2 and "lies inside the input" in _one_line_error(capsys.readouterr().err)
+    assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("content", ["user-files", "other-kind", "a-file"])
+def test_overwrite_never_replaces_what_is_not_an_artifact_of_the_kind(tmp_path, capsys, content):
+    from tests.helpers import good_corpus
+
+    manifest = good_corpus(tmp_path / "corpus", 2)
+    output = tmp_path / "out"
+    if content == "a-file":
+        output.write_text("my notes")
+    else:
+        output.mkdir()
+        (output / "notes.txt").write_text("precious")
+        if content == "other-kind":
+            (output / "manifest.json").write_text('{"kind": "audiotune.tokens", "schema_version": 1}')
+    before = _snapshot(tmp_path)
+    code = cli_main(_convert(manifest, output, "convert.overwrite=true"))
+    line = _one_line_error(capsys.readouterr().err)
+    assert code == 2 and f"output {output} holds" in line and "overwrite only replaces" in line
+    assert _snapshot(tmp_path) == before
+
+
+def test_overwrite_replaces_an_empty_folder_and_an_artifact_of_the_kind(tmp_path):
+    from tests.helpers import good_corpus
+
+    manifest = good_corpus(tmp_path / "corpus", 2)
+    output = tmp_path / "out"
+    output.mkdir()
+    assert cli_main(_convert(manifest, output)) == 1  # exists, no overwrite: refused as before
+    assert cli_main(_convert(manifest, output, "convert.overwrite=true")) == 0
+    assert cli_main(_convert(manifest, output, "convert.overwrite=true")) == 0
+    assert (output / "manifest.json").is_file()
+
+
+def test_s3_prefix_without_manifest_is_never_published_into(s3_env, tmp_path, capsys):
+    from tests.helpers import good_corpus
+
+    manifest = good_corpus(tmp_path / "corpus", 2)
+    _put(s3_env, "mine/keep.bin", b"precious")
+    for sets in ((), ("convert.overwrite=true",)):
+        code = cli_main(_convert(manifest, f"{s3_env}/mine", *sets))
+        assert code == 2 and "objects but no manifest.json" in _one_line_error(capsys.readouterr().err)
+    assert storage.read_bytes(f"{s3_env}/mine/keep.bin") == b"precious"

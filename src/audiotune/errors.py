@@ -37,11 +37,11 @@ class UnsafePathError(StorageError):
 
 
 class OutputError(UsageError):
-    """An output location that must not be written: it overlaps an input, or holds something else."""
+    """An output location that must not be written: it overlaps an input, or holds something else (exit 2)."""
 
 
-class OutputExistsError(OutputError, FileExistsError):
-    """The output already holds an artifact and overwrite is off."""
+class OutputExistsError(AudiotuneError, FileExistsError):
+    """The output already holds an artifact and overwrite is off (exit 1, as before this module)."""
 
 
 class DataError(AudiotuneError):

@@ -137,6 +137,8 @@ def convert(cfg: AudiotuneConfig, source: str | None = None, output: str | None 
         ConvertError: more than ``max_bad_fraction`` of the rows are bad (the
             quarantine file and report are written beside the output first).
         FileExistsError: the output exists and ``overwrite`` is off.
+        OutputError: the output is, contains or lies inside a source (so also a source manifest's folder), or
+            (with ``overwrite``) holds something other than a Dataset or an empty folder; checked before any work.
     """
     c = cfg.convert
     source = source or c.source
@@ -146,12 +148,15 @@ def convert(cfg: AudiotuneConfig, source: str | None = None, output: str | None 
     if not output:
         raise SourceError("no output given: pass --output")
     log.info("convert: %s -> %s\n%s", source, output, dump_config(cfg))
+    # a manifest file as input covers its folder too: an output equal to or above that folder contains it
+    inputs = [source, c.val_source]
+    publish.require_missing_or_overwrite(output, c.overwrite, artifacts.DATASET, inputs)
     workers = num_workers(cfg.run.num_workers)
     settings = _settings(c)
 
     with tempfile.TemporaryDirectory(prefix="audiotune-convert-") as tmp, \
             tracking.stage_run(cfg.tracking, "convert") as tracker, \
-            publish.publish_dir(output, overwrite=c.overwrite) as staging:
+            publish.publish_dir(output, overwrite=c.overwrite, kind=artifacts.DATASET, inputs=inputs) as staging:
         start = time.perf_counter()  # the work itself, not MLflow's set-up
         tracker.log_params({"convert": c.model_dump(mode="json"), "run": cfg.run.model_dump(mode="json")})
         workdir = Path(tmp)

@@ -166,11 +166,13 @@ def tokenize(cfg: AudiotuneConfig, dataset: str | None, output: str, base_model:
         raise TokenizeError("no Dataset given: pass --dataset (only a MOSS-TTSD import reads none)")
     if moss and not base_model:
         raise TokenizeError("a MOSS-TTSD import needs --base-model: its shards hold that model's text ids")
+    publish.require_missing_or_overwrite(output, t.overwrite, artifacts.TOKENS, [dataset, base_model])
     ds_manifest = artifacts.read_manifest(dataset, artifacts.DATASET, artifacts.DATASET_VERSION) if dataset else None
     workers = num_workers(cfg.run.num_workers)
     with tempfile.TemporaryDirectory(prefix="audiotune-tokenize-"), \
             tracking.stage_run(cfg.tracking, "tokenize") as tracker, \
-            publish.publish_dir(output, overwrite=t.overwrite) as staging:
+            publish.publish_dir(output, overwrite=t.overwrite, kind=artifacts.TOKENS,
+                                inputs=[dataset, base_model]) as staging:
         start = time.perf_counter()
         tracker.log_params({"tokenize": t.model_dump(mode="json"), "run": cfg.run.model_dump(mode="json")})
         ds_dir = storage.local_copy(dataset) if dataset else None
