@@ -252,24 +252,14 @@ def load_moss(path: str | Path, dtype: torch.dtype = torch.float32, attn_impleme
     with _no_init():
         backbone = Qwen3ForCausalLM(qwen)
         model = MossTTSLM(backbone, spec, config, weights)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    expected = {to_native(k, spec.channels): tuple(v.shape) for k, v in model.state_dict().items()}
     with safe_open(str(file), framework="pt") as f:
         native = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
-    ours: dict[str, torch.Tensor] = {}
-    unplaced = []
-    for key, tensor in native.items():
-        mapped = to_ours(key, spec.channels)
-        if mapped is None:
-            unplaced.append(key)
-        else:
-            ours[mapped] = tensor
-    problems = _strict_problems({k: tuple(v.shape) for k, v in ours.items()}, expected)
-    if unplaced:
-        problems.insert(0, "unexpected " + ", ".join(sorted(unplaced)[:5])
-                        + (f" … ({len(unplaced)} in all)" if len(unplaced) > 5 else ""))
+    problems = _strict_problems({k: tuple(v.shape) for k, v in native.items()}, expected)
     if problems:
         raise MossCheckpointError(f"{file} does not fit an AsteroidTTS model of its config.json: "
                                   + "; ".join(problems) + " (use the config.json that came with these weights)")
+    ours = {to_ours(k, spec.channels): v for k, v in native.items()}
     model.load_state_dict(ours, strict=True)
     model.to(dtype)
     log.info("loaded AsteroidTTS %s: %d channels, %d + %d×%d rows, %d tensors", path, spec.channels,
@@ -342,7 +332,7 @@ def moss_vocab(vocab: AudioVocab, spec: MossSpec, base: str | Path = "the MOSS c
     clash = sorted(name for name, i in vocab.special_ids.items() if start <= i < end)
     if clash:
         raise MossCheckpointError(f"{tokens}: the segment markers {clash[:3]} of the text tokenizer fall inside the "
-                                  f"speech ids {list(spec.speech_token_range)} of {base}; tokenize with the "
+                                  f"speech ids [{start}, {end}) of {base}; tokenize with the "
                                   "checkpoint's own tokenizer (--base-model)")
     extra = {**vocab.extra, "filler_id": spec.speech_pad_token, "channel_pad_id": spec.speech_pad_token,
              "codebook_rows": spec.speech_vocab_size}
