@@ -48,6 +48,36 @@ def assert_parity(yours: torch.Tensor, ref: torch.Tensor, name: str) -> float:
 
 
 # ---- flow: (1) encoder path -------------------------------------------------------------------------------------
+ENCODER_OUTPUTS = ("mu", "mask", "spks", "cond")
+_ENCODED: dict[Path, dict[str, torch.Tensor]] = {}
+
+
+def _encoded(name: str) -> dict[str, torch.Tensor]:
+    """The folder's flow through the release loader users get (yaml + ``flow.pt``, strict), fed the kit's
+    inputs: ``encode`` = upstream ``flow.inference`` up to its decoder call (computed once per folder)."""
+    from audiotune.models.flow.native.release import load_release
+
+    folder = kit_folder(name)
+    if folder in _ENCODED:
+        return _ENCODED[folder]
+    ref = reference(folder)
+    flow, _ = load_release(folder)
+    inputs = ("token", "token_len", "prompt_token", "prompt_token_len", "prompt_feat", "prompt_feat_len", "embedding")
+    with torch.inference_mode():
+        out = flow.encode(*(ref[key] for key in inputs))
+    _ENCODED[folder] = dict(zip(ENCODER_OUTPUTS, out))
+    return _ENCODED[folder]
+
+
+@pytest.mark.parametrize("tensor", ENCODER_OUTPUTS)
+@pytest.mark.parametrize("name", FLOW_FOLDERS)
+def test_flow_encoder_path(name: str, tensor: str) -> None:
+    """Token embedding → encoder → projection (→ length regulator), speaker projection and prompt ``cond``."""
+    yours = _encoded(name)[tensor]
+    ref = reference(kit_folder(name))[tensor]
+    assert yours.shape == ref.shape, f"{name} {tensor}: shape {tuple(yours.shape)}, upstream {tuple(ref.shape)}"
+    assert_parity(yours, ref, f"{name} {tensor}")
+
 
 
 # ---- flow: (2) estimator and (3) Euler solver -------------------------------------------------------------------

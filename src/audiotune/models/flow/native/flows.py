@@ -10,8 +10,9 @@ Each container holds upstream's submodules under upstream's names (``input_embed
   the prompt mel.
 * :meth:`forward` — upstream ``flow.forward(batch)``: the training loss. Each row gets, with
   probability ½, a random prompt prefix of its own mel (up to 30 %) in ``cond``; CosyVoice2 also tosses
-  a coin per batch for streaming (chunked) attention. The draws come from ``generator`` when given
-  (else torch's global RNG), so a seeded run is reproducible. Upstream has no training path for
+  a coin per batch for streaming (chunked) attention. These draws, and the decoder's (``t``, noise,
+  CFG dropout), come from ``generator`` when given (a generator on the model's device; else torch's
+  global RNG), so a seeded run is reproducible. Upstream has no training path for
   Step-Audio-EditX; its :meth:`forward` is CosyVoice2's without the streaming coin.
 
 Where ours differs from upstream's training path (identical when mels are exactly aligned to the
@@ -72,14 +73,18 @@ def step_pairs_from_interleaved(ids: Sequence[int] | torch.Tensor) -> torch.Tens
 
 
 def prompt_prefix_cond(feat: torch.Tensor, feat_len: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """``[B, T, C]``: per row, with probability ½ its first ``U{0..⌊0.3·len⌋}`` mel frames, else zeros."""
-    cond = torch.zeros_like(feat)
-    for row, length in enumerate(feat_len.tolist()):
-        if float(torch.rand((), generator=generator)) < 0.5:
-            continue
-        frames = int(torch.randint(0, int(0.3 * length) + 1, (), generator=generator))
-        cond[row, :frames] = feat[row, :frames]
-    return cond
+    """``[B, T, C]``: per row, with probability ½ its first ``U{0..⌊0.3·len⌋}`` mel frames, else zeros.
+
+    Upstream draws the same per row with Python's ``random``; here two vectors come from ``generator``
+    (or torch's global RNG) on its device, with no host sync per row.
+    """
+    device = generator.device if generator is not None else feat.device
+    keep = torch.rand(feat.shape[0], generator=generator, device=device) >= 0.5
+    # upstream's randint(0, int(0.3 * len)) is inclusive; the bound computed in Python as upstream does
+    choices = torch.tensor([int(0.3 * length) + 1 for length in feat_len.tolist()], device=device)
+    frames = (torch.rand(feat.shape[0], generator=generator, device=device) * choices).floor() * keep
+    inside = torch.arange(feat.shape[1], device=feat.device)[None, :] < frames.to(feat.device)[:, None]
+    return feat * inside[..., None].to(feat.dtype)
 
 
 def _fit_frames(feat: torch.Tensor, frames: int) -> torch.Tensor:
@@ -140,7 +145,8 @@ class NativeFlow(nn.Module):
         cond = prompt_prefix_cond(feat, feat_len, generator)
         mask = (frame_mask & valid_mask(feat_len, frames)).to(h.dtype)[:, None]
         loss, _ = self.decoder.compute_loss(feat.transpose(1, 2).contiguous(), mask, h.transpose(1, 2).contiguous(),
-                                            spks, cond=cond.transpose(1, 2).contiguous(), **decoder_options)
+                                            spks, cond=cond.transpose(1, 2).contiguous(), generator=generator,
+                                            **decoder_options)
         return {"loss": loss}
 
 
@@ -206,7 +212,8 @@ class CosyVoice2Flow(NativeFlow):
         return self._inference_outputs(self.encoder_proj(h), prompt_feat, spks)
 
     def _streaming(self, generator: torch.Generator | None) -> bool:
-        return bool(float(torch.rand((), generator=generator)) < 0.5)
+        device = generator.device if generator is not None else None
+        return bool(float(torch.rand((), generator=generator, device=device)) < 0.5)
 
     def forward(self, batch: dict, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Upstream ``CausalMaskedDiffWithXvec.forward``: ``{"loss": …}`` (streaming with probability ½)."""
