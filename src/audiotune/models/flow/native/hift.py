@@ -280,8 +280,8 @@ def load_hift_state(model: HiFTGenerator, state: dict[str, Any], source: str = "
 
 def hift_state_dict(model: HiFTGenerator) -> dict[str, torch.Tensor]:
     """The state dict to ``torch.save`` as ``hift.pt``: upstream's keys, order and shapes (legacy
-    weight-norm names), contiguous detached CPU tensors."""
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    weight-norm names), as contiguous CPU copies (a snapshot: later training does not change it)."""
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
 
 
 def load_hift_file(model: HiFTGenerator, path: Any) -> None:

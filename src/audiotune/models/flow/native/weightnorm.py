@@ -36,8 +36,12 @@ class _WeightNormConv(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The effective kernel ``v · g / ‖v‖`` (norm over all dims but 0)."""
-        return self.weight_v * (self.weight_g / torch.norm_except_dim(self.weight_v, 2, 0))
+        """The effective kernel ``v · g / ‖v‖`` (norm over all dims but 0).
+
+        ``aten::_weight_norm`` is the op both of torch's weight-norm utilities call (upstream's numbers
+        bit for bit; a hand-written ``v * (g / norm)`` differs in the last bit).
+        """
+        return torch._weight_norm(self.weight_v, self.weight_g, 0)
 
 
 class WNConv1d(_WeightNormConv):
