@@ -218,8 +218,9 @@ class ConditionalDecoder(nn.Module):
             self.down_blocks.append(nn.ModuleList([ResnetBlock1D(dim, ch, time_dim, self.causal), transformers(ch),
                                                    down]))
             dim = ch
+        mid = channels[-1]
         self.mid_blocks = nn.ModuleList(
-            nn.ModuleList([ResnetBlock1D(channels[-1], channels[-1], time_dim, self.causal), transformers(channels[-1])])
+            nn.ModuleList([ResnetBlock1D(mid, mid, time_dim, self.causal), transformers(mid)])
             for _ in range(num_mid_blocks))
         self.up_blocks = nn.ModuleList()
         rev = channels[::-1] + (channels[0],)
