@@ -134,6 +134,8 @@ class ConformerLayer(nn.Module):
             x = self._residual(x, self.norm_ff_macaron, self.feed_forward_macaron, self.ff_scale)
         x = self._residual(x, self.norm_mha, lambda h: self.self_attn(h, mask, pos_emb))
         if self.conv_module is not None:
+            if not self.normalize_before:  # upstream's conv module zeroes padding in place: post-norm, that is
+                x = x.masked_fill(~mask_pad.transpose(1, 2), 0.0)  # the residual stream itself
             x = self._residual(x, self.norm_conv, lambda h: self.conv_module(h, mask_pad))
         x = self._residual(x, self.norm_ff, self.feed_forward, self.ff_scale)
         if self.conv_module is not None:
