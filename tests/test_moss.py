@@ -177,3 +177,97 @@ def test_new_channel0_rows_grow_the_carried_table_and_the_config(moss_dir, tmp_p
     assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == 64
     again = load_moss(tmp_path / "out")
     assert torch.equal(again.backbone.lm_head.weight, model.backbone.lm_head.weight)
+
+
+# ---------------------------------------------------------------------------------------------- the llm stage
+FAST = ["tracking.enabled=false", "run.num_workers=1", "llm.train.log_every=1", "llm.train.eval_every=1000",
+        "llm.train.save_every=1000", "llm.train.batch_tokens=2048", "llm.layout=tts", "llm.train.max_steps=12",
+        "llm.train.schedule=cosine", "llm.train.warmup_ratio=0.1", "llm.train.gradient_checkpointing=true"]
+SEED_LORA = ["llm.mode=lora", "llm.lora.r=16", "llm.lora.alpha=32", "llm.lora.use_rslora=true",
+             "llm.lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",
+             "llm.train.lr=5e-3"]
+
+
+@pytest.fixture(scope="module")
+def moss_tokens(llm_tokens, tmp_path_factory) -> Path:
+    """The shared test corpus with 3 residual codebooks per frame."""
+    from audiotune.config import load_config
+    from audiotune.stages.tokenize import tokenize
+    from tests.helpers import LLM_TOKENIZE
+
+    out = tmp_path_factory.mktemp("moss-tok") / "tok"
+    tokenize(load_config(None, [*LLM_TOKENIZE, "tokenize.audio_tokenizer.num_codebooks=3"]),
+             dataset=str(llm_tokens.parent / "ds"), output=str(out))
+    return out
+
+
+def moss_base_for(tokens: Path, path: Path, channels: int = 3) -> Path:
+    """A tiny AsteroidTTS checkpoint whose text ids are the Tokens' tokenizer (markers included) and whose
+    speech ids follow them, with the tokenizer beside it (as a release ships it)."""
+    from transformers import AutoTokenizer
+
+    from audiotune.artifacts import TOKENS, TOKENS_VERSION, read_manifest
+
+    tok = AutoTokenizer.from_pretrained(str(tokens / "tokenizer"))
+    codes = int(read_manifest(str(tokens), TOKENS, TOKENS_VERSION)["audio_tokenizer"]["codebook_size"])
+    write_asteroid(path, channels=channels, text_rows=len(tok) + 10, codes=codes, pad_token_id=tok.pad_token_id)
+    tok.save_pretrained(str(path))
+    return path
+
+
+def _native(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model.safetensors"))
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_seed_recipe_trains_and_exports_in_the_asteroid_layout(moss_tokens, tmp_path, mode):
+    from audiotune.config import load_config
+    from audiotune.models.families import load_model
+    from audiotune.stages.export import export
+    from audiotune.stages.train_llm import train_llm
+
+    base = moss_base_for(moss_tokens, tmp_path / "moss")
+    sets = [*FAST, *SEED_LORA] if mode == "lora" else [*FAST, "llm.mode=full", "llm.train.lr=2e-3"]
+    res = train_llm(load_config(None, sets), tokens=str(moss_tokens), output=str(tmp_path / "llm"),
+                    base_model=str(base))
+    assert res.metrics["final_loss"] < res.metrics["first_loss"], res.metrics
+    manifest = json.loads((tmp_path / "llm" / "manifest.json").read_text())
+    base_config = json.loads((base / "config.json").read_text())
+    assert manifest["vocab"]["extra"]["channel_pad_id"] == base_config["speech_pad_token"]
+    assert manifest["vocab"]["audio_offset"] == base_config["speech_token_range"][0]
+    export(load_config(None, ["tracking.enabled=false", "export.num_samples=0"]), str(tmp_path / "out"),
+           llm=str(tmp_path / "llm"))
+    out = tmp_path / "out" / "llm"
+    assert json.loads((out / "config.json").read_text()) == json.loads((base / "config.json").read_text())
+    before, after = _native(base), _native(out)
+    assert after.keys() == before.keys()
+    assert all(after[k].shape == before[k].shape and after[k].dtype == before[k].dtype for k in before)
+    changed = {k for k in before if not torch.equal(after[k], before[k])}
+    assert any(".self_attn.q_proj." in k for k in changed) and any(".mlp.down_proj." in k for k in changed)
+    if mode == "lora":  # the seed recipe: adapters on the decoder; of the tables and heads only the rows of the
+        # segment markers the base never had (trainable token rows of channel 0) change
+        assert not (tmp_path / "llm" / "codebooks.safetensors").exists()
+        assert {k for k in changed if k.startswith(("lm_heads.", "model.embedding_list."))} <= \
+            {"lm_heads.0.weight", "model.embedding_list.0.weight"}
+        from transformers import AutoTokenizer
+
+        text = len(AutoTokenizer.from_pretrained(str(base)))  # the markers come after the base's text ids
+        assert manifest["new_token_ids"] == 10
+        for key in ("lm_heads.0.weight", "model.embedding_list.0.weight"):
+            rows = (after[key] != before[key]).any(dim=1).nonzero().flatten().tolist()
+            assert set(rows) <= set(range(text, text + 10)), (key, rows)
+    else:
+        assert "lm_heads.1.weight" in changed
+    assert torch.equal(after["model.language_model.embed_tokens.weight"],
+                       before["model.language_model.embed_tokens.weight"])
+    load_model(out, None, torch.float32, "eager")  # loads strictly as an AsteroidTTS checkpoint
+
+
+def test_a_checkpoint_with_another_channel_count_is_refused_naming_both(moss_tokens, tmp_path):
+    from audiotune.config import load_config
+    from audiotune.stages.train_llm import train_llm
+
+    base = moss_base_for(moss_tokens, tmp_path / "moss", channels=4)
+    with pytest.raises(MossCheckpointError, match=r"has 4 channels .* hold 3 codebooks per frame"):
+        train_llm(load_config(None, [*FAST, *SEED_LORA]), tokens=str(moss_tokens), output=str(tmp_path / "llm"),
+                  base_model=str(base))

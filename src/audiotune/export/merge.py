@@ -19,7 +19,7 @@ import torch
 
 from audiotune.models.fingerprint import fingerprint_checkpoint, fingerprint_mismatch
 from audiotune.models.lm import ModelError, load_base, new_rows_trained, resize_embeddings
-from audiotune.models.multicodebook import MultiCodebookLM
+from audiotune.models.multicodebook import MultiCodebookLM, attach_adapter, merge_adapter
 
 log = logging.getLogger(__name__)
 
@@ -98,27 +98,17 @@ def merge_llm(artifact: Path, manifest: dict[str, Any], base_path: Path, dtype: 
         ExportError: The adapter does not fit the base (e.g. its target modules are missing), or the
             merged logits differ beyond the tolerance, or PEFT layers remain.
     """
-    from peft import PeftModel
-
-    multi = isinstance(manifest.get("vocab"), dict) and manifest["vocab"].get("num_codebooks", 1) > 1
     model = load_base(base_path, dtype, "eager" if dtype == torch.float32 else "sdpa")
     rows = int(manifest.get("embedding_rows") or model.get_input_embeddings().weight.shape[0])
     resize_embeddings(model, rows, new_rows_trained(manifest), mean_resizing=False)  # untrained rows as trained
-    try:
-        model = PeftModel.from_pretrained(model, str(artifact), is_trainable=False)
-    except (ValueError, KeyError, RuntimeError) as err:
-        raise ExportError(f"the adapter in {artifact} does not fit the base model {base_path}: {err}") from None
-    if multi:
-        try:
-            model = MultiCodebookLM.from_saved(model, artifact).to(dtype)
-        except (ValueError, KeyError, OSError) as err:
-            raise ExportError(f"the codebook tables and heads in {artifact} do not fit: {err}") from None
+    try:  # a multi-codebook artifact's tables and heads come along (on the backbone of a family-built wrapper)
+        model = attach_adapter(model, artifact).to(dtype)
+    except (ValueError, KeyError, RuntimeError, OSError) as err:
+        raise ExportError(f"the adapter (or codebook tables and heads) in {artifact} do not fit the base model "
+                          f"{base_path}: {err}") from None
     model.eval()
     reference = _forward(model, probe)
-    if multi:
-        model.backbone = model.backbone.merge_and_unload()
-    else:
-        model = model.merge_and_unload()
+    model = merge_adapter(model)
     merged = _forward(model, probe)
     diff = float((merged - reference).abs().max())
     rms = float(reference.square().mean().sqrt())

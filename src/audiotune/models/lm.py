@@ -24,7 +24,12 @@ import torch
 from torch import nn
 
 from audiotune.models.fingerprint import fingerprint_checkpoint
-from audiotune.models.multicodebook import CODEBOOKS_CONFIG, MultiCodebookLM, default_codebook_weights
+from audiotune.models.multicodebook import (
+    CODEBOOKS_CONFIG,
+    MultiCodebookLM,
+    attach_adapter,
+    default_codebook_weights,
+)
 from audiotune.models.vocab import AudioVocab
 
 log = logging.getLogger(__name__)
@@ -149,7 +154,8 @@ def build_lm(settings, vocab: AudioVocab, base_path: str | Path | None, dtype: t
         model = load_base(base_path, dtype, attn)
         base_rows = embedding_rows(model)
         info.update(base_vocab_size=base_rows, fingerprint=fingerprint_checkpoint(base_path))
-        if settings.audio_tokens == "offset" and vocab.audio_offset + vocab.codebook_size > base_rows:
+        audio_tokens = vocab.extra.get("audio_tokens", settings.audio_tokens)  # a base family may fix it
+        if audio_tokens == "offset" and vocab.audio_offset + vocab.codebook_size > base_rows:
             raise ModelError(
                 f"llm.audio_token_offset={vocab.audio_offset}: audio ids up to "
                 f"{vocab.audio_offset + vocab.codebook_size - 1} do not fit the base model's {base_rows} embedding "
@@ -162,7 +168,7 @@ def build_lm(settings, vocab: AudioVocab, base_path: str | Path | None, dtype: t
                      rows - base_rows)
         info["embedding_rows"] = rows
         info["new_token_ids"] = new_token_ids(vocab, base_text_size if base_text_size is not None else base_rows,
-                                              settings.audio_tokens, rows if rows > base_rows else None)
+                                              audio_tokens, rows if rows > base_rows else None)
     model.config.use_cache = False
     if vocab.num_codebooks > 1:
         weights = settings.codebook_weights or default_codebook_weights(vocab.num_codebooks)
@@ -293,8 +299,8 @@ def apply_lora(model: nn.Module, lora, new_ids: list[int]) -> nn.Module:
 
     if isinstance(model, MultiCodebookLM):
         model.backbone = apply_lora(model.backbone, lora, new_ids)
-        for p in model.extra_parameters():
-            p.requires_grad_(True)
+        for p in model.extra_parameters():  # new tables train fully; a family's pretrained ones stay frozen
+            p.requires_grad_(not model.extra_pretrained)
         upcast_trainable(model)
         return model
     config = lora_config(model, lora, new_ids)
@@ -341,15 +347,12 @@ def load_trained(artifact: str | Path, base_path: str | Path | None, dtype: torc
     manifest = json.loads(manifest_file.read_text()) if manifest_file.exists() else {"mode": "full"}
     multi = (artifact / CODEBOOKS_CONFIG).exists()
     if manifest.get("mode") == "lora":
-        from peft import PeftModel
-
         if base_path is None:
             raise ModelError(f"{artifact} holds a LoRA adapter; the base model it was trained on is needed")
         model = load_base(base_path, dtype, attn_implementation)
         rows = int(manifest.get("embedding_rows") or model.get_input_embeddings().weight.shape[0])
         resize_embeddings(model, rows, new_rows_trained(manifest), mean_resizing=False)
-        model = PeftModel.from_pretrained(model, str(artifact),
-                                          is_trainable=trainable)
+        model = attach_adapter(model, artifact, trainable)  # on the backbone of a family-built wrapper
     else:
         model = AutoModelForCausalLM.from_pretrained(str(artifact), dtype=dtype,
                                                      attn_implementation=attn_implementation, use_safetensors=True)

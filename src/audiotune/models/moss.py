@@ -335,7 +335,7 @@ def moss_vocab(vocab: AudioVocab, spec: MossSpec, base: str | Path = "the MOSS c
                                   f"speech ids [{start}, {end}) of {base}; tokenize with the "
                                   "checkpoint's own tokenizer (--base-model)")
     extra = {**vocab.extra, "filler_id": spec.speech_pad_token, "channel_pad_id": spec.speech_pad_token,
-             "codebook_rows": spec.speech_vocab_size}
+             "codebook_rows": spec.speech_vocab_size, "audio_tokens": "offset"}  # speech ids are the base's rows
     return dataclasses.replace(vocab, audio_offset=start, extra=extra)
 
 

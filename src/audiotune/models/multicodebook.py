@@ -143,18 +143,54 @@ class MultiCodebookLM(nn.Module):
     @classmethod
     def from_saved(cls, backbone: nn.Module, directory: str | Path) -> "MultiCodebookLM":
         """Rebuild the wrapper around a loaded ``backbone`` from a directory written by :meth:`save_pretrained`."""
-        from safetensors.torch import load_file
-
         directory = Path(directory)
         meta = json.loads((directory / CODEBOOKS_CONFIG).read_text())
         model = cls(backbone, meta["num_codebooks"], meta["codebook_size"], meta["weights"],
                     meta.get("codebook_rows"), meta.get("padding_idx"))
-        state = load_file(str(directory / CODEBOOKS_WEIGHTS))
-        own = {k: v for k, v in model.state_dict().items() if k.startswith("codebook_")}
+        model.load_codebooks(directory)
+        return model
+
+    def load_codebooks(self, directory: str | Path) -> None:
+        """Copy the tables and heads saved in ``directory`` (``codebooks.safetensors``) into this model, strictly."""
+        from safetensors.torch import load_file
+
+        file = Path(directory) / CODEBOOKS_WEIGHTS
+        state = load_file(str(file))
+        own = {k: v for k, v in self.state_dict().items() if k.startswith("codebook_")}
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise ValueError(f"{directory / CODEBOOKS_WEIGHTS}: missing {missing}, unexpected {unexpected}")
+        shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+        if missing or unexpected or shapes:
+            raise ValueError(f"{file}: missing {missing}, unexpected {unexpected}, mis-shaped {shapes}")
         with torch.no_grad():
             for key, value in state.items():
                 own[key].copy_(value)
+
+
+def attach_adapter(model: nn.Module, artifact: str | Path, trainable: bool = False) -> nn.Module:
+    """Put the LoRA adapter saved in ``artifact`` on a loaded base, with the artifact's codebook tables if it has them.
+
+    A plain causal LM becomes a PEFT model (wrapped in :class:`MultiCodebookLM` when the artifact holds tables);
+    a base that its family already loads as a :class:`MultiCodebookLM` (MOSS-TTSD) gets the adapter on its
+    backbone, and its own pretrained tables stay frozen unless the artifact brings trained ones.
+    """
+    from peft import PeftModel
+
+    artifact = Path(artifact)
+    saved_tables = (artifact / CODEBOOKS_CONFIG).exists()
+    if not isinstance(model, MultiCodebookLM):
+        model = PeftModel.from_pretrained(model, str(artifact), is_trainable=trainable)
+        return MultiCodebookLM.from_saved(model, artifact) if saved_tables else model
+    model.backbone = PeftModel.from_pretrained(model.backbone, str(artifact), is_trainable=trainable)
+    if saved_tables:
+        model.load_codebooks(artifact)
+    for p in model.extra_parameters():
+        p.requires_grad_(trainable and (saved_tables or not model.extra_pretrained))
+    return model
+
+
+def merge_adapter(model: nn.Module) -> nn.Module:
+    """``merge_and_unload`` of a PEFT model, or of a :class:`MultiCodebookLM`'s PEFT backbone."""
+    if isinstance(model, MultiCodebookLM):
+        model.backbone = model.backbone.merge_and_unload()
         return model
+    return model.merge_and_unload()

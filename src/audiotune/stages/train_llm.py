@@ -73,6 +73,15 @@ def _check_tokenizer(tokens: str, manifest: dict[str, Any], tokenizer, base_path
                             f"with --base-model {base_path}")
 
 
+def _fit_vocab(vocab: AudioVocab, base_path: Path, tokens: str) -> AudioVocab:
+    """The vocabulary on the base's own ids, where its family fixes them (MOSS-TTSD: speech ids and pads from
+    its config.json); unchanged otherwise."""
+    from audiotune.models.families import family_for
+
+    fit = getattr(family_for(base_path), "fit_vocab", None)
+    return fit(vocab, base_path, tokens) if fit is not None else vocab
+
+
 def train_llm(cfg: AudiotuneConfig, tokens: str, output: str, base_model: str | None = None) -> TrainResult:
     """Run the llm stage (every torchrun process calls this; rank 0 publishes).
 
@@ -103,6 +112,7 @@ def train_llm(cfg: AudiotuneConfig, tokens: str, output: str, base_model: str | 
     if base_path is not None:
         check_base_dir(Path(base_path))
         _check_tokenizer(tokens, manifest, tokenizer, base_path)
+        vocab = _fit_vocab(vocab, Path(base_path), tokens)
 
     seed_everything(cfg.run.seed)
     load_dtype = torch.bfloat16 if (dtype == "bf16" and L.mode == "lora") else torch.float32
