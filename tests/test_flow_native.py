@@ -5,6 +5,7 @@ weights; parity with upstream's numbers is tests/test_upstream_parity.py."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +14,15 @@ from torch import nn
 from audiotune.models.flow.io import FlowLoadError
 from audiotune.models.flow.native.attention import RelativePositionAttention, relative_position_table, relative_shift
 from audiotune.models.flow.native.conformer import CONFORMER, UPSAMPLE_CONFORMER, UPSAMPLE_CONFORMER_V2, build_encoder
-from audiotune.models.flow.native.flows import (COSYVOICE2, COSYVOICE_300M, DUAL_CODEBOOK, REGULATOR, STEP_AUDIO_EDITX,
-                                                build_flow, step_pairs_from_interleaved)
+from audiotune.models.flow.native.flows import (
+    COSYVOICE2,
+    COSYVOICE_300M,
+    DUAL_CODEBOOK,
+    REGULATOR,
+    STEP_AUDIO_EDITX,
+    build_flow,
+    step_pairs_from_interleaved,
+)
 from audiotune.models.flow.native.hyperyaml import New
 from audiotune.models.flow.native.regulator import InterpolateRegulator, mel_frames
 
@@ -208,7 +216,8 @@ def _encode_inputs(pairs: bool, prompt_frames: int):
     g = torch.Generator().manual_seed(1)
     return dict(token=torch.randint(0, 32, shape(7), generator=g), token_len=torch.tensor([7]),
                 prompt_token=torch.randint(0, 32, shape(4), generator=g), prompt_token_len=torch.tensor([4]),
-                prompt_feat=torch.randn(1, prompt_frames, 80, generator=g), prompt_feat_len=torch.tensor([prompt_frames]),
+                prompt_feat=torch.randn(1, prompt_frames, 80, generator=g),
+                prompt_feat_len=torch.tensor([prompt_frames]),
                 embedding=torch.randn(1, 12, generator=g))
 
 
@@ -277,8 +286,8 @@ def test_prompt_draws_cover_both_cases() -> None:
     assert prefixes == {True, False}
 
 
-@pytest.mark.parametrize("node_fn, arch, ratio", [(flow_300m_node, "cosyvoice-300m", None),
-                                                  (flow_v2_node, "cosyvoice2", 2), (flow_step_node, "step-audio-editx", 2)])
+@pytest.mark.parametrize("node_fn, arch, ratio", [
+    (flow_300m_node, "cosyvoice-300m", None), (flow_v2_node, "cosyvoice2", 2), (flow_step_node, "step-audio-editx", 2)])
 def test_container_attributes_and_encoder_modules(node_fn, arch: str, ratio) -> None:
     flow = build(node_fn())
     assert (flow.arch, flow.output_size, flow.spk_embed_dim, flow.token_mel_ratio) == (arch, 80, 12, ratio)
@@ -299,3 +308,34 @@ def test_container_attributes_and_encoder_modules(node_fn, arch: str, ratio) -> 
 def test_flow_build_errors_name_the_problem(node: New, needle: str) -> None:
     with pytest.raises(FlowLoadError, match=needle):
         build_flow(node, build_decoder=lambda _: StubCFM())
+
+
+# ---- the kit's release folders with the real decoder -------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["cosyvoice-300m", "cosyvoice2", "step-audio-editx-flow"])
+def test_release_flow_trains_with_its_encoder_frozen(name: str) -> None:
+    from audiotune.models.flow.native.release import load_release
+
+    folder = Path(__file__).parent / "fixtures" / "upstream" / name
+    if not folder.is_dir():
+        pytest.skip(f"{folder} is not there")
+    flow, _ = load_release(folder)
+    for module in flow.encoder_modules():
+        module.requires_grad_(False)
+    flow.train()
+    ratio = flow.token_mel_ratio or 3
+    g = torch.Generator().manual_seed(0)
+    pairs = flow.arch == "step-audio-editx"
+    token = torch.randint(0, 60, (2, 8, 2) if pairs else (2, 8), generator=g)
+    batch = dict(speech_token=token, speech_token_len=torch.tensor([8, 6]),
+                 speech_feat=torch.randn(2, 8 * ratio, 80, generator=g),
+                 speech_feat_len=torch.tensor([8 * ratio, 6 * ratio]), embedding=torch.randn(2, 192, generator=g))
+    losses = []
+    for _ in range(2):
+        torch.manual_seed(1)
+        losses.append(flow(batch, generator=torch.Generator().manual_seed(3))["loss"])
+    assert torch.isfinite(losses[0]) and torch.equal(losses[0], losses[1])
+    losses[0].backward()
+    assert flow.spk_embed_affine_layer.weight.grad is not None
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in flow.decoder.parameters())
+    assert all(p.grad is None for m in flow.encoder_modules() for p in m.parameters())

@@ -65,7 +65,7 @@ def _encoded(name: str) -> dict[str, torch.Tensor]:
     inputs = ("token", "token_len", "prompt_token", "prompt_token_len", "prompt_feat", "prompt_feat_len", "embedding")
     with torch.inference_mode():
         out = flow.encode(*(ref[key] for key in inputs))
-    _ENCODED[folder] = dict(zip(ENCODER_OUTPUTS, out))
+    _ENCODED[folder] = dict(zip(ENCODER_OUTPUTS, out, strict=True))
     return _ENCODED[folder]
 
 

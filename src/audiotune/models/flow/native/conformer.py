@@ -128,7 +128,8 @@ class ConformerLayer(nn.Module):
         out = x + scale * self.dropout(block(norm(x) if self.normalize_before else x))
         return out if self.normalize_before else norm(out)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, pos_emb: torch.Tensor, mask_pad: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, pos_emb: torch.Tensor,
+                mask_pad: torch.Tensor) -> torch.Tensor:
         """``x [B, T, C]``; ``mask`` for attention; ``mask_pad [B, 1, T]`` for the convolution."""
         if self.feed_forward_macaron is not None:
             x = self._residual(x, self.norm_ff_macaron, self.feed_forward_macaron, self.ff_scale)
@@ -146,7 +147,8 @@ class ConformerLayer(nn.Module):
 def conformer_layers(count: int, size: int, heads: int, linear_units: int, dropout_rate: float,
                      attention_dropout_rate: float, activation: nn.Module, normalize_before: bool = True,
                      key_bias: bool = True, macaron_style: bool = False, use_cnn_module: bool = False,
-                     cnn_module_kernel: int = 15, cnn_module_norm: str = "batch_norm", causal: bool = False) -> nn.ModuleList:
+                     cnn_module_kernel: int = 15, cnn_module_norm: str = "batch_norm",
+                     causal: bool = False) -> nn.ModuleList:
     """``count`` :class:`ConformerLayer`\\ s with rel-pos attention (the activation module is shared, as upstream)."""
     def layer() -> ConformerLayer:
         return ConformerLayer(
@@ -227,7 +229,7 @@ class PreLookaheadLayer(nn.Module):
 
 
 class Upsample1D(nn.Module):
-    """Nearest-neighbour ×``scale_factor`` upsampling, left-pad ``2·stride``, conv (k = ``2·stride+1``) (key ``conv``)."""
+    """Nearest ×``scale_factor`` upsampling, left-pad ``2·stride``, conv (k = ``2·stride+1``, key ``conv``)."""
 
     def __init__(self, channels: int, out_channels: int, stride: int = 2, scale_factor: float | None = None) -> None:
         super().__init__()
@@ -320,7 +322,8 @@ _V2_DEFAULTS: dict[str, Any] = dict(
 _COSYVOICE2_FIXED = dict(lookahead_channels=512, pre_lookahead_len=3, up_stride=2, up_scale_factor=2.0, num_up_blocks=4)
 
 
-def read_options(node, defaults: dict[str, Any], required: tuple[str, ...] = (), extra_ok: bool = False) -> dict[str, Any]:
+def read_options(node, defaults: dict[str, Any], required: tuple[str, ...] = (),
+                 extra_ok: bool = False) -> dict[str, Any]:
     """The node's keyword arguments over upstream's ``defaults``.
 
     Raises:
@@ -363,7 +366,8 @@ def _layer_options(node, o: dict[str, Any]) -> dict[str, Any]:
     if o["use_cnn_module"] and not o["causal"] and o["cnn_module_kernel"] % 2 == 0:
         raise FlowLoadError(f"{node.cls}: cnn_module_kernel={o['cnn_module_kernel']} must be odd unless causal")
     return dict(layer, macaron_style=bool(o["macaron_style"]), use_cnn_module=bool(o["use_cnn_module"]),
-                cnn_module_kernel=o["cnn_module_kernel"], cnn_module_norm=o["cnn_module_norm"], causal=bool(o["causal"]))
+                cnn_module_kernel=o["cnn_module_kernel"], cnn_module_norm=o["cnn_module_norm"],
+                causal=bool(o["causal"]))
 
 
 def build_encoder(node) -> ConformerEncoder | UpsampleConformerEncoder:
@@ -376,7 +380,8 @@ def build_encoder(node) -> ConformerEncoder | UpsampleConformerEncoder:
     if node.cls == UPSAMPLE_CONFORMER_V2:
         o = read_options(node, _V2_DEFAULTS, required=("input_size",), extra_ok=True)
         fixed = dict(lookahead_channels=o["output_size"], pre_lookahead_len=o["pre_lookahead_len"],
-                     up_stride=o["up_stride"], up_scale_factor=float(o["up_scale_factor"]), num_up_blocks=o["num_up_blocks"])
+                     up_stride=o["up_stride"], up_scale_factor=float(o["up_scale_factor"]),
+                     num_up_blocks=o["num_up_blocks"])
     elif node.cls in (CONFORMER, UPSAMPLE_CONFORMER):
         o = read_options(node, _CONFORMER_DEFAULTS, required=("input_size",))
         fixed = dict(_COSYVOICE2_FIXED)

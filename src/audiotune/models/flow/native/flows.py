@@ -30,8 +30,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from audiotune.models.flow.io import FlowLoadError
-from audiotune.models.flow.native.conformer import (CONFORMER, UPSAMPLE_CONFORMER, UPSAMPLE_CONFORMER_V2, build_encoder,
-                                                    read_options, require, valid_mask)
+from audiotune.models.flow.native.conformer import (
+    CONFORMER,
+    UPSAMPLE_CONFORMER,
+    UPSAMPLE_CONFORMER_V2,
+    build_encoder,
+    read_options,
+    require,
+    valid_mask,
+)
 from audiotune.models.flow.native.embedding import DualCodebookEmbedding
 from audiotune.models.flow.native.hyperyaml import New
 from audiotune.models.flow.native.regulator import UPSTREAM_HOP, UPSTREAM_SAMPLE_RATE, InterpolateRegulator, mel_frames
@@ -310,7 +317,8 @@ def build_flow(node: New, build_decoder: Callable[[New], nn.Module] | None = Non
         reg = read_options(_node(node, o, "length_regulator", REGULATOR), dict(out_channels=None, groups=1),
                            required=("channels", "sampling_ratios"))
         if reg["channels"] != o["output_size"]:
-            raise FlowLoadError(f"{REGULATOR}: channels={reg['channels']} but the flow's output_size is {o['output_size']}")
+            raise FlowLoadError(f"{REGULATOR}: channels={reg['channels']} but the flow's output_size is "
+                                f"{o['output_size']}")
         regulator = InterpolateRegulator(reg["channels"], reg["sampling_ratios"], reg["out_channels"], reg["groups"])
         return CosyVoiceFlow(length_regulator=regulator, input_frame_rate=o["input_frame_rate"], **common)
     if node.cls == COSYVOICE2:

@@ -43,7 +43,8 @@ class InterpolateRegulator(nn.Module):
         groups: GroupNorm groups.
     """
 
-    def __init__(self, channels: int, sampling_ratios: Sequence, out_channels: int | None = None, groups: int = 1) -> None:
+    def __init__(self, channels: int, sampling_ratios: Sequence, out_channels: int | None = None,
+                 groups: int = 1) -> None:
         super().__init__()
         self.sampling_ratios = tuple(sampling_ratios)
         layers: list[nn.Module] = []
