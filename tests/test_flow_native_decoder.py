@@ -188,3 +188,11 @@ def test_random_inference_is_reproducible_with_a_generator() -> None:
     b = model.inference(**kwargs, generator=torch.Generator().manual_seed(1))
     c = model.inference(**kwargs, generator=torch.Generator().manual_seed(2))
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("arch", NODES)
+def test_lora_targets_name_linear_layers(arch: str) -> None:
+    estimator = build_cfm(NODES[arch]).estimator
+    linears = [n for n, m in estimator.named_modules() if isinstance(m, torch.nn.Linear)]
+    for target in estimator.LORA_TARGETS:
+        assert any(n == target or n.endswith("." + target) for n in linears), target

@@ -188,18 +188,20 @@ class ConditionalDecoder(nn.Module):
     """CosyVoice-300M's estimator: a 1-D U-Net with Transformer blocks, ``[x, mu, spks, cond]`` in, velocity out.
 
     Args mirror upstream's constructor (and its defaults); ``causal``/``static_chunk_size`` are
-    set by :class:`CausalConditionalDecoder`.
+    set by :class:`CausalConditionalDecoder`. ``LORA_TARGETS``: its attention and feed-forward linears
+    (peft ``target_modules`` suffixes).
     """
 
     causal = False
+    LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
 
     def __init__(self, in_channels: int, out_channels: int, channels=(256, 256), dropout: float = 0.05,
                  attention_head_dim: int = 64, n_blocks: int = 1, num_mid_blocks: int = 2, num_heads: int = 4,
-                 act_fn: str = "snake", static_chunk_size: int = 0, num_decoding_left_chunks: int = -1) -> None:
+                 act_fn: str = "snake") -> None:
         super().__init__()
         channels = tuple(channels)
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.static_chunk_size, self.num_decoding_left_chunks = static_chunk_size, num_decoding_left_chunks
+        self.static_chunk_size, self.num_decoding_left_chunks = 0, -1
         time_dim = 4 * channels[0]
         self.time_mlp = TimeEmbedding(in_channels, time_dim)  # SinusoidalPosEmb + TimestepEmbedding (silu)
 
@@ -308,4 +310,5 @@ class CausalConditionalDecoder(ConditionalDecoder):
                  attention_head_dim: int = 64, n_blocks: int = 1, num_mid_blocks: int = 2, num_heads: int = 4,
                  act_fn: str = "snake", static_chunk_size: int = 50, num_decoding_left_chunks: int = 2) -> None:
         super().__init__(in_channels, out_channels, channels, dropout, attention_head_dim, n_blocks, num_mid_blocks,
-                         num_heads, act_fn, static_chunk_size, num_decoding_left_chunks)
+                         num_heads, act_fn)
+        self.static_chunk_size, self.num_decoding_left_chunks = static_chunk_size, num_decoding_left_chunks

@@ -137,7 +137,10 @@ class DiT(nn.Module):
     """The DiT estimator: ``[x, mu, spks, cond]`` → ``in_proj`` → DiT blocks → final layer; velocity ``[B, 80, T]``.
 
     Args mirror upstream's constructor and its defaults. The output is not masked (upstream's neither).
+    ``LORA_TARGETS``: its attention and MLP linears (peft ``target_modules`` suffixes).
     """
+
+    LORA_TARGETS = ("to_q", "to_k", "to_v", "proj", "fc1", "fc2")
 
     def __init__(self, in_channels: int, out_channels: int, mlp_ratio: float = 4.0, depth: int = 28,
                  num_heads: int = 8, head_dim: int = 64, hidden_size: int = 256) -> None:
