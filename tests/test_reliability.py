@@ -181,3 +181,69 @@ def test_s3_prefix_without_manifest_is_never_published_into(s3_env, tmp_path, ca
         code = cli_main(_convert(manifest, f"{s3_env}/mine", *sets))
         assert code == 2 and "objects but no manifest.json" in _one_line_error(capsys.readouterr().err)
     assert storage.read_bytes(f"{s3_env}/mine/keep.bin") == b"precious"
+
+
+# ------------------------------------------------------------------ 3. one exception root, one line per error
+def _walk_cases(w: Path) -> list[tuple[list[str], int, str]]:
+    """(argv, exit code, a piece of the message): every command with a bad input."""
+    gone = str(w / "nowhere")
+    return [
+        (["convert", "--source", gone, "--output", str(w / "o"), *NO_TRACKING], 1, "does not exist"),
+        (["convert", "--source", gone, "--output", str(w / "o"), "--config", str(w / "bad.yaml")], 2, "not UTF-8"),
+        (["convert", "--source", str(w / "corpus"), "--output", str(w / "afile" / "ds"), *NO_TRACKING], 1,
+         "afile"),
+        (["tokenize", "--dataset", str(w / "listds"), "--output", str(w / "o"), *NO_TRACKING], 1, "manifest"),
+        (["tokenize", "--dataset", gone, "--output", str(w / "o"), *NO_TRACKING], 1, "not a complete artifact"),
+        (["train", "llm", "--tokens", gone, "--output", str(w / "o"), *NO_TRACKING, "--set", "llm.init=scratch"], 1,
+         "nowhere"),
+        (["train", "flow", "--tokens", gone, "--output", str(w / "o"), *NO_TRACKING], 1, "not a complete artifact"),
+        (["train", "joint", "--tokens", gone, "--llm", gone, "--flow", gone, "--output", str(w / "o"),
+          *NO_TRACKING], 1, "joint"),
+        (["export", "--llm", gone, "--output", str(w / "o"), *NO_TRACKING], 1, "not a complete artifact"),
+        (["synthesize", "--model", str(w / "listds"), "--text", "hi", "--out", str(w / "x.wav")], 1, "manifest"),
+        (["run", "--local", str(w / "bad.yaml")], 2, "not UTF-8"),
+        (["compile", "--config", str(w / "bad.yaml"), "--output", str(w / "p.yaml")], 2, "not UTF-8"),
+        (["submit", "--config", str(w / "bad.yaml")], 64, "not UTF-8"),
+        (["config", "--config", str(w / "bad.yaml")], 2, "not UTF-8"),
+    ]
+
+
+def test_every_command_with_a_bad_input_prints_one_line_and_no_traceback(tmp_path, capsys, monkeypatch):
+    from tests.helpers import good_corpus
+
+    monkeypatch.chdir(tmp_path)  # whatever a command writes by default stays here
+    (tmp_path / "bad.yaml").write_bytes(b"convert:\n  source: \xff\xfe bad\n")
+    (tmp_path / "listds").mkdir()
+    (tmp_path / "listds" / "manifest.json").write_text("[1, 2]")  # JSON, but not an object
+    (tmp_path / "afile").write_text("a file where a folder is expected")
+    good_corpus(tmp_path / "corpus", 1)
+    for argv, code, piece in _walk_cases(tmp_path):
+        got = cli_main(argv)
+        err = capsys.readouterr().err
+        assert "Traceback" not in err, (argv, err)
+        line = [x for x in err.splitlines() if x.startswith("audiotune")][-1]
+        assert (got, piece in line) == (code, True), (argv, err[-2000:])
+    assert not (tmp_path / "o").exists() and not (tmp_path / "afile" / "ds").exists()
+
+
+def test_verbose_keeps_the_traceback(tmp_path, capsys, caplog):
+    (tmp_path / "listds").mkdir()
+    (tmp_path / "listds" / "manifest.json").write_text("[1, 2]")
+    assert cli_main(["-v", "tokenize", "--dataset", str(tmp_path / "listds"), "--output", str(tmp_path / "o"),
+                     *NO_TRACKING]) == 1
+    assert "not a JSON object" in _one_line_error(capsys.readouterr().err)
+    assert "Traceback" in caplog.text
+
+
+def test_project_errors_share_one_root():
+    from audiotune.artifacts import ArtifactError
+    from audiotune.config import ConfigError
+    from audiotune.data.audio import AudioError
+    from audiotune.errors import EXIT_USAGE, AudiotuneError
+    from audiotune.stages.convert import ConvertError
+    from audiotune.train.checkpoints import CheckpointMismatch
+    from audiotune.train.pytorchjob import PyTorchJobError
+
+    for cls in (ArtifactError, AudioError, ConvertError, CheckpointMismatch, PyTorchJobError, ConfigError):
+        assert issubclass(cls, AudiotuneError), cls
+    assert ConfigError.exit_code == EXIT_USAGE and issubclass(ConfigError, ValueError)

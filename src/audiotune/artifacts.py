@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from audiotune import __version__, storage
+from audiotune.errors import DataError
 
 MANIFEST = "manifest.json"
 
@@ -27,7 +28,7 @@ EXPORT = "audiotune.export"
 EXPORT_VERSION = 1
 
 
-class ArtifactError(Exception):
+class ArtifactError(DataError):
     """An artifact that is missing, incomplete, or of the wrong kind or version."""
 
 
@@ -61,6 +62,9 @@ def read_manifest(uri: str, kind: str, schema_version: int) -> dict[str, Any]:
         manifest = json.loads(storage.read_text(manifest_uri))
     except json.JSONDecodeError as err:
         raise ArtifactError(f"{manifest_uri}: not valid JSON ({err})") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{manifest_uri}: a {type(manifest).__name__}, not a JSON object (expected a {kind} "
+                            "manifest)")
     found_kind = manifest.get("kind")
     if found_kind != kind:
         raise ArtifactError(f"{uri} is a {found_kind!r} artifact, but this stage reads {kind!r}")

@@ -1,8 +1,10 @@
 """The ``audiotune`` command line: every stage with the same shape, as the pipeline runs it.
 
-Exit codes: 0 success, 1 the work failed, 2 bad usage or configuration. Two commands add one: ``promote`` exits 3
-when the champion stays; ``submit``, whose contract gives 2 to "succeeded, champion stays", moves its usage errors to
-64 (see :mod:`audiotune.pipeline_cli`).
+Exit codes: 0 success, 1 the work failed, 2 bad usage or configuration (an output that overlaps an input or holds
+something other than an artifact of its kind counts as usage). Two commands add one: ``promote`` exits 3 when the
+champion stays; ``submit``, whose contract gives 2 to "succeeded, champion stays", moves its usage errors to 64 (see
+:mod:`audiotune.pipeline_cli`); ``train`` exits 143 when SIGTERM stopped it after a checkpoint. Every error is one
+line on stderr (:class:`~audiotune.errors.AudiotuneError` carries its exit code); ``-v`` adds the traceback.
 """
 
 from __future__ import annotations
@@ -230,31 +232,19 @@ def _cmd_config(args: argparse.Namespace, cfg: AudiotuneConfig) -> int:
 
 
 def _failure_types() -> tuple[type[BaseException], ...]:
-    """Errors that mean 'the work failed' and deserve one clear line, not a traceback."""
+    """Errors outside the :class:`~audiotune.errors.AudiotuneError` tree that still mean 'the work failed'.
+
+    The model packages' own errors (not yet under the root) and the S3 client's; every other project
+    error is an ``AudiotuneError`` and carries its exit code.
+    """
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from audiotune.artifacts import ArtifactError
-    from audiotune.data.sources.base import SourceError
-    from audiotune.export.merge import ExportError
-    from audiotune.export.synthesis import SynthesisError
     from audiotune.models.flow import FlowConfigError, FlowLoadError, FlowModelError
     from audiotune.models.lm import ModelError
     from audiotune.models.vocoder import VocoderError
-    from audiotune.stages.convert import ConvertError
-    from audiotune.stages.tokenize import TokenizeError
-    from audiotune.stages.train_flow import TrainFlowError
-    from audiotune.stages.train_joint import TrainJointError
-    from audiotune.stages.train_llm import TrainLLMError
-    from audiotune.tokenization.audio_tokenizers import TokenizerError
-    from audiotune.tokenization.text import TextTokenizerError
-    from audiotune.tracking import TrackingError
-    from audiotune.train.deepspeed import DeepSpeedConfigError
 
-    return (ArtifactError, SourceError, ConvertError, TokenizeError, TokenizerError, TextTokenizerError,
-            TrainLLMError, TrainJointError, ExportError, SynthesisError,
-            DeepSpeedConfigError, ModelError, TrainFlowError, FlowLoadError,
-            FlowConfigError, FlowModelError, VocoderError,
-            TrackingError, FileExistsError, FileNotFoundError, BotoCoreError, ClientError)
+    return (ModelError, FlowLoadError, FlowConfigError, FlowModelError, VocoderError,
+            FileExistsError, FileNotFoundError, BotoCoreError, ClientError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,13 +281,24 @@ def main(argv: list[str] | None = None) -> int:
         return _report(args, err, usage if err.exit_code == EXIT_USAGE else err.exit_code)
     except _failure_types() as err:
         return _report(args, err, EXIT_FAILED)
+    except Exception as err:  # noqa: BLE001 - the last line of defence: one line, the traceback with -v
+        return _report(args, err, EXIT_FAILED, unexpected=True)
+    except KeyboardInterrupt:
+        print(f"audiotune {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
-def _report(args: argparse.Namespace, err: BaseException, code: int) -> int:
-    """Print ``err`` as one line (its traceback too with ``-v``) and return the exit code ``code``."""
+def _report(args: argparse.Namespace, err: BaseException, code: int, unexpected: bool = False) -> int:
+    """Print ``err`` as one line (its traceback too with ``-v``) and return the exit code ``code``.
+
+    An error of no known kind (a third-party error nobody wrapped, a bug) is named by its type and
+    points at ``-v``, which logs the traceback.
+    """
     if args.verbose:
         log.exception("failed")
     message = " ".join(str(err).split()) or type(err).__name__
+    if unexpected:
+        message = f"{type(err).__name__}: {message}" + ("" if args.verbose else " (run with -v for the traceback)")
     print(f"audiotune {args.command}: error: {message}", file=sys.stderr)
     return code
 

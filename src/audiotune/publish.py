@@ -175,9 +175,10 @@ def publish_dir(uri: str | os.PathLike, overwrite: bool = False, kind: str | Non
 
     Locally the staging directory is a hidden sibling of the target (``.<name>.tmp-<uuid>``) that is
     renamed onto the target; such folders left by an interrupted run are removed first (see
-    :func:`remove_stale_staging`). On S3 a marker ``<prefix>.publishing`` is written, then every file but ``manifest.json``,
-    then ``manifest.json``, then the marker is removed, so a reader that waits for the manifest never
-    sees half an artifact. When the block raises, the staging directory is removed and nothing is published.
+    :func:`remove_stale_staging`). On S3 a marker ``<prefix>.publishing`` is written, then every file
+    but ``manifest.json``, then ``manifest.json``, then the marker is removed, so a reader that waits
+    for the manifest never sees half an artifact. When the block raises, the staging directory is
+    removed and nothing is published.
 
     Args:
         uri: Target directory or S3 prefix.

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from audiotune.config import AudiotuneConfig, ConfigError, load_config, validate
+from audiotune.errors import AudiotuneError
 from audiotune.orchestration import params, remote
 from audiotune.orchestration.local_run import LocalRun
 from audiotune.orchestration.remote import SubmitError
@@ -48,7 +49,7 @@ DESCRIPTION = "Fine-tune an audio-token LLM and/or its flow decoder (audiotune).
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-class PipelineFailed(RuntimeError):
+class PipelineFailed(AudiotuneError, RuntimeError):
     """A pipeline run ended in failure; the message names the failed task."""
 
 

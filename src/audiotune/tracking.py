@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from audiotune.errors import AudiotuneError
+
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
@@ -36,7 +38,7 @@ STAGE_TAG = "audiotune.stage"
 _REACH_TIMEOUT_S = 5.0
 
 
-class TrackingError(RuntimeError):
+class TrackingError(AudiotuneError, RuntimeError):
     """The tracking server cannot be used (unreachable, unknown parent run, deleted experiment)."""
 
 

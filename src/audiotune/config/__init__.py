@@ -146,6 +146,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             text = Path(path).read_text(encoding="utf-8")
         except OSError as err:
             raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"cannot read config {path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
         try:
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as err:

@@ -15,9 +15,10 @@ import soundfile as sf
 import soxr
 
 from audiotune.data import reasons
+from audiotune.errors import DataError
 
 
-class AudioError(Exception):
+class AudioError(DataError):
     """Audio that cannot be used; ``reason`` is a quarantine reason code."""
 
     def __init__(self, reason: str, detail: str):

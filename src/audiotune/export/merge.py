@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from audiotune.errors import AudiotuneError
 from audiotune.models.fingerprint import fingerprint_checkpoint, fingerprint_mismatch
 from audiotune.models.lm import ModelError, load_base, new_rows_trained, resize_embeddings
 from audiotune.models.multicodebook import MultiCodebookLM, attach_adapter, merge_adapter
@@ -27,7 +28,7 @@ TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}  # 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-class ExportError(Exception):
+class ExportError(AudiotuneError):
     """The export cannot be made safely (wrong base, a merge that changes outputs, unusable inputs)."""
 
 

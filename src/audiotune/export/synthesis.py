@@ -17,13 +17,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from audiotune.errors import AudiotuneError
 from audiotune.export.generate import Sampling, generate_codes, prompt_ids
 from audiotune.models.vocab import AudioVocab
 
 log = logging.getLogger(__name__)
 
 
-class SynthesisError(Exception):
+class SynthesisError(AudiotuneError):
     """The package cannot synthesize what was asked (missing model, unknown speaker, bad prompt)."""
 
 

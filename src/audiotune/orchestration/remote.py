@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from audiotune.errors import ClusterError
+
 log = logging.getLogger(__name__)
 
 HEALTHZ = "/apis/v2beta1/healthz"
@@ -28,7 +30,7 @@ SA_TOKEN_ENV = "KF_PIPELINES_SA_TOKEN_PATH"  # kfp's: a projected ServiceAccount
 SA_TOKEN_PATH = "/var/run/secrets/kubeflow/pipelines/token"  # kfp's default path of that token
 
 
-class SubmitError(RuntimeError):
+class SubmitError(ClusterError, RuntimeError):
     """The Kubeflow host cannot be used (unreachable, refused credentials, an API error); one line."""
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from audiotune import artifacts, storage
 from audiotune.config import AudiotuneConfig, ConfigError, dump_config, validate
+from audiotune.errors import AudiotuneError
 from audiotune.orchestration import params, runs
 from audiotune.orchestration.fingerprint import source_fingerprint
 
@@ -26,7 +27,7 @@ CONVERT_SECTIONS = ("run", "tracking", "convert")
 TOKENIZE_SECTIONS = ("run", "tracking", "tokenize")
 
 
-class StepError(RuntimeError):
+class StepError(AudiotuneError, RuntimeError):
     """A pipeline step failed (a training process exited non-zero, an input is unusable)."""
 
 

@@ -27,6 +27,7 @@ import yaml
 
 from audiotune import artifacts, publish, storage
 from audiotune.config import AudiotuneConfig
+from audiotune.errors import TrainingError
 from audiotune.orchestration import params
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ CONFIG_ENV = "AUDIOTUNE_CONFIG_YAML"
 ARTIFACT_OPTIONS = ("--tokens", "--llm", "--flow")  # inputs that are artifacts of earlier tasks
 
 
-class LaunchError(RuntimeError):
+class LaunchError(TrainingError, RuntimeError):
     """Training could not be launched, or its processes failed."""
 
 

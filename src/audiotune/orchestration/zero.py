@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from audiotune import storage
 from audiotune.config import AudiotuneConfig, ConfigError, DeepSpeedSettings
+from audiotune.errors import UsageError
 from audiotune.train.memory import PREFERENCE, GiB, ZeroChoice, choose_zero_config, count_parameters
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ _UNIT = {None: 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15,
          "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
 
 
-class SizingError(RuntimeError):
+class SizingError(UsageError, RuntimeError):
     """The model of a stage with ``zero_stage: auto`` could not be sized; the message says which file or field."""
 
 

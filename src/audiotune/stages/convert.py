@@ -29,11 +29,12 @@ from audiotune.data.rows import RowSettings, convert_record
 from audiotune.data.schema import COLUMNS, ShardWriter, split_of
 from audiotune.data.sources import resolve_source
 from audiotune.data.sources.base import BadRecord, SourceError, SourceOptions, SourceRecord
+from audiotune.errors import DataError
 
 log = logging.getLogger(__name__)
 
 
-class ConvertError(Exception):
+class ConvertError(DataError):
     """The conversion failed as a whole (empty source, too many bad rows)."""
 
 

@@ -28,6 +28,7 @@ from audiotune.config import AudiotuneConfig, TokenizeConfig, dump_config
 from audiotune.data.audio import decode_flac
 from audiotune.data.schema import ShardWriter, split_of
 from audiotune.data.sources.base import BadRecord
+from audiotune.errors import DataError
 from audiotune.stages.convert import num_workers
 from audiotune.tokenization import features
 from audiotune.tokenization.audio_tokenizers.base import CodesOutOfRange
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 AUDIO_TASKS_NEED_TEXT = ("tts", "clone", "edit", "understand", "text")
 
 
-class TokenizeError(Exception):
+class TokenizeError(DataError):
     """The tokenize stage failed as a whole."""
 
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from audiotune import artifacts, publish, storage, tracking
 from audiotune.config import AudiotuneConfig, FlowStageConfig, dump_config
+from audiotune.errors import TrainingError
 from audiotune.train import checkpoints
 from audiotune.train.engine import Engine, decay_groups, make_accelerator, resolve_dtype, seed_everything
 from audiotune.train.flow_batches import FlowBatches, FlowExamples, flow_loss, load_flow_examples
@@ -40,7 +41,7 @@ SPEAKER_TYPES = {"speaker-id": "id", "onnx": "embedding", "none": "none"}
 FROM_BASE = "from_base"  # flow.preset: the architecture of the base flow's config.json
 
 
-class TrainFlowError(Exception):
+class TrainFlowError(TrainingError):
     """The flow stage cannot start (bad inputs or settings)."""
 
 

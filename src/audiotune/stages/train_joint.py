@@ -24,6 +24,7 @@ from transformers import AutoTokenizer
 
 from audiotune import artifacts, publish, storage, tracking
 from audiotune.config import AudiotuneConfig, dump_config
+from audiotune.errors import TrainingError
 from audiotune.models.vocab import AudioVocab
 from audiotune.stages.train_flow import TrainFlowError, check_flow_fits, export_flow_model, speaker_spec, tokens_info
 from audiotune.stages.train_llm import write_llm_files
@@ -35,7 +36,7 @@ from audiotune.train.plots import loss_curve
 log = logging.getLogger(__name__)
 
 
-class TrainJointError(Exception):
+class TrainJointError(TrainingError):
     """The joint stage cannot start (inputs that do not belong together, or nothing to train)."""
 
 

@@ -22,6 +22,7 @@ from transformers import AutoTokenizer
 
 from audiotune import artifacts, publish, storage, tracking
 from audiotune.config import AudiotuneConfig, dump_config
+from audiotune.errors import TrainingError
 from audiotune.models.vocab import AudioVocab, build_vocab
 from audiotune.train import checkpoints
 from audiotune.train.engine import Engine, decay_groups, make_accelerator, resolve_dtype, seed_everything
@@ -31,7 +32,7 @@ from audiotune.train.plots import loss_curve
 log = logging.getLogger(__name__)
 
 
-class TrainLLMError(Exception):
+class TrainLLMError(TrainingError):
     """The llm stage cannot start (bad inputs or settings)."""
 
 

@@ -5,8 +5,8 @@
 - ``none``: no speaker features;
 - ``speaker-id``: an index per speaker (:func:`speaker_table`) into a table the flow learns;
 - ``onnx``: an utterance embedding from a CAM++-style ONNX model (:class:`OnnxSpeakerEmbedder`),
-  fed the Kaldi fbank with mean normalisation that 3D-Speaker and CosyVoice use
-  (:func:`audiotune.tokenization.fbank.campplus_features`).
+  fed the 80-bin Kaldi fbank (kaldi-native-fbank) with mean normalisation, as CosyVoice's frontend
+  computes it (:func:`audiotune.tokenization.fbank.campplus_features`).
 """
 
 from __future__ import annotations

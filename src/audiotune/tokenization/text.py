@@ -13,6 +13,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from audiotune import storage
+from audiotune.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +21,7 @@ PAD, EOS, UNK, BOS = "<|pad|>", "<|endoftext|>", "<|unk|>", "<|startoftext|>"
 SPECIAL_TOKENS = [PAD, EOS, UNK, BOS]
 
 
-class TextTokenizerError(Exception):
+class TextTokenizerError(DataError):
     """The text tokenizer cannot be loaded or trained."""
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from audiotune import storage
+from audiotune.errors import TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ def load_checkpoint(acc, model, optimizer, scheduler, extra_state: dict[str, Any
 
 
 # ------------------------------------------------------------------------------------------- run identity
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(TrainingError, ValueError):
     """A checkpoint to resume from was written by a run with other settings, data or processes."""
 
 

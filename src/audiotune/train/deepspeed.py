@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from audiotune.config import TrainSettings
+from audiotune.errors import TrainingError
 
 log = logging.getLogger(__name__)
 GATHER_ON_SAVE = "stage3_gather_16bit_weights_on_model_save"
 
 
-class DeepSpeedConfigError(ValueError):
+class DeepSpeedConfigError(TrainingError, ValueError):
     """A user's DeepSpeed JSON disagrees with the stage settings."""
 
 

@@ -28,13 +28,14 @@ from accelerate.utils import InitProcessGroupKwargs, set_seed
 from transformers import get_scheduler
 
 from audiotune.config import TrainSettings
+from audiotune.errors import AudiotuneError
 from audiotune.train import checkpoints
 from audiotune.train.deepspeed import deepspeed_plugin
 
 log = logging.getLogger(__name__)
 
 
-class TrainingInterrupted(Exception):
+class TrainingInterrupted(AudiotuneError):
     """SIGTERM arrived; a checkpoint was written and the run can resume."""
 
 

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from audiotune.errors import DataError
 from audiotune.models.vocab import IGNORE_INDEX, AudioVocab
 
 LAYOUTS = ("tts", "clone", "edit", "understand", "music", "text")
@@ -63,7 +64,7 @@ class Example:
         return int(self.input_ids.shape[0])
 
 
-class MissingField(ValueError):
+class MissingField(DataError, ValueError):
     """A row lacks what its layout needs (the row is skipped and counted)."""
 
 

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from audiotune.errors import ClusterError
 from audiotune.train.pytorchjob_manifest import (
     RUN_ID_KEY,
     TASK_KEY,
@@ -52,7 +53,7 @@ __all__ = ["JobSpec", "JobResult", "JobStatus", "PyTorchJobError", "JobFailedErr
 log = logging.getLogger(__name__)
 
 
-class PyTorchJobError(RuntimeError):
+class PyTorchJobError(ClusterError, RuntimeError):
     """A PyTorchJob that could not be created, followed or cleaned up; the message says what to change."""
 
 

@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Protocol, Union
 
+from audiotune.errors import DataError
 
-class SourceError(Exception):
+
+class SourceError(DataError):
     """The source as a whole cannot be read (empty, unknown layout, missing files)."""
 
 

@@ -13,11 +13,13 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from audiotune.errors import DataError
+
 STATE_FILE = "audio_tokenizer.json"
 FORMAT_VERSION = 1
 
 
-class TokenizerError(Exception):
+class TokenizerError(DataError):
     """The audio tokenizer cannot be built, loaded, fitted or run."""
 
 
