@@ -93,8 +93,9 @@ def read_flow_config(directory: str | Path) -> FlowConfig:
     """The :class:`FlowConfig` of a local flow directory."""
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
-        raise FlowLoadError(f"{directory}: no {CONFIG_FILE} (expected a Flow artifact or a directory with "
-                            f"{CONFIG_FILE} + {WEIGHTS_FILE})")
+        raise FlowLoadError(f"{directory}: no {CONFIG_FILE} (expected a Flow artifact, a directory with "
+                            f"{CONFIG_FILE} + {WEIGHTS_FILE}, or a CosyVoice / Step-Audio-EditX release folder with "
+                            "its yaml + flow.pt)")
     try:
         return FlowConfig.from_dict(json.loads(path.read_text()))
     except (json.JSONDecodeError, FlowConfigError) as err:
@@ -102,7 +103,9 @@ def read_flow_config(directory: str | Path) -> FlowConfig:
 
 
 def load_flow(uri: str | Path, device: str | torch.device = "cpu") -> FlowModel:
-    """Load a flow model from a Flow artifact or a ``config.json`` + ``model.safetensors`` directory.
+    """Load a flow model from a Flow artifact, a ``config.json`` + ``model.safetensors`` directory, or a
+    CosyVoice / Step-Audio-EditX release folder (yaml + ``flow.pt``; then a
+    :class:`audiotune.models.flow.native.adapter.ReleaseFlow`, see :mod:`audiotune.models.flow.native.release`).
 
     Args:
         uri: Local path or ``s3://`` URI.
@@ -116,6 +119,7 @@ def load_flow(uri: str | Path, device: str | torch.device = "cpu") -> FlowModel:
     from safetensors.torch import load_file
 
     from audiotune import storage
+    from audiotune.models.flow.native.release import is_release_folder
 
     local = storage.local_copy(str(uri))
     manifest = local / "manifest.json"
@@ -123,6 +127,10 @@ def load_flow(uri: str | Path, device: str | torch.device = "cpu") -> FlowModel:
         kind = json.loads(manifest.read_text()).get("kind")
         if kind != FLOW_KIND:
             raise FlowLoadError(f"{uri} is a {kind!r} artifact, not a flow model ({FLOW_KIND})")
+    if is_release_folder(local):
+        from audiotune.models.flow.native.adapter import load_release_flow
+
+        return load_release_flow(str(local)).to(device)
     config = read_flow_config(local)
     weights = local / WEIGHTS_FILE
     if not weights.is_file():

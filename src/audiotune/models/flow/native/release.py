@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from audiotune.models.flow.io import FlowLoadError, state_dict_problems
-from audiotune.models.flow.native.hyperyaml import Name, New, ReleaseYamlError, load_release_yaml
+from audiotune.models.flow.native.hyperyaml import Name, New, ReleaseYamlError
 
 log = logging.getLogger(__name__)
 
