@@ -88,6 +88,15 @@ def test_relative_position_table_rows_are_the_distances() -> None:
         torch.testing.assert_close(table[row, 1::2], torch.cos(distance * inv_freq))
 
 
+def test_position_encoding_slices_stay_right_as_the_table_grows() -> None:
+    from audiotune.models.flow.native.attention import RelativePositionEncoding
+
+    enc = RelativePositionEncoding(6, 0.0)
+    for length in (3, 10, 5, 40, 1):
+        assert torch.equal(enc.position_encoding(length, torch.zeros(1, dtype=torch.float64)),
+                           relative_position_table(length, 6).double())
+
+
 def test_relative_shift_picks_the_column_of_distance_i_minus_j() -> None:
     length = 4
     scores = torch.randn(2, 3, length, 2 * length - 1)

@@ -43,8 +43,9 @@ def relative_position_table(length: int, d_model: int) -> torch.Tensor:
 class RelativePositionEncoding(nn.Module):
     """``rel_pos_espnet``: scale the input by ``sqrt(d_model)`` and hand out the relative-distance table.
 
-    Both outputs go through the same dropout (as upstream). The table lives on the CPU in float32 and
-    grows on demand; a slice of it is moved to the input's device and dtype per call.
+    Both outputs go through the same dropout (as upstream). The table is computed on the CPU in float32,
+    grows on demand, and is kept on the device / in the dtype of the latest input (not a buffer: it is
+    not part of the state dict, as upstream).
 
     Args:
         d_model: Channels.
@@ -57,13 +58,17 @@ class RelativePositionEncoding(nn.Module):
         self.xscale = math.sqrt(d_model)
         self.dropout = nn.Dropout(p=dropout_rate)
         self._table = relative_position_table(1, d_model)
+        self._placed = self._table  # the table on the device and in the dtype last asked for
 
     def position_encoding(self, size: int, like: torch.Tensor) -> torch.Tensor:
         """Rows for distances ``size-1 … -(size-1)``: ``[1, 2·size-1, d_model]`` on ``like``'s device/dtype."""
         if self._table.shape[1] < 2 * size - 1:
             self._table = relative_position_table(max(size, 2 * (self._table.shape[1] // 2 + 1)), self.d_model)
-        center = self._table.shape[1] // 2
-        return self._table[:, center - size + 1: center + size].to(device=like.device, dtype=like.dtype)
+            self._placed = self._table
+        if self._placed.device != like.device or self._placed.dtype != like.dtype:
+            self._placed = self._table.to(device=like.device, dtype=like.dtype)
+        center = self._placed.shape[1] // 2
+        return self._placed[:, center - size + 1: center + size]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x [B, T, D]`` → ``(dropout(x·sqrt(D)), dropout(table [1, 2T-1, D]))``."""
