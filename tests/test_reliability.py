@@ -247,3 +247,23 @@ def test_project_errors_share_one_root():
     for cls in (ArtifactError, AudioError, ConvertError, CheckpointMismatch, PyTorchJobError, ConfigError):
         assert issubclass(cls, AudiotuneError), cls
     assert ConfigError.exit_code == EXIT_USAGE and issubclass(ConfigError, ValueError)
+
+
+# ------------------------------------------------------------------------- stale staging of an interrupted run
+def test_stale_staging_of_an_interrupted_publish_is_removed_by_the_next_run(tmp_path):
+    from filelock import FileLock
+
+    from tests.helpers import good_corpus
+
+    manifest = good_corpus(tmp_path / "corpus", 2)
+    stale = tmp_path / ".ds.tmp-0123abcd"  # what a killed convert left: its process and lock are gone
+    (stale / "train").mkdir(parents=True)
+    (stale / "train" / "part-00000.parquet").write_bytes(b"half")
+    live = tmp_path / ".ds.tmp-4567ef00"  # a publish still running (its lock held)
+    live.mkdir()
+    with FileLock(f"{live}.lock"):
+        assert cli_main(_convert(manifest, tmp_path / "ds")) == 0
+        assert not stale.exists() and not Path(f"{stale}.lock").exists()
+        assert live.is_dir()
+    assert (tmp_path / "ds" / "manifest.json").is_file()
+    assert {p.name for p in tmp_path.iterdir() if p.name.startswith(".ds") and p.is_dir()} == {live.name}
