@@ -81,13 +81,22 @@ class MelConfig(_Section):
         return base
 
 
+AUDIO_TOKENIZER_PRESETS: dict[str, dict[str, Any]] = {
+    # Step-Audio-EditX tokenizer.py: vq02 (1024 codes, 16.7 Hz) at LLM id 65536, vq06 (4096 codes, 25 Hz) at
+    # 65536 + 1024, two vq02 then three vq06 ids per 0.12 s group: 125/3 ids per second.
+    "step-audio-editx": dict(type="precomputed", codebook_offsets=[65536, 66560], codebook_sizes=[1024, 4096],
+                             interleave=[2, 3], token_rate=125 / 3),
+}
+
+
 class AudioTokenizerConfig(_Section):
     """The pluggable audio tokenizer that turns audio into discrete codes (codebooks × frames)."""
 
     type: Literal["mel-kmeans", "s3tokenizer", "precomputed", "none"] = Field(
         "mel-kmeans", description="Which tokenizer: built-in mel k-means, CosyVoice S3 ONNX, or codes in the source."
     )
-    token_rate: float = Field(25.0, gt=0, description="mel-kmeans: tokens per second of audio (e.g. 25 or 50).")
+    token_rate: float = Field(25.0, gt=0, description="mel-kmeans: tokens per second of audio (e.g. 25 or 50); "
+                              "precomputed: stored ids per second (Step-Audio-EditX's stream: 125/3).")
     codebook_size: int = Field(1024, ge=2, description="mel-kmeans: codes per codebook (k of k-means).")
     num_codebooks: int = Field(1, ge=1, le=32, description="mel-kmeans: codebooks (>1: residual k-means).")
     fit_max_frames: int = Field(100_000, ge=100, description="mel-kmeans: train frames sampled to fit k-means.")
@@ -104,6 +113,53 @@ class AudioTokenizerConfig(_Section):
     vocab_size: int | None = Field(
         None, description="precomputed: codes per codebook; codes outside [0, vocab_size) are quarantined."
     )
+    preset: Literal["step-audio-editx"] | None = Field(
+        None, description="Named setup that fills the fields it names when they are not set (plain data, see "
+        "AUDIO_TOKENIZER_PRESETS); step-audio-editx: precomputed vq02/vq06 codes at LLM ids 65536 / 66560, "
+        "interleaved 2:3."
+    )
+    prompt_codes_field: str = Field(
+        "prompt_codes", description="precomputed: key in the row's meta holding the prompt audio's codes (clone, "
+        "edit), in the same forms as codes_field."
+    )
+    codebook_offsets: list[int] | None = Field(
+        None, description="precomputed, codes at LLM ids: the LLM id of code 0 of each codebook. The Tokens then "
+        "hold one row of LLM ids (the codebooks interleaved in one stream) that the LLM reads as they are."
+    )
+    codebook_sizes: list[int] | None = Field(
+        None, description="precomputed, codes at LLM ids: codes per codebook (one entry per codebook_offsets)."
+    )
+    interleave: list[int] | None = Field(
+        None, description="precomputed, codes at LLM ids: ids of each codebook per group of the stream, in "
+        "codebook order (Step-Audio-EditX: [2, 3]); may be left out for one codebook."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") in AUDIO_TOKENIZER_PRESETS:
+            data = {**AUDIO_TOKENIZER_PRESETS[data["preset"]], **data}
+        return data
+
+    @model_validator(mode="after")
+    def _code_stream(self) -> "AudioTokenizerConfig":
+        given = [k for k in ("codebook_offsets", "codebook_sizes", "interleave") if getattr(self, k) is not None]
+        if not given:
+            return self
+        if self.type != "precomputed":
+            raise ValueError(f"{given[0]} applies to type 'precomputed' (codes taken from the data), not {self.type!r}")
+        if self.codebook_offsets is None or self.codebook_sizes is None:
+            raise ValueError("codebook_offsets and codebook_sizes go together (one entry per codebook)")
+        n = len(self.codebook_offsets)
+        if self.interleave is None and n > 1:
+            raise ValueError(f"interleave must be set for {n} codebooks (ids of each codebook per group, e.g. [2, 3])")
+        if self.vocab_size is not None or self.num_codebooks != 1 or self.moss_path:
+            raise ValueError("with codebook_offsets the codes are one interleaved stream of LLM ids: leave vocab_size "
+                             "unset, num_codebooks at 1 and moss_path unset (codebook_sizes bounds each codebook)")
+        from audiotune.models.vocab import CodeStream
+
+        CodeStream(self.codebook_offsets, self.codebook_sizes, self.interleave or [1])  # ValueError names the fields
+        return self
 
 
 class SpeakerConfig(_Section):

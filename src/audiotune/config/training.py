@@ -112,6 +112,10 @@ class LLMStageConfig(_Section):
     layout: Literal["auto", "tts", "clone", "edit", "understand", "music", "text"] = Field(
         "auto", description="Sequence layout; auto picks it from each row's task."
     )
+    prompt_format: Literal["audiotune", "step-audio-editx"] = Field(
+        "audiotune", description="How a layout is framed: audiotune's segment markers, or another system's own "
+        "chat prompts (step-audio-editx: its tts / clone / edit turns, see audiotune.models.vocab.PROMPT_FORMATS)."
+    )
     codebook_weights: list[float] | None = Field(
         None, description="Per-codebook loss weights (multi-codebook); default 8,2,1,1,... for 8 codebooks."
     )

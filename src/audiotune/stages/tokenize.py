@@ -71,9 +71,10 @@ def _texts(ds_dir: Path) -> Iterator[str]:
                 yield row[key]
         if row.get("tags"):
             yield ", ".join(row["tags"])
-        edit = json.loads(row.get("meta") or "{}").get("edit_type")
-        if edit:
-            yield str(edit)
+        meta = json.loads(row.get("meta") or "{}")
+        for key in ("edit_type", "instruction"):
+            if meta.get(key):
+                yield str(meta[key])
 
 
 def _fit_sample(ds_dir: Path, max_seconds: float, seed: int) -> list[tuple[np.ndarray, int]]:
@@ -123,7 +124,7 @@ def _text_rows(row: dict[str, Any], tok, t: TokenizeConfig) -> list[dict[str, An
     if not text_ids and row["task"] in AUDIO_TASKS_NEED_TEXT:
         return BadRecord(origin=meta.get("origin", row["id"]), field="text", reason=features.EMPTY_TOKENS,
                          detail=f"{row['id']}: text {row.get('text')!r} tokenizes to nothing", id=row["id"])
-    instruction = meta.get("edit_type") if row["task"] == "edit" else None
+    instruction = (meta.get("instruction") or meta.get("edit_type")) if row["task"] == "edit" else None
     if row["task"] == "music" and row.get("tags"):
         instruction = ", ".join(row["tags"])
     base = {
@@ -277,6 +278,7 @@ def tokenize(cfg: AudiotuneConfig, dataset: str | None, output: str, base_model:
             audio_tokenizer=None if audio_tok is None else {
                 "type": audio_tok.name, "num_codebooks": audio_tok.num_codebooks,
                 "codebook_size": audio_tok.codebook_size, "token_rate": audio_tok.token_rate,
+                **(audio_tok.manifest_fields() if hasattr(audio_tok, "manifest_fields") else {}),
             },
             mel=mel_x.to_dict(), speakers=len(speakers), speaker_embedding=t.speaker.type,
             splits={s: {"rows": w.rows, "shards": w.shards} for s, w in writers.items()},

@@ -23,7 +23,7 @@ from transformers import AutoTokenizer
 from audiotune import artifacts, publish, storage, tracking
 from audiotune.config import AudiotuneConfig, dump_config
 from audiotune.errors import TrainingError
-from audiotune.models.vocab import AudioVocab, build_vocab
+from audiotune.models.vocab import AudioVocab, audio_token_settings, vocab_for_tokens
 from audiotune.train import checkpoints
 from audiotune.train.engine import Engine, decay_groups, make_accelerator, resolve_dtype, seed_everything
 from audiotune.train.llm_batches import ExampleBatches, llm_loss
@@ -46,11 +46,11 @@ class TrainResult:
 
 
 def _vocab(tokens_dir: Path, manifest: dict[str, Any], cfg) -> tuple[Any, AudioVocab, int]:
-    tokenizer = AutoTokenizer.from_pretrained(str(tokens_dir / "tokenizer"))
+    tokenizer = AutoTokenizer.from_pretrained(str(tokens_dir / "tokenizer"),
+                                              trust_remote_code=cfg.llm.trust_remote_code)
     base_text_size = len(tokenizer)
-    audio = manifest.get("audio_tokenizer") or {"codebook_size": 0, "num_codebooks": 1}
-    vocab = build_vocab(tokenizer, int(audio["codebook_size"] or 0), int(audio["num_codebooks"] or 1),
-                        cfg.llm.audio_tokens, cfg.llm.audio_token_offset)
+    vocab = vocab_for_tokens(tokenizer, manifest.get("audio_tokenizer"), cfg.llm.audio_tokens,
+                             cfg.llm.audio_token_offset, cfg.llm.prompt_format)
     return tokenizer, vocab, base_text_size
 
 
@@ -103,6 +103,13 @@ def train_llm(cfg: AudiotuneConfig, tokens: str, output: str, base_model: str | 
                             "use llm.init=scratch to train from a size preset")
     publish.require_missing_or_overwrite(output, L.overwrite)
     manifest = artifacts.read_manifest(tokens, artifacts.TOKENS, artifacts.TOKENS_VERSION)
+    try:  # Tokens of LM ids (tokenize.audio_tokenizer.codebook_offsets) say where the audio ids live
+        mode, offset = audio_token_settings(manifest.get("audio_tokenizer"), L.audio_tokens, L.audio_token_offset)
+    except ValueError as err:
+        raise TrainLLMError(f"{tokens}: {err}") from None
+    if (mode, offset) != (L.audio_tokens, L.audio_token_offset):
+        L = L.model_copy(update={"audio_tokens": mode, "audio_token_offset": offset})
+        cfg = cfg.model_copy(update={"llm": L})
     dtype = resolve_dtype(T.dtype)
     acc = make_accelerator(T, dtype)
     if acc.is_main_process:

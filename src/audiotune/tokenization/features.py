@@ -72,7 +72,7 @@ def _codes(row: dict, wav: np.ndarray | None, sr: int, field: str) -> np.ndarray
     if tokenizer is None or wav is None:
         return None
     if tokenizer.name == "precomputed":
-        return tokenizer.codes_for_row(row) if field == "audio" else None
+        return tokenizer.codes_for_row(row) if field == "audio" else tokenizer.prompt_codes_for_row(row)
     return tokenizer.encode(wav, sr)
 
 
@@ -106,6 +106,8 @@ def audio_features(row: dict[str, Any]) -> dict[str, Any] | BadRecord:
             return _bad(row, "audio", TOO_SHORT_FOR_TOKEN,
                         f"{len(wav) / sr:.3f} s of audio is too short for one token frame")
         vocab = s.vocab_size or (tokenizer.codebook_size if tokenizer is not None else None)
+        if tokenizer is not None and tokenizer.name == "precomputed":
+            vocab = None  # codes_for_row checked them (codes at LLM ids lie above codebook_size)
         if vocab is not None and (codes.min() < 0 or codes.max() >= vocab):
             return _bad(row, "audio_codes", CODES_OUT_OF_RANGE,
                         f"codes span [{codes.min()}, {codes.max()}], outside the vocabulary [0, {vocab})")
@@ -131,6 +133,15 @@ def audio_features(row: dict[str, Any]) -> dict[str, Any] | BadRecord:
         prompt_codes = _codes(row, pwav, psr, "prompt")
         if prompt_codes is not None and np.asarray(prompt_codes).shape[-1] > 0:
             out["prompt_codes"] = np.asarray(prompt_codes, dtype=np.int32).reshape(len(prompt_codes), -1).tolist()
+    elif tokenizer is not None and tokenizer.name == "precomputed":  # prompt codes come with the row's meta
+        try:
+            prompt_codes = _codes(row, wav, sr, "prompt")
+        except CodesOutOfRange as err:
+            return _bad(row, "prompt_codes", CODES_OUT_OF_RANGE, str(err))
+        except RowError as err:
+            return _bad(row, "prompt_codes", INVALID_CODES, str(err))
+        if prompt_codes is not None:
+            out["prompt_codes"] = np.asarray(prompt_codes, dtype=np.int32).tolist()
     if _STATE["speaker"] is not None:
         out["speaker_embedding"] = _STATE["speaker"](wav, sample_rate=sr).astype(np.float32).tolist()
     return out

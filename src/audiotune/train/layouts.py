@@ -28,6 +28,25 @@ channel 0 the C-1 trailing positions hold ``<audio_end>``: the first one is the 
 itself, so no separate marker position follows; the model learns to repeat it while the
 higher codebooks flush. A filler or trailing marker belongs to the frame beside it for the
 loss mask (prompt frames carry no loss, target frames do).
+
+Tokens of LM ids (``vocab.code_stream``, Step-Audio-EditX's interleaved stream) hold ``audio_offset
++ code`` already; they are read back to codes first, so every layout above applies unchanged.
+
+Another system's chat frame (``vocab.prompt_format``, e.g. ``step-audio-editx``; see
+``audiotune.models.vocab.PROMPT_FORMATS``) replaces the markers for the layouts it frames: fixed
+ids and pre-tokenized text around the row's ids, its audio ids without an end marker, then eos.
+Step-Audio-EditX's, as its ``tts.py`` builds them (``B``/``T``/``E`` are ids 1/4/3):
+
+- ``clone``: ``B T "system\\n<clone header>[speaker_start]\\nspeaker name: clone\\nspeaker prompt text: \\n"
+  prompt_text "\\nspeaker audio tokens: \\n" prompt_codes "\\n[speaker_end]\\n" E T "human\\n" text E T
+  "assistant\\n" codes* eos*``
+- ``edit``: ``B T "system\\n<edit system prompt>" E T "human\\n" instruction "\\n" prompt_codes "\\n" E T
+  "assistant\\n" codes* eos*`` (instruction: the row's ``meta.instruction``, e.g. upstream's "Make the
+  following audio more happy. The text corresponding to the audio is: ...\\n", else its ``edit_type``)
+- ``tts``: ``B T "system\\n<clone header>" E T "human\\n" text E T "assistant\\n" codes* eos*`` (upstream has
+  no prompt-less mode; this is its clone frame without the speaker block)
+
+Rows of layouts the frame does not cover are skipped and counted.
 """
 
 from __future__ import annotations
@@ -99,6 +118,8 @@ def _codes(row: dict[str, Any], key: str, vocab: AudioVocab, required: bool = Tr
     if codes.shape[0] < vocab.num_codebooks:
         raise ValueError(f"{key} has {codes.shape[0]} codebooks; the vocabulary needs {vocab.num_codebooks}")
     codes = codes[: vocab.num_codebooks]
+    if vocab.code_stream is not None:  # Tokens of LM ids: back to codes counted from audio_offset
+        codes = codes - vocab.audio_offset
     if codes.min() < 0 or codes.max() >= vocab.codebook_size:
         raise ValueError(f"{key} holds codes outside [0, {vocab.codebook_size}): "
                          f"min {codes.min()}, max {codes.max()}")
@@ -133,6 +154,33 @@ def _segments(row: dict[str, Any], layout: str, vocab: AudioVocab) -> list[_Toke
                    s["<|prompt_start|>"], *_text(row, "text_ids", False), s["<|prompt_end|>"], s["<|audio_start|>"]]
         return [_Tokens(context, False), _Audio(codes, 0), eos]
     raise ValueError(f"unknown layout {layout!r} (expected one of {', '.join(LAYOUTS)})")
+
+
+_FORMAT_TEXT = {"text": ("text_ids", True), "prompt_text": ("prompt_text_ids", False),
+                "instruction": ("instruction_ids", True)}
+
+
+def _format_segments(row: dict[str, Any], layout: str, vocab: AudioVocab) -> list[_Tokens]:
+    """The row in ``vocab.prompt_format``'s frame of ``layout`` (one codebook only)."""
+    name, frames = vocab.prompt_format["name"], vocab.prompt_format["layouts"]
+    if layout not in frames:
+        raise MissingField(f"a {layout} frame in llm.prompt_format={name} (it frames {', '.join(sorted(frames))})")
+    if vocab.num_codebooks != 1:
+        raise ValueError(f"llm.prompt_format={name} frames one codebook; the Tokens have {vocab.num_codebooks}")
+    out = []
+    for piece in frames[layout]:
+        if isinstance(piece, list):
+            out.append(_Tokens([int(i) for i in piece], False))
+        elif piece in _FORMAT_TEXT:
+            out.append(_Tokens(_text(row, *_FORMAT_TEXT[piece]), False))
+        elif piece in ("prompt_audio", "audio"):
+            codes = _codes(row, "prompt_codes" if piece == "prompt_audio" else "audio_codes", vocab)
+            out.append(_Tokens([int(c) + vocab.audio_offset for c in codes[0]], piece == "audio"))
+        elif piece == "eos":
+            out.append(_Tokens([vocab.eos_id], True))
+        else:
+            raise ValueError(f"llm.prompt_format={name}: unknown slot {piece!r} in the {layout} frame")
+    return out
 
 
 def _tokens_block(seg: _Tokens, num_codebooks: int, channel_pad: int) -> tuple[np.ndarray, np.ndarray]:
@@ -193,9 +241,10 @@ def _audio_block(seg: _Audio, vocab: AudioVocab) -> tuple[np.ndarray, np.ndarray
 
 def build_example(row: dict[str, Any], layout: str, vocab: AudioVocab) -> Example:
     """Lay out one Tokens row; raises MissingField when the row lacks what ``layout`` needs."""
+    segments = _format_segments(row, layout, vocab) if vocab.prompt_format else _segments(row, layout, vocab)
     parts = [_audio_block(seg, vocab) if isinstance(seg, _Audio)
              else _tokens_block(seg, vocab.num_codebooks, vocab.channel_pad_id)
-             for seg in _segments(row, layout, vocab)]
+             for seg in segments]
     ids = np.concatenate([p[0] for p in parts]).astype(np.int32)
     labels = np.concatenate([p[1] for p in parts]).astype(np.int32)
     return Example(input_ids=ids, labels=labels, id=str(row.get("id")), layout=layout)

@@ -9,17 +9,25 @@ first shifted by the text vocabulary (151665); text rows hold the text id in col
 
 Pickle runs code when it loads, so shards are read only when the user says they trust them, and
 even then with an unpickler that can build nothing but containers and numpy arrays.
+
+Codes at LLM ids (Step-Audio-EditX): with ``codebook_offsets`` the codes of a row are stored as one
+interleaved stream of LLM ids (:class:`audiotune.models.vocab.CodeStream`). A row's meta may hold
+that stream as ``<audio_N>`` token strings (``N`` counts from the first codebook's offset, as
+Step-Audio-EditX's ``merge_vq0206_to_token_str`` writes them), as a flat list of LLM ids, or as one
+list of raw codes per codebook, which is interleaved here as its tokenizer does (complete groups only).
 """
 
 from __future__ import annotations
 
 import json
 import pickle
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
+from audiotune.models.vocab import CodeStream, StreamError
 from audiotune.tokenization.audio_tokenizers.base import AudioTokenizer, CodesOutOfRange, RowError, TokenizerError
 
 MOSS_CHANNELS = 8
@@ -169,16 +177,52 @@ def iter_moss_shards(path: str | Path, trust_pickle: bool) -> Iterator[dict]:
                 yield {"source": source, "index": i, "codes": codes, "text_ids": text_ids}
 
 
+class StreamOutOfRange(CodesOutOfRange):
+    """An id of an interleaved stream outside the ids of its position's codebook."""
+
+    def __init__(self, message: str):
+        self.low = self.high = self.vocab_size = None
+        RowError.__init__(self, message)
+
+
+_AUDIO_TOKEN = re.compile(r"\s*<audio_(\d+)>")
+
+
+def parse_audio_tokens(text: str, where: str) -> list[int]:
+    """``"<audio_12><audio_1030>..."`` → ``[12, 1030, ...]`` (whitespace between tokens is allowed).
+
+    Raises:
+        RowError: Anything else in the string, or no token at all.
+    """
+    numbers, pos = [], 0
+    for match in _AUDIO_TOKEN.finditer(text):
+        if match.start() != pos:
+            break
+        numbers.append(int(match.group(1)))
+        pos = match.end()
+    if text[pos:].strip():
+        raise RowError(f"{where}: unexpected text {text[pos:pos + 20]!r} at character {pos} "
+                       "(expected only <audio_N> tokens)")
+    if not numbers:
+        raise RowError(f"{where}: no <audio_N> tokens")
+    return numbers
+
+
 class PrecomputedTokenizer(AudioTokenizer):
     """Codes taken from the source instead of computed from audio.
 
     Args:
         codes_field: Key in a row's ``meta`` holding ``[frames]`` or ``[codebooks][frames]`` ints.
         num_codebooks: Codebooks every row must have.
-        token_rate: Frames per second of the codes (for aligning mels).
+        token_rate: Frames (or stream ids) per second of the codes (for aligning mels).
         vocab_size: Codes per codebook; codes outside ``[0, vocab_size)`` raise :class:`CodesOutOfRange`.
         moss_path: MOSS-TTSD shards (a folder or file), read by :meth:`moss_records`.
         trust_pickle: Allow reading those pickle shards.
+        max_code: The largest code seen so far (sets ``codebook_size`` when ``vocab_size`` is unset).
+        prompt_codes_field: Key in a row's ``meta`` holding the prompt audio's codes.
+        codebook_offsets: Codes at LLM ids: the LLM id of code 0 of each codebook (see the module docstring).
+        codebook_sizes: Codes at LLM ids: codes per codebook.
+        interleave: Codes at LLM ids: ids of each codebook per group (default one each).
     """
 
     name = "precomputed"
@@ -192,6 +236,10 @@ class PrecomputedTokenizer(AudioTokenizer):
         moss_path: str | Path | None = None,
         trust_pickle: bool = False,
         max_code: int = -1,
+        prompt_codes_field: str = "prompt_codes",
+        codebook_offsets: list[int] | None = None,
+        codebook_sizes: list[int] | None = None,
+        interleave: list[int] | None = None,
     ):
         self.codes_field = codes_field
         self.num_codebooks = int(num_codebooks)
@@ -200,10 +248,24 @@ class PrecomputedTokenizer(AudioTokenizer):
         self.moss_path = Path(moss_path) if moss_path else None
         self.trust_pickle = trust_pickle
         self.max_code = int(max_code)  # largest code seen: sets codebook_size when vocab_size is unset
+        self.prompt_codes_field = prompt_codes_field
+        self.stream: CodeStream | None = None
+        if codebook_offsets is not None:
+            try:
+                self.stream = CodeStream(codebook_offsets, codebook_sizes or [], interleave or [1])
+            except ValueError as err:
+                raise TokenizerError(f"tokenize.audio_tokenizer: {err}") from None
+            self.num_codebooks = 1  # one row: the interleaved stream
 
     @property
     def codebook_size(self) -> int:  # type: ignore[override]
+        if self.stream is not None:
+            return self.stream.span  # the LLM ids the stream may hold, from its first one
         return self.vocab_size if self.vocab_size is not None else self.max_code + 1
+
+    def manifest_fields(self) -> dict[str, Any]:
+        """What the Tokens manifest's ``audio_tokenizer`` section records beyond type, sizes and rate."""
+        return {"code_stream": self.stream.to_dict()} if self.stream is not None else {}
 
     @classmethod
     def from_config(cls, cfg: Any, resolve_path: Any = Path) -> "PrecomputedTokenizer":
@@ -211,7 +273,8 @@ class PrecomputedTokenizer(AudioTokenizer):
         return cls(
             codes_field=cfg.codes_field, num_codebooks=cfg.num_codebooks, token_rate=cfg.token_rate,
             vocab_size=cfg.vocab_size, moss_path=resolve_path(cfg.moss_path) if cfg.moss_path else None,
-            trust_pickle=cfg.trust_pickle,
+            trust_pickle=cfg.trust_pickle, prompt_codes_field=cfg.prompt_codes_field,
+            codebook_offsets=cfg.codebook_offsets, codebook_sizes=cfg.codebook_sizes, interleave=cfg.interleave,
         )
 
     def encode(self, wav: np.ndarray, sample_rate: int) -> np.ndarray:
@@ -234,19 +297,23 @@ class PrecomputedTokenizer(AudioTokenizer):
         self.max_code = max(self.max_code, high)
         return codes.astype(np.int32)
 
-    def codes_for_row(self, row: dict) -> np.ndarray | None:
-        """Codes ``[num_codebooks, frames]`` from ``row["meta"][codes_field]``; None when the row has none."""
+    def codes_for_row(self, row: dict, field: str | None = None) -> np.ndarray | None:
+        """Codes ``[num_codebooks, frames]`` from ``row["meta"][field]`` (default ``codes_field``); None when
+        the row has none. With codes at LLM ids: ``[1, T]``, the checked stream of LLM ids."""
+        field = field or self.codes_field
         meta = row.get("meta")
         if isinstance(meta, str):
             try:
                 meta = json.loads(meta) if meta else {}
             except json.JSONDecodeError as err:
                 raise RowError(f"row {row.get('id')}: meta is not valid JSON ({err})") from None
-        if not isinstance(meta, dict) or meta.get(self.codes_field) is None:
+        if not isinstance(meta, dict) or meta.get(field) is None:
             return None
-        where = f"row {row.get('id')} meta.{self.codes_field}"
+        where = f"row {row.get('id')} meta.{field}"
+        if self.stream is not None:
+            return self._stream_codes(meta[field], where)[None]
         try:
-            codes = np.asarray(meta[self.codes_field])
+            codes = np.asarray(meta[field])
         except ValueError:
             raise RowError(f"{where}: codebooks of different lengths") from None
         if codes.size == 0:
@@ -254,6 +321,30 @@ class PrecomputedTokenizer(AudioTokenizer):
         if codes.dtype.kind not in "iu":
             raise RowError(f"{where}: expected integer codes, got {codes.dtype} values")
         return self.check_codes(codes, where)
+
+    def prompt_codes_for_row(self, row: dict) -> np.ndarray | None:
+        """Prompt codes from ``row["meta"][prompt_codes_field]`` in the forms of :meth:`codes_for_row`."""
+        return self.codes_for_row(row, self.prompt_codes_field)
+
+    def _stream_codes(self, value: Any, where: str) -> np.ndarray:
+        """A stream given as ``<audio_N>`` text, flat LLM ids or one code list per codebook → checked LLM ids."""
+        stream = self.stream
+        assert stream is not None
+        try:
+            if isinstance(value, str):
+                return stream.check(np.asarray(parse_audio_tokens(value, where), dtype=np.int64) + stream.first_id)
+            if not isinstance(value, list) or not value:
+                raise RowError(f"{where}: expected <audio_N> tokens, a list of LLM ids or {len(stream.sizes)} code "
+                               f"lists, got {type(value).__name__}")
+            if all(isinstance(v, list) for v in value):
+                return stream.interleave_codes(value)
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise RowError(f"{where}: expected integer ids (or one list of codes per codebook)")
+            return stream.check(value)
+        except StreamError as err:
+            kind = StreamOutOfRange if err.out_of_range else RowError
+            raise kind(f"{where}: {err} (tokenize.audio_tokenizer.codebook_offsets / codebook_sizes / "
+                       "interleave)") from None
 
     def moss_records(self) -> Iterator[dict]:
         """:func:`iter_moss_shards` over ``moss_path``, with codes range-checked (bad ones carry ``error``)."""
@@ -270,7 +361,10 @@ class PrecomputedTokenizer(AudioTokenizer):
     def params(self) -> dict[str, Any]:
         return {
             "codes_field": self.codes_field, "num_codebooks": self.num_codebooks, "token_rate": self.token_rate,
-            "vocab_size": self.vocab_size, "max_code": self.max_code,
+            "vocab_size": self.vocab_size, "max_code": self.max_code, "prompt_codes_field": self.prompt_codes_field,
+            "codebook_offsets": list(self.stream.offsets) if self.stream else None,
+            "codebook_sizes": list(self.stream.sizes) if self.stream else None,
+            "interleave": list(self.stream.interleave) if self.stream else None,
         }
 
     @classmethod
