@@ -282,10 +282,12 @@ def _release_files(spec: str) -> tuple[str, list[str]]:
     return folder, names
 
 
-def load_release_vocoder(spec: str, mel_cfg: Any, device: str = "cpu") -> HiftVocoder:
+def load_release_vocoder(spec: str, mel_cfg: Any, device: str | None = None) -> HiftVocoder:
     """The HiFT of a release folder (local or ``s3://``; its ``hift.pt`` may be named instead).
 
     The folder needs one yaml with a ``hift:`` section and ``hift.pt``; only those two are fetched.
+    It runs on ``device``; by default the current CUDA device when there is one (a full-size HiFT
+    is several times slower than real time on a few CPU cores), else the CPU.
 
     Raises:
         VocoderError: no yaml with ``hift:``, several, no ``hift.pt``, a BigVGAN or other unsupported
@@ -314,7 +316,7 @@ def load_release_vocoder(spec: str, mel_cfg: Any, device: str = "cpu") -> HiftVo
         load_hift_file(model, storage.local_copy(storage.join(folder, RELEASE_WEIGHTS)))
     except (FlowLoadError, ReleaseYamlError) as err:
         raise VocoderError(f"vocoder {spec}: {err}") from None
-    vocoder = HiftVocoder(model.to(device))
+    vocoder = HiftVocoder(model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")))
     _check_mel_agreement(spec, vocoder, release_mel_settings(found[0][1]), settings)
     log.info("vocoder %s: HiFT from %s (%d Hz, %d samples per frame)", spec, found[0][0], vocoder.sample_rate,
              vocoder.hop_length)
