@@ -105,8 +105,8 @@ def merge_llm(artifact: Path, manifest: dict[str, Any], base_path: Path, dtype: 
     try:  # a multi-codebook artifact's tables and heads come along (on the backbone of a family-built wrapper)
         model = attach_adapter(model, artifact).to(dtype)
     except (ValueError, KeyError, RuntimeError, OSError) as err:
-        raise ExportError(f"the adapter (or codebook tables and heads) in {artifact} do not fit the base model "
-                          f"{base_path}: {err}") from None
+        raise ExportError(f"the adapter in {artifact} (or its codebook tables and heads) does not fit the base "
+                          f"model {base_path}: {err}") from None
     model.eval()
     reference = _forward(model, probe)
     model = merge_adapter(model)
