@@ -105,6 +105,12 @@ class LLMStageConfig(_Section):
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
         "auto", description="Attention kernel; auto: flash_attention_2 with flash-attn on a GPU, else sdpa."
     )
+    trust_remote_code: bool = Field(
+        False, description="Run the Python code a base model ships with its weights (config.json auto_map, e.g. "
+        "Step-Audio-EditX's Step1ForCausalLM). Off: such a base is refused. On: the sha256 of those .py files "
+        "enter the base fingerprint and export refuses a base whose code changed; attention falls back to what "
+        "the model's class supports (eager when it has no sdpa)."
+    )
     audio_tokens: Literal["append", "offset"] = Field(
         "append", description="Audio codes as new tokens after the text vocabulary, or at an existing offset."
     )

@@ -48,6 +48,9 @@ def model_card(name: str, manifest: dict[str, Any], llm: dict[str, Any] | None, 
             ("steps", llm.get("steps")),
             *[(METRIC_NAMES[k], _fmt(v)) for k, v in (llm.get("metrics") or {}).items() if k in METRIC_NAMES],
             ("joint stage", f"{llm['joint']['steps']} steps" if llm.get("joint") else None),
+            ("own code (llm.trust_remote_code)", ", ".join(
+                f"`{name}` (sha256 {digest})" for name, digest in sorted(
+                    ((llm.get("base_fingerprint") or {}).get("remote_code") or {}).items())) or None),
         ]), ""]
     if flow:
         parts += ["## Flow decoder", "", _table([

@@ -4,8 +4,11 @@
 recorded at training), puts the adapter on it with PEFT, runs a probe batch of validation
 sequences through base + adapter, merges with ``merge_and_unload`` in the base model's dtype, runs
 the same batch again and compares the logits within a tolerance suited to the dtype. It also
-checks that no PEFT layer remains. :func:`check_reload` then reloads the saved directory with
-plain ``AutoModelForCausalLM.from_pretrained`` and compares once more.
+checks that no PEFT layer remains. :func:`save_merged` writes it with the base's family
+(:mod:`audiotune.models.families`), in the base's own layout; :func:`check_reload` then reloads the saved
+directory with that family, strictly, and compares once more. A base that runs its own code is
+loaded with the ``llm.trust_remote_code`` the adapter was trained with, after :func:`check_base` has
+found its code files unchanged (their sha256 are part of the fingerprint).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 import torch
 
 from audiotune.errors import AudiotuneError
+from audiotune.models.families import family_for, load_model, recorded_settings, save_model
 from audiotune.models.fingerprint import fingerprint_checkpoint, fingerprint_mismatch
 from audiotune.models.lm import ModelError, load_base, new_rows_trained, resize_embeddings
 from audiotune.models.multicodebook import MultiCodebookLM, attach_adapter, merge_adapter
@@ -99,7 +103,7 @@ def merge_llm(artifact: Path, manifest: dict[str, Any], base_path: Path, dtype: 
         ExportError: The adapter does not fit the base (e.g. its target modules are missing), or the
             merged logits differ beyond the tolerance, or PEFT layers remain.
     """
-    model = load_base(base_path, dtype, "eager" if dtype == torch.float32 else "sdpa")
+    model = load_base(base_path, dtype, "eager" if dtype == torch.float32 else "sdpa", recorded_settings(manifest))
     rows = int(manifest.get("embedding_rows") or model.get_input_embeddings().weight.shape[0])
     resize_embeddings(model, rows, new_rows_trained(manifest), mean_resizing=False)  # untrained rows as trained
     try:  # a multi-codebook artifact's tables and heads come along (on the backbone of a family-built wrapper)
@@ -129,16 +133,31 @@ def merge_llm(artifact: Path, manifest: dict[str, Any], base_path: Path, dtype: 
     return model, verification
 
 
+def save_merged(model: torch.nn.Module, base_path: Path, out: Path, max_shard_size: str = "5GB") -> None:
+    """Write the merged ``model`` into ``out`` with the family of the base it was merged into (its layout)."""
+    save_model(model, out, family_for(base_path), max_shard_size=max_shard_size)
+
+
+def _runs_own_code(model: torch.nn.Module) -> bool:
+    backbone = model.backbone if isinstance(model, MultiCodebookLM) else model
+    return type(backbone).__module__.startswith("transformers_modules")
+
+
 @torch.no_grad()
 def check_reload(saved: Path, model: torch.nn.Module, probe: dict[str, torch.Tensor], dtype: torch.dtype,
-                 verification: Verification) -> None:
-    """Reload the saved merged model with plain transformers calls and compare its logits with ``model``'s."""
-    from transformers import AutoModelForCausalLM
+                 verification: Verification, settings: Any = None) -> None:
+    """Reload the saved merged model with its family (strictly) and compare its logits with ``model``'s.
 
+    ``settings`` (the ``llm`` section) decides whether the model's own code may run; None: it may when
+    ``model`` already runs it (the files were copied beside the weights when it was saved).
+    """
+    from audiotune.config import LLMStageConfig
+
+    if settings is None:
+        settings = LLMStageConfig(trust_remote_code=_runs_own_code(model))
     expected = _forward(model, probe)
-    reloaded = AutoModelForCausalLM.from_pretrained(str(saved), dtype=dtype, use_safetensors=True,
-                                                    attn_implementation="eager" if dtype == torch.float32 else "sdpa")
-    if isinstance(model, MultiCodebookLM):
+    reloaded = load_model(saved, settings, dtype, "eager" if dtype == torch.float32 else "sdpa")
+    if isinstance(model, MultiCodebookLM) and not isinstance(reloaded, MultiCodebookLM):
         reloaded = MultiCodebookLM.from_saved(reloaded, saved).to(dtype)
     reloaded.eval()
     diff = float((_forward(reloaded, probe) - expected).abs().max())

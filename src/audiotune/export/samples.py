@@ -24,7 +24,7 @@ def sample_texts(E: ExportConfig, tokens_dir: Path | None, package: Path) -> lis
         import pyarrow.parquet as pq
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(package / "llm"))
+        tokenizer = AutoTokenizer.from_pretrained(str(package / "llm"), trust_remote_code=False)
         for split in ("val", "train"):
             for shard in sorted((tokens_dir / split).glob("part-*.parquet")):
                 table = pq.read_table(shard, columns=["id", "task", "text_ids"]).to_pylist()

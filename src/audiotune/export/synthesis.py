@@ -70,7 +70,7 @@ class Synthesizer:
             broken = [str(f) for f in (llm_dir / "vocab.json", flow_dir / "config.json") if not f.is_file()]
             raise SynthesisError(f"{package} is incomplete: {', '.join(broken)} missing; export it again")
         self.vocab = AudioVocab.from_dict(json.loads((llm_dir / "vocab.json").read_text()))
-        self.tokenizer = AutoTokenizer.from_pretrained(str(llm_dir))
+        self.tokenizer = AutoTokenizer.from_pretrained(str(llm_dir), trust_remote_code=False)
         self.llm, _ = load_trained(llm_dir, None, torch.float32)
         self.llm.to(self.device).eval()
         self.flow = load_flow(flow_dir).to(self.device).eval()

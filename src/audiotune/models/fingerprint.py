@@ -2,7 +2,9 @@
 
 The llm stage records the fingerprint of the base it trained on; export and the joint stage refuse
 a base whose fingerprint differs (a LoRA merged into the wrong base is the failure this prevents).
-Sharding and load dtype do not change a fingerprint; any changed weight does.
+Sharding and load dtype do not change a fingerprint; any changed weight does. A base whose code ships
+with its weights (``auto_map``) also has the sha256 of every such .py file in its fingerprint
+(``remote_code``): a changed modeling file is named when export compares the fingerprints.
 """
 
 from __future__ import annotations
@@ -73,7 +75,45 @@ def fingerprint_checkpoint(path: str | Path) -> dict[str, Any]:
             for h in handles.values():
                 h.__exit__(None, None, None)
 
-    return _digest(config, tensors())
+    fingerprint = _digest(config, tensors())
+    code = remote_code_files(path)
+    if code:
+        fingerprint["remote_code"] = code
+    return fingerprint
+
+
+def remote_code_files(path: str | Path) -> dict[str, str]:
+    """sha256 of the .py files a model folder's ``auto_map`` names (config.json, tokenizer_config.json), and of
+    the files they import relatively; empty when the model needs no code of its own."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    path = Path(path)
+    modules: set[str] = set()
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            auto_map = json.loads((path / name).read_text()).get("auto_map") or {}
+        except (OSError, ValueError):
+            continue
+        for refs in auto_map.values():
+            for ref in refs if isinstance(refs, list) else [refs]:
+                if isinstance(ref, str) and "." in ref and "--" not in ref:
+                    modules.add(ref.rsplit(".", 1)[0] + ".py")
+    files = {path / m for m in modules if (path / m).is_file()}
+    for file in list(files):
+        files.update(Path(f) for f in get_relative_import_files(str(file)))
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(files) if f.is_file()}
+
+
+def code_mismatch(recorded: dict[str, str], found: dict[str, str]) -> list[str]:
+    """The remote-code files that differ between two ``remote_code`` maps, one line each."""
+    problems = []
+    for name in sorted(set(recorded) | set(found)):
+        a, b = recorded.get(name), found.get(name)
+        if a != b:
+            problems.append(f"remote code {name}: " + (f"sha256 {a[:12]}… at training, {b[:12]}… now (the file "
+                                                       "changed)" if a and b else
+                                                       "missing now" if a else "not there at training"))
+    return problems
 
 
 def fingerprint_model(model: nn.Module) -> dict[str, Any]:
@@ -85,7 +125,7 @@ def fingerprint_model(model: nn.Module) -> dict[str, Any]:
 
 def fingerprint_mismatch(recorded: dict[str, Any], found: dict[str, Any]) -> list[str]:
     """What differs between two fingerprints (empty when they agree)."""
-    problems = []
+    problems = code_mismatch(recorded.get("remote_code") or {}, found.get("remote_code") or {})
     for key in sorted(set(recorded.get("config", {})) | set(found.get("config", {}))):
         a, b = recorded.get("config", {}).get(key), found.get("config", {}).get(key)
         if a != b:
@@ -95,5 +135,3 @@ def fingerprint_mismatch(recorded: dict[str, Any], found: dict[str, Any]) -> lis
             problems.append(f"{key}: trained on {recorded.get(key)!r}, found {found.get(key)!r}")
     return problems
 
-
-# ------------------------------------------------------------------------------------------------ reloading

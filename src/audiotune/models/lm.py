@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from audiotune.models.fingerprint import fingerprint_checkpoint
+from audiotune.models.families import ModelError, check_base_dir, load_model, recorded_settings  # noqa: F401 (re-exported)
+from audiotune.models.fingerprint import code_mismatch, fingerprint_checkpoint, remote_code_files
 from audiotune.models.multicodebook import (
     CODEBOOKS_CONFIG,
     MultiCodebookLM,
@@ -35,10 +36,6 @@ from audiotune.models.vocab import AudioVocab
 log = logging.getLogger(__name__)
 
 EMBED_ROW_MULTIPLE = 64  # resized vocabularies are padded to this for tensor-core friendly shapes
-
-
-class ModelError(Exception):
-    """A base model or LoRA setting that cannot be used; the message says what to change."""
 
 
 _SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -83,42 +80,11 @@ def _padded(n: int) -> int:
     return -(-n // EMBED_ROW_MULTIPLE) * EMBED_ROW_MULTIPLE
 
 
-def check_base_dir(path: Path) -> None:
-    if not path.is_dir():
-        raise ModelError(f"base model {path} does not exist or is not a directory")
-    if not (path / "config.json").exists():
-        raise ModelError(f"base model {path} has no config.json: not a Hugging Face model directory")
-    has_safetensors = any(path.glob("*.safetensors"))
-    if not has_safetensors:
-        pickled = sorted(p.name for p in path.glob("*.bin"))
-        hint = f" (found {', '.join(pickled)}: pickled weights are not loaded; convert them to safetensors)" \
-            if pickled else ""
-        raise ModelError(f"base model {path} has no *.safetensors weights{hint}")
-
-
-def load_base(path: str | Path, dtype: torch.dtype, attn_implementation: str):
-    """Load a causal LM from a local directory, with a clear error when it is not one."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    path = Path(path)
-    check_base_dir(path)
-    try:
-        config = AutoConfig.from_pretrained(str(path))
-    except (OSError, ValueError, KeyError) as err:
-        raise ModelError(f"base model {path}: cannot read config.json ({err})") from None
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise ModelError(f"base model {path} is a {config.model_type!r} model, not a causal LM "
-                         f"(AutoModelForCausalLM cannot load it)")
-    causal = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]
-    causal = {causal} if isinstance(causal, str) else set(causal)
-    if config.architectures and not causal & set(config.architectures):
-        raise ModelError(f"base model {path} holds {', '.join(config.architectures)}, which has no causal-LM head "
-                         f"(expected {', '.join(sorted(causal))}); its head would start from random weights")
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation=attn_implementation,
-                                                 use_safetensors=True)
-    model.config.use_cache = False  # a KV cache during training would make packed samples attend to each other
-    return model
+def load_base(path: str | Path, dtype: torch.dtype, attn_implementation: str, settings: Any = None):
+    """Load a base causal LM from a local directory with its family (:mod:`audiotune.models.families`), strictly:
+    weights that do not load are an error listing them. ``settings`` is the ``llm`` section
+    (``trust_remote_code``); None means the defaults."""
+    return load_model(Path(path), settings, dtype, attn_implementation)
 
 
 def build_lm(settings, vocab: AudioVocab, base_path: str | Path | None, dtype: torch.dtype,
@@ -151,7 +117,8 @@ def build_lm(settings, vocab: AudioVocab, base_path: str | Path | None, dtype: t
     else:
         if base_path is None:
             raise ModelError("llm.init=pretrained needs a base model")
-        model = load_base(base_path, dtype, attn)
+        model = load_base(base_path, dtype, attn, settings)
+        info["attn_implementation"] = getattr(model.config, "_attn_implementation", None) or attn  # remote code
         base_rows = embedding_rows(model)
         info.update(base_vocab_size=base_rows, fingerprint=fingerprint_checkpoint(base_path))
         audio_tokens = vocab.extra.get("audio_tokens", settings.audio_tokens)  # a base family may fix it
@@ -170,7 +137,7 @@ def build_lm(settings, vocab: AudioVocab, base_path: str | Path | None, dtype: t
         info["new_token_ids"] = new_token_ids(vocab, base_text_size if base_text_size is not None else base_rows,
                                               audio_tokens, rows if rows > base_rows else None)
     model.config.use_cache = False
-    if vocab.num_codebooks > 1:
+    if vocab.num_codebooks > 1 and not isinstance(model, MultiCodebookLM):  # a family may build the wrapper
         weights = settings.codebook_weights or default_codebook_weights(vocab.num_codebooks)
         if len(weights) != vocab.num_codebooks:
             raise ModelError(f"llm.codebook_weights has {len(weights)} entries; the Tokens have "
@@ -325,7 +292,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters())
 
 
-# ---------------------------------------------------------------------------------------------- fingerprints
+# ------------------------------------------------------------------------------------------------ reloading
 def load_trained(artifact: str | Path, base_path: str | Path | None, dtype: torch.dtype = torch.float32,
                  trainable: bool = False, attn_implementation: str = "sdpa") -> tuple[nn.Module, dict[str, Any]]:
     """Reload an LLM model artifact: the full model, or the base with the adapter (LoRA) on top.
@@ -339,25 +306,27 @@ def load_trained(artifact: str | Path, base_path: str | Path | None, dtype: torc
 
     Returns:
         The model and the artifact's manifest.
-    """
-    from transformers import AutoModelForCausalLM
 
+    The base (or the full model) is loaded by its family with the settings the artifact was trained with
+    (``llm.trust_remote_code`` among them); a full model's own code files must be the ones hashed at training.
+    """
     artifact = Path(artifact)
     manifest_file = artifact / "manifest.json"  # an exported llm/ folder has none: a full model
     manifest = json.loads(manifest_file.read_text()) if manifest_file.exists() else {"mode": "full"}
+    settings = recorded_settings(manifest)
     multi = (artifact / CODEBOOKS_CONFIG).exists()
     if manifest.get("mode") == "lora":
         if base_path is None:
             raise ModelError(f"{artifact} holds a LoRA adapter; the base model it was trained on is needed")
-        model = load_base(base_path, dtype, attn_implementation)
+        model = load_base(base_path, dtype, attn_implementation, settings)
         rows = int(manifest.get("embedding_rows") or model.get_input_embeddings().weight.shape[0])
         resize_embeddings(model, rows, new_rows_trained(manifest), mean_resizing=False)
         model = attach_adapter(model, artifact, trainable)  # on the backbone of a family-built wrapper
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(artifact), dtype=dtype,
-                                                     attn_implementation=attn_implementation, use_safetensors=True)
+        check_code_unchanged(artifact, manifest.get("base_fingerprint") or {})
+        model = load_base(artifact, dtype, attn_implementation, settings)
     model.config.use_cache = False
-    if multi:
+    if multi and not isinstance(model, MultiCodebookLM):
         model = MultiCodebookLM.from_saved(model, artifact)
         model.to(dtype)
     if trainable and manifest.get("mode") != "lora":
@@ -367,3 +336,11 @@ def load_trained(artifact: str | Path, base_path: str | Path | None, dtype: torc
         upcast_trainable(model)  # the adapter, and a multi-codebook model's tables and heads, train in fp32
     return model, manifest
 
+
+def check_code_unchanged(directory: Path, fingerprint: dict[str, Any]) -> None:
+    """Refuse a model folder whose own code files differ from those hashed in ``fingerprint`` at training."""
+    problems = code_mismatch(fingerprint.get("remote_code") or {}, remote_code_files(directory)) \
+        if fingerprint.get("remote_code") else []
+    if problems:
+        raise ModelError(f"{directory}: " + "; ".join(problems) + " — the model's own code is not the code it was "
+                         "trained with; restore the files it was trained with")

@@ -22,7 +22,15 @@ import torch
 
 from audiotune import __version__, artifacts, publish, storage, tracking
 from audiotune.config import AudiotuneConfig, dump_config
-from audiotune.export.merge import ExportError, Verification, base_dtype, check_base, check_reload, merge_llm
+from audiotune.export.merge import (
+    ExportError,
+    Verification,
+    base_dtype,
+    check_base,
+    check_reload,
+    merge_llm,
+    save_merged,
+)
 from audiotune.export.samples import render_samples
 from audiotune.models.vocab import AudioVocab
 
@@ -164,7 +172,7 @@ def _export_llm(cfg: AudiotuneConfig, llm: str, manifest: dict[str, Any], tokens
     E = cfg.export
     artifact = storage.local_copy(llm)
     vocab = AudioVocab.from_dict(manifest["vocab"])
-    tokenizer = AutoTokenizer.from_pretrained(str(artifact))
+    tokenizer = AutoTokenizer.from_pretrained(str(artifact), trust_remote_code=False)
     out = package / "llm"
     verification = None
     if manifest.get("mode") == "lora":
@@ -179,7 +187,7 @@ def _export_llm(cfg: AudiotuneConfig, llm: str, manifest: dict[str, Any], tokens
         probe = _probe(vocab, manifest, tokens_dir, E.probe_samples, cfg.run.seed)
         merged, verification = merge_llm(artifact, manifest, base_path, dtype, probe, E.verify_tolerance)
         merged.config.use_cache = True  # for generation by users; training set it off
-        merged.save_pretrained(str(out), max_shard_size=E.max_shard_size)
+        save_merged(merged, base_path, out, E.max_shard_size)  # in the base family's layout
         if E.verify_reload:
             check_reload(out, merged, probe, dtype, verification)
         del merged

@@ -183,7 +183,7 @@ def tokenize(cfg: AudiotuneConfig, dataset: str | None, output: str, base_model:
 
         texts = _texts(ds_dir) if ds_dir else iter(())
         text_tok, text_kind = build_text_tokenizer("base" if moss else t.text_tokenizer, base_model, texts,
-                                                   t.vocab_size)
+                                                   t.vocab_size, cfg.llm.trust_remote_code)
         text_tok.save_pretrained(str(tok_dir))
         has_audio = ds_manifest is not None and ds_manifest.get("format") != "text"
         audio_tok = _build_audio_tokenizer(t, ds_dir, has_audio or moss, cfg.run.seed, tok_dir)

@@ -73,8 +73,8 @@ def _check_tokens(tokens: str, tokens_dir: Path, llm_dir: Path, vocab: AudioVoca
             int(audio.get("num_codebooks") or 1) < vocab.num_codebooks:
         raise TrainJointError(f"{tokens}: audio codes ({audio.get('num_codebooks')} × {audio.get('codebook_size')}) "
                               f"differ from the LLM's ({vocab.num_codebooks} × {vocab.codebook_size})")
-    ours = AutoTokenizer.from_pretrained(str(tokens_dir / "tokenizer")).get_vocab()
-    theirs = AutoTokenizer.from_pretrained(str(llm_dir)).get_vocab()
+    ours = AutoTokenizer.from_pretrained(str(tokens_dir / "tokenizer"), trust_remote_code=False).get_vocab()
+    theirs = AutoTokenizer.from_pretrained(str(llm_dir), trust_remote_code=False).get_vocab()
     differ = [t for t, i in ours.items() if theirs.get(t) != i]
     if differ:
         raise TrainJointError(f"{tokens}: text tokenizer differs from the LLM's ({len(differ)} tokens, e.g. "
@@ -201,7 +201,7 @@ def train_joint(cfg: AudiotuneConfig, tokens: str, llm: str, flow: str, llm_outp
             llm_state = {k[len("llm."):]: v for k, v in state_dict.items() if k.startswith("llm.")}
             flow_state = {k[len("flow."):]: v for k, v in state_dict.items() if k.startswith("flow.")}
             with publish.publish_dir(llm_output, overwrite=J.overwrite) as staging:
-                tokenizer = AutoTokenizer.from_pretrained(str(llm_dir))
+                tokenizer = AutoTokenizer.from_pretrained(str(llm_dir), trust_remote_code=False)
                 base_fp = json.loads((llm_dir / "base_fingerprint.json").read_text())
                 write_llm_files(staging, unwrapped.llm, llm_state, llm_manifest["mode"], tokenizer, vocab, base_fp,
                                 metrics, state.history, tracker)

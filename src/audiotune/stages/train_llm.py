@@ -54,11 +54,12 @@ def _vocab(tokens_dir: Path, manifest: dict[str, Any], cfg) -> tuple[Any, AudioV
     return tokenizer, vocab, base_text_size
 
 
-def _check_tokenizer(tokens: str, manifest: dict[str, Any], tokenizer, base_path: str) -> None:
+def _check_tokenizer(tokens: str, manifest: dict[str, Any], tokenizer, base_path: str,
+                     trust_remote_code: bool = False) -> None:
     """A pretrained base must see the ids of its own tokenizer."""
     kind = (manifest.get("text_tokenizer") or {}).get("kind")
     try:
-        base_tok = AutoTokenizer.from_pretrained(base_path)
+        base_tok = AutoTokenizer.from_pretrained(base_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError):
         if kind in ("bpe", "char"):
             raise TrainLLMError(f"{tokens} was tokenized with a {kind} tokenizer trained on the data, and the base "
@@ -119,7 +120,7 @@ def train_llm(cfg: AudiotuneConfig, tokens: str, output: str, base_model: str | 
     base_path = str(storage.local_copy(base_model)) if L.init == "pretrained" else None
     if base_path is not None:
         check_base_dir(Path(base_path))
-        _check_tokenizer(tokens, manifest, tokenizer, base_path)
+        _check_tokenizer(tokens, manifest, tokenizer, base_path, L.trust_remote_code)
         vocab = _fit_vocab(vocab, Path(base_path), tokens)
 
     seed_everything(cfg.run.seed)

@@ -25,11 +25,12 @@ class TextTokenizerError(DataError):
     """The text tokenizer cannot be loaded or trained."""
 
 
-def load_base_tokenizer(uri: str) -> PreTrainedTokenizerBase:
-    """The base model's tokenizer from a local directory or an s3:// URI (downloaded once, cached)."""
+def load_base_tokenizer(uri: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The base model's tokenizer from a local directory or an s3:// URI (downloaded once, cached); its own code
+    runs only with ``trust_remote_code`` (llm.trust_remote_code), never after a prompt."""
     path = storage.local_copy(uri)
     try:
-        tok = AutoTokenizer.from_pretrained(str(path))
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise TextTokenizerError(f"cannot load a tokenizer from base model {uri}: {err}") from None
     if tok.pad_token is None:
@@ -74,14 +75,14 @@ def train_char(texts: Iterable[str]) -> PreTrainedTokenizerFast:
 
 
 def build_text_tokenizer(kind: str, base_model: str | None, texts: Iterable[str],
-                         vocab_size: int) -> tuple[PreTrainedTokenizerBase, str]:
+                         vocab_size: int, trust_remote_code: bool = False) -> tuple[PreTrainedTokenizerBase, str]:
     """Pick and build the text tokenizer; returns it and what it is (``base``, ``bpe``, ``char``)."""
     if kind == "auto":
         kind = "base" if base_model else "bpe"
     if kind == "base":
         if not base_model:
             raise TextTokenizerError("tokenize.text_tokenizer is 'base' but no base model was given (--base-model)")
-        return load_base_tokenizer(base_model), "base"
+        return load_base_tokenizer(base_model, trust_remote_code), "base"
     if kind == "bpe":
         return train_bpe(texts, vocab_size), "bpe"
     if kind == "char":
