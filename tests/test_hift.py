@@ -97,7 +97,7 @@ def test_state_dict_is_the_release_layout_and_round_trips_bit_identically(varian
     assert list(state)[-2:] == ["f0_predictor.classifier.weight", "f0_predictor.classifier.bias"]
     again = build_hift(parse_release_yaml(release_yaml(**variant))["hift"])
     load_hift_state(again, {k: v.clone() for k, v in state.items()})
-    assert all(torch.equal(a, b) for a, b in zip(hift_state_dict(again).values(), state.values()))
+    assert all(torch.equal(a, b) for a, b in zip(hift_state_dict(again).values(), state.values(), strict=True))
 
 
 def test_parametrized_and_plain_weight_layouts_load_too():

@@ -84,7 +84,8 @@ class ResBlock(nn.Module):
         self.activations2 = nn.ModuleList(Snake(channels) for _ in dilations)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for conv1, conv2, act1, act2 in zip(self.convs1, self.convs2, self.activations1, self.activations2):
+        for conv1, conv2, act1, act2 in zip(self.convs1, self.convs2, self.activations1, self.activations2,
+                                            strict=True):
             x = x + conv2(act2(conv1(act1(x))))
         return x
 
@@ -115,8 +116,9 @@ class HiFTGenerator(nn.Module):
                                           nsf_voiced_threshold, sine_kind)
         self.conv_pre = WNConv1d(in_channels, base_channels, 7, padding=3)
         widths = [base_channels // 2 ** i for i in range(len(self.upsample_rates) + 1)]
+        stages = zip(self.upsample_rates, upsample_kernel_sizes, strict=True)
         self.ups = nn.ModuleList(WNConvTranspose1d(widths[i], widths[i + 1], k, u, padding=(k - u) // 2)
-                                 for i, (u, k) in enumerate(zip(self.upsample_rates, upsample_kernel_sizes)))
+                                 for i, (u, k) in enumerate(stages))
         # the excitation STFT runs at the last stage's rate; stage i sees it downsampled by the rates after it
         down = [math.prod(self.upsample_rates[i + 1:]) for i in range(len(self.upsample_rates))]
         spec = self.n_fft + 2
@@ -125,9 +127,10 @@ class HiFTGenerator(nn.Module):
             for i, d in enumerate(down))
         self.source_resblocks = nn.ModuleList(
             ResBlock(widths[i + 1], k, dil)
-            for i, (k, dil) in enumerate(zip(source_resblock_kernel_sizes, source_resblock_dilation_sizes)))
+            for i, (k, dil) in enumerate(zip(source_resblock_kernel_sizes, source_resblock_dilation_sizes,
+                                               strict=True)))
         self.resblocks = nn.ModuleList(ResBlock(widths[i + 1], k, dil) for i in range(len(self.ups))
-                                       for k, dil in zip(resblock_kernel_sizes, resblock_dilation_sizes))
+                                       for k, dil in zip(resblock_kernel_sizes, resblock_dilation_sizes, strict=True))
         self.conv_post = WNConv1d(widths[-1], spec, 7, padding=3)
         self.f0_predictor = f0_predictor
         window = torch.hann_window(self.n_fft, periodic=True, dtype=torch.float64).to(torch.float32)
@@ -146,7 +149,7 @@ class HiFTGenerator(nn.Module):
         return torch.istft(spec, self.n_fft, self.istft_hop, self.n_fft, window=self.stft_window.to(magnitude.dtype))
 
     def decode(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        """Mel ``x`` ``[B, in_channels, T]`` and excitation ``s`` ``[B, 1, T · hop_length]`` → ``[B, T · hop_length]``."""
+        """Mel ``x`` ``[B, in_channels, T]`` + excitation ``s`` ``[B, 1, T · hop_length]`` → ``[B, T · hop_length]``."""
         source = self._stft(s.squeeze(1))
         x = self.conv_pre(x)
         last = len(self.ups) - 1
@@ -226,7 +229,8 @@ def build_hift(node: Any) -> HiFTGenerator:
     stages = len(args["upsample_rates"])
     for key in ("upsample_kernel_sizes", "source_resblock_kernel_sizes", "source_resblock_dilation_sizes"):
         if len(args[key]) != stages:
-            raise FlowLoadError(f"hift.{key}: {len(args[key])} entries for {stages} upsample_rates {args['upsample_rates']}")
+            raise FlowLoadError(f"hift.{key}: {len(args[key])} entries for {stages} upsample_rates "
+                                f"{args['upsample_rates']}")
     if len(args["resblock_dilation_sizes"]) != len(args["resblock_kernel_sizes"]) or not args["resblock_kernel_sizes"]:
         raise FlowLoadError(f"hift.resblock_dilation_sizes: {len(args['resblock_dilation_sizes'])} entries for "
                             f"{len(args['resblock_kernel_sizes'])} resblock_kernel_sizes")
