@@ -267,3 +267,24 @@ def test_stale_staging_of_an_interrupted_publish_is_removed_by_the_next_run(tmp_
         assert live.is_dir()
     assert (tmp_path / "ds" / "manifest.json").is_file()
     assert {p.name for p in tmp_path.iterdir() if p.name.startswith(".ds") and p.is_dir()} == {live.name}
+
+
+# ------------------------------------------------------------------------------ file names that are not UTF-8
+def test_a_file_name_that_is_not_utf8_is_quarantined_not_fatal(tmp_path, capsys):
+    import json
+    import os
+
+    from tests.helpers import write_audio
+
+    ace = tmp_path / "ace"
+    ace.mkdir()
+    for name in (b"good", b"caf\xe9", b"ok"):  # caf\xe9: Latin-1, not UTF-8
+        write_audio(tmp_path / "t.wav", seconds=1.0, seed=len(name))
+        os.rename(bytes(tmp_path / "t.wav"), bytes(ace) + b"/" + name + b".wav")
+        Path(os.fsdecode(bytes(ace) + b"/" + name + b"_prompt.txt")).write_text("pop, rock")
+    out = tmp_path / "ds"
+    assert cli_main(_convert(ace, out, "convert.val_fraction=0", "convert.max_bad_fraction=0.5")) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["rows"] == \
+        {"input": 3, "train": 2, "val": 0, "quarantined": 1}
+    (bad,) = [json.loads(line) for line in (out / "quarantine.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert bad["reason"] == "invalid_utf8" and bad["field"] == "audio_path" and "caf\\xe9.wav" in bad["detail"]

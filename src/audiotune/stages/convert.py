@@ -87,9 +87,49 @@ def _read_source(uri: str, fmt: str | None, c: ConvertConfig, workdir: Path, lab
     options = SourceOptions(text_field=c.text_field, repeat_count=c.repeat_count)
     from audiotune.data.sources import get_reader
 
-    items = list(get_reader(fmt_name).read(read_path, options))
+    items = list(_utf8_only(get_reader(fmt_name).read(read_path, options)))
     log.info("%s: %d rows in %s format", uri, len(items), fmt_name)
     return fmt_name, items
+
+
+def _printable(text: str | None) -> str | None:
+    """``text`` with what a non-UTF-8 file name decodes to (lone surrogates) shown as ``\\xNN`` escapes."""
+    if text is None:
+        return None
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _not_utf8(rec: SourceRecord) -> str | None:
+    """The first field of ``rec`` holding text that is not valid UTF-8 (a file name's raw bytes), or None."""
+    names = ["audio_path", "prompt_audio_path"] + [f.name for f in dataclasses.fields(rec)]
+    for name in names:
+        value = getattr(rec, name)
+        for text in (value if isinstance(value, list) else [value]):
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    return name
+    return None
+
+
+def _utf8_only(items: Iterable) -> Iterator:
+    """Quarantine records whose file names (or other text) are not UTF-8, and make every BadRecord writable."""
+    for item in items:
+        if isinstance(item, SourceRecord):
+            field = _not_utf8(item)
+            if field is None:
+                yield item
+                continue
+            value = getattr(item, field)
+            yield BadRecord(
+                origin=_printable(item.origin), field=field, reason=reasons.INVALID_UTF8, id=_printable(item.id),
+                detail=f"{field} {_printable(str(value))} is not valid UTF-8 (its bytes are shown as \\xNN): "
+                       "rename the file or fix the text",
+            )
+        else:
+            yield dataclasses.replace(item, **{f.name: _printable(getattr(item, f.name))
+                                               for f in dataclasses.fields(item)})
 
 
 def _dedupe(items: Iterable, seen: set[str]) -> Iterator:
@@ -120,7 +160,8 @@ def _process(records: list, settings: RowSettings, workers: int) -> Iterator[Any
 
 
 def _quarantine_line(bad: BadRecord) -> str:
-    return json.dumps(dataclasses.asdict(bad), ensure_ascii=False) + "\n"
+    fields = {k: _printable(v) if isinstance(v, str) else v for k, v in dataclasses.asdict(bad).items()}
+    return json.dumps(fields, ensure_ascii=False) + "\n"
 
 
 def convert(cfg: AudiotuneConfig, source: str | None = None, output: str | None = None,
