@@ -178,6 +178,8 @@ def test_inference_gives_hop_samples_per_frame_within_the_limit(variant):
     torch.manual_seed(3)
     assert torch.equal(model.inference(mel), wav)
     assert wav.shape == (2, 7 * model.hop_length) and wav.abs().max() <= 0.99
+    with pytest.raises(ValueError, match="the source has 10 samples"):
+        model.decode(mel, torch.zeros(2, 1, 10))
 
 
 def test_fine_tuning_trains_g_and_v_and_keeps_the_layout():

@@ -150,6 +150,9 @@ class HiFTGenerator(nn.Module):
 
     def decode(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """Mel ``x`` ``[B, in_channels, T]`` + excitation ``s`` ``[B, 1, T · hop_length]`` → ``[B, T · hop_length]``."""
+        if s.shape[-1] != x.shape[-1] * self.hop_length:
+            raise ValueError(f"hift.decode: the source has {s.shape[-1]} samples, the mel {x.shape[-1]} frames × "
+                             f"{self.hop_length} = {x.shape[-1] * self.hop_length}")
         source = self._stft(s.squeeze(1))
         x = self.conv_pre(x)
         last = len(self.ups) - 1
