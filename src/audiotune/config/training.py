@@ -162,8 +162,10 @@ class FlowLoraSettings(_Section):
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: list[str] = Field(
         default_factory=lambda: list(FLOW_LORA_TARGETS), min_length=1,
-        description="Estimator module names to adapt: to_q, to_k, to_v, to_out (attention), proj_in, proj_out "
-        "(feed-forward).",
+        description="Estimator module names (suffixes) to adapt: to_q, to_k, to_v, to_out (attention), proj_in, "
+        "proj_out (feed-forward). Left at this default on a release flow: its own attention and feed-forward layers "
+        "(U-Net: attn1.to_q/k/v, attn1.to_out.0, ff.net.0.proj, ff.net.2; DiT: attn.to_q/k/v, attn.proj, "
+        "mlp.fc1, mlp.fc2).",
     )
     save_adapter: bool = Field(True, description="Also save the unmerged adapter under adapter/ in the artifact.")
 
@@ -188,19 +190,28 @@ class FlowStageConfig(_Section):
     """The flow stage: conditional flow-matching training of the token→mel decoder."""
 
     base_flow: str | None = Field(
-        None, description="Starting flow (Flow artifact, or a folder with config.json + model.safetensors; local "
-        "or s3://); --base-flow. Unset: random init of `preset`."
+        None, description="Starting flow (Flow artifact, a folder with config.json + model.safetensors, or a "
+        "CosyVoice / Step-Audio-EditX release folder with its yaml + flow.pt (+ hift.pt); local or s3://); "
+        "--base-flow. Unset: random init of `preset`."
+    )
+    arch: Literal["auto", "audiotune", "cosyvoice-300m", "cosyvoice2", "step-audio-editx"] = Field(
+        "auto", description="Flow architecture: audiotune (our own flow, sized by `preset`), or an upstream one "
+        "loaded from a release folder as base_flow (cosyvoice-300m, cosyvoice2, step-audio-editx; sizes from its "
+        "yaml, written back as flow.pt + yaml + hift.pt). auto: the base_flow's, or audiotune without one. A "
+        "base_flow of another architecture is refused, naming both."
     )
     preset: Literal["tiny", "base", "from_base"] = Field(
-        "base", description="Architecture: tiny (tests, demo) or base (~100M parameters, CosyVoice-300M-sized); "
-        "a base_flow must match it tensor for tensor (an error lists what differs). from_base takes the "
-        "architecture from the base_flow's config.json (needs a base_flow)."
+        "base", description="Architecture of arch audiotune: tiny (tests, demo) or base (~100M parameters, "
+        "CosyVoice-300M-sized); a base_flow must match it tensor for tensor (an error lists what differs). "
+        "from_base takes the architecture from the base_flow's config.json (needs a base_flow). Not used for a "
+        "release flow (its yaml sets the sizes)."
     )
     codebooks: Literal["first", "all"] = Field(
         "all", description="Codes the flow reads: codebook 0 only, or all codebooks (embeddings summed)."
     )
     freeze_encoder: bool = Field(False, description="Freeze the code encoder and length regulator; train the "
-                                 "decoder (estimator) and speaker projection only.")
+                                 "decoder (estimator) and speaker projection only. Release flows: input_embedding, "
+                                 "encoder, encoder_proj (+ length_regulator in cosyvoice-300m) are frozen.")
     lora: FlowLoraSettings = Field(default_factory=FlowLoraSettings, description="LoRA on the estimator.")
     ema: EmaSettings = Field(default_factory=EmaSettings, description="EMA of the weights.")
     max_frames_in_batch: int = Field(
@@ -208,7 +219,8 @@ class FlowStageConfig(_Section):
         "longer than this are dropped and counted."
     )
     cfg_dropout: float = Field(0.2, ge=0, lt=1, description="Probability of dropping all conditions of an "
-                               "utterance in training (classifier-free guidance).")
+                               "utterance in training (classifier-free guidance). Release flows use their yaml's "
+                               "training_cfg_rate and sigma_min instead.")
     prompt_prob: float = Field(0.5, ge=0, le=1, description="Probability of giving a prefix of the target mel as "
                                "the prompt condition (excluded from the loss).")
     prompt_max_fraction: float = Field(0.3, ge=0, lt=1, description="Longest prompt prefix as a fraction of the "

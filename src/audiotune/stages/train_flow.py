@@ -3,10 +3,13 @@
 Recipe: read the Tokens and check they carry mels and codes the flow can use → flow examples
 (mel-frame-budget batches) → build the model (size preset, or a strictly loaded base flow
 whose mel, vocabulary and speaker setup must match the Tokens and whose tensors must match the
-preset, unless ``flow.preset`` is ``from_base``) → freeze the encoder / LoRA on
+preset, unless ``flow.preset`` is ``from_base``; or a CosyVoice / Step-Audio-EditX release folder,
+``flow.arch``, whose yaml's mel settings, vocabulary, token rate and x-vector size must match the
+Tokens) → freeze the encoder / LoRA on
 the estimator / EMA → the engine (accelerate/DeepSpeed, checkpoints, exact resume), with the
 EMA update and periodic samples (mel PNG + Griffin-Lim WAV to MLflow) after each step → merge
-LoRA, take the EMA weights → save ``config.json`` + ``model.safetensors`` with the metrics,
+LoRA, take the EMA weights → save ``config.json`` + ``model.safetensors`` (a release flow: ``flow.pt``
++ its yaml + ``hift.pt`` in the upstream layout, and ``model.safetensors``) with the metrics,
 history, loss curve, samples and manifest → publish → track.
 """
 
@@ -39,6 +42,7 @@ MEL_FIELDS = ("sample_rate", "n_fft", "hop_length", "win_length", "n_mels", "fmi
 PRESET_N_MELS = 80
 SPEAKER_TYPES = {"speaker-id": "id", "onnx": "embedding", "none": "none"}
 FROM_BASE = "from_base"  # flow.preset: the architecture of the base flow's config.json
+AUDIOTUNE_ARCH = "audiotune"  # flow.arch of our own flow model
 
 
 class TrainFlowError(TrainingError):
@@ -114,8 +118,43 @@ def speaker_spec(info: TokensInfo, tokens_dir: Path, train_ex: FlowExamples):
     return SpeakerSpec("none")
 
 
+def check_release_fits(release, info: TokensInfo, speaker, base_flow: str) -> None:
+    """A release flow (its yaml's settings) must agree with the Tokens; each mismatch names both values.
+
+    Raises:
+        TrainFlowError: Listing every setting that differs: mel settings, speech-token vocabulary and
+            codebooks, token rate / mel frames per token, speaker x-vector.
+    """
+    problems = []
+    for key in MEL_FIELDS:
+        if key in release.mel and release.mel[key] != info.mel.get(key):
+            problems.append(f"mel {key}: release {release.mel[key]!r}, Tokens {info.mel.get(key)!r}")
+    if not release.mel:
+        problems.append(f"mel settings: release none ({release.yaml_name} has no feat_extractor / mel_conf), "
+                        f"Tokens {info.mel}")
+    codebooks = 2 if release.arch == "step-audio-editx" else 1
+    if info.codebooks_used != codebooks:
+        problems.append(f"codebooks read: release {codebooks}, Tokens give {info.codebooks_used} (see flow.codebooks)")
+    elif codebooks == 1 and release.vocab_size != info.codebook_size:
+        problems.append(f"speech-token vocabulary: release {release.vocab_size}, Tokens {info.codebook_size}")
+    if release.token_rate and abs(release.token_rate - info.token_rate) > 1e-6:
+        problems.append(f"token rate: release {release.token_rate:g} Hz, Tokens {info.token_rate:g} Hz")
+    elif release.mel_frames_per_token and abs(release.mel_frames_per_token - info.mel_frames_per_token) > 1e-6:
+        problems.append(f"mel frames per token: release {release.mel_frames_per_token:.4f}, Tokens "
+                        f"{info.mel_frames_per_token:.4f}")
+    if speaker.type != "embedding":
+        problems.append(f"speaker embedding: release an x-vector of {release.spk_embed_dim} values, Tokens "
+                        f"speaker type {info.speaker_type!r} (set tokenize.speaker_embedding.type onnx)")
+    elif speaker.embedding_dim != release.spk_embed_dim:
+        problems.append(f"speaker embedding size: release {release.spk_embed_dim}, Tokens {speaker.embedding_dim}")
+    if problems:
+        raise TrainFlowError(f"base flow {base_flow} ({release.arch}) does not fit the Tokens: " + "; ".join(problems))
+
+
 def check_flow_fits(config, info: TokensInfo, speaker, base_flow: str) -> None:
     """A base flow must agree with the Tokens on everything its weights depend on."""
+    if getattr(config, "release", None) is not None:
+        return check_release_fits(config.release, info, speaker, base_flow)
     problems = []
     base_mel = config.mel or {}
     for key in MEL_FIELDS:
@@ -164,10 +203,72 @@ def check_preset_fits(preset_model, base_model, preset: str, base_flow: str) -> 
                              "from the checkpoint's config.json")
 
 
+def resolve_arch(F: FlowStageConfig, base_flow: str | None) -> str:
+    """``flow.arch`` made concrete: the release folder's architecture, or ``audiotune``.
+
+    Raises:
+        TrainFlowError: An arch that contradicts the base flow (naming both), or an upstream arch without a
+            release folder to take its sizes from.
+    """
+    from audiotune.models.flow.native.release import ARCHS, find_yaml, is_release_folder
+
+    if not base_flow or not is_release_folder(base_flow):
+        if F.arch not in ("auto", AUDIOTUNE_ARCH):
+            found = f"{base_flow} is an audiotune flow (config.json)" if base_flow else "there is no base_flow"
+            raise TrainFlowError(f"flow.arch={F.arch} takes its sizes and weights from a release folder (yaml + "
+                                 f"flow.pt) given as flow.base_flow / --base-flow, but {found}")
+        return AUDIOTUNE_ARCH
+    if F.arch in ("auto",):
+        return "release"  # the folder's own; load_release reads it from the yaml
+    local = storage.local_copy(base_flow)
+    yaml_path = find_yaml(local) if local.is_dir() else None
+    if yaml_path is not None:
+        from audiotune.models.flow.native.hyperyaml import ReleaseYamlError, load_release_yaml
+
+        try:
+            node = load_release_yaml(yaml_path, sections=("flow",)).get("flow")
+        except ReleaseYamlError:
+            node = None  # load_release reports it
+        found = ARCHS.get(getattr(node, "cls", ""), None)
+        if found is not None and found != F.arch:
+            raise TrainFlowError(f"flow.arch={F.arch} but {base_flow} holds a {found} flow ({node.cls}); "
+                                 f"set flow.arch={found} or auto")
+        if F.arch == AUDIOTUNE_ARCH:
+            raise TrainFlowError(f"flow.arch=audiotune but {base_flow} is a release folder "
+                                 f"({found or 'yaml + flow.pt'}); set flow.arch=auto")
+    return F.arch
+
+
+def lora_targets(model, F: FlowStageConfig) -> list[str]:
+    """``flow.lora.target_modules``; at its default, a release flow's own attention and feed-forward layers."""
+    from audiotune.config.training import FLOW_LORA_TARGETS
+    from audiotune.models.flow import default_lora_targets
+
+    if getattr(model.config, "release", None) is not None and list(F.lora.target_modules) == FLOW_LORA_TARGETS:
+        return list(default_lora_targets(model))
+    return list(F.lora.target_modules)
+
+
+def _build_release(F: FlowStageConfig, info: TokensInfo, speaker, base_flow: str):
+    """A release folder's flow, strictly loaded and checked against the Tokens."""
+    from audiotune.models.flow.native.adapter import load_release_flow
+
+    model = load_release_flow(base_flow, prompt_prob=F.prompt_prob, prompt_max_fraction=F.prompt_max_fraction,
+                              n_timesteps=F.sample.n_timesteps, cfg_rate=F.sample.cfg_rate)
+    check_release_fits(model.config.release, info, speaker, base_flow)
+    if F.preset != "base":
+        log.info("flow.preset=%s is not used: the %s flow's sizes come from its yaml", F.preset, model.config.arch)
+    model.config.mel = dict(info.mel)
+    return model
+
+
 def _build_model(F: FlowStageConfig, info: TokensInfo, speaker, base_flow: str | None):
-    """The flow to train: a preset from random weights, or a strictly loaded base flow (checked against the
-    preset unless ``flow.preset`` is ``from_base``)."""
+    """The flow to train: a preset from random weights, a strictly loaded base flow (checked against the
+    preset unless ``flow.preset`` is ``from_base``), or a release folder's flow (``flow.arch``)."""
     from audiotune.models.flow import PRESETS, FlowModel, load_flow
+
+    if resolve_arch(F, base_flow) != AUDIOTUNE_ARCH:
+        return _build_release(F, info, speaker, base_flow)
 
     overrides = dict(sigma_min=F.sigma_min, cfg_dropout=F.cfg_dropout, prompt_prob=F.prompt_prob,
                      prompt_max_fraction=F.prompt_max_fraction, n_timesteps=F.sample.n_timesteps,
@@ -215,6 +316,7 @@ def train_flow(cfg: AudiotuneConfig, tokens: str, output: str, base_flow: str | 
     publish.require_missing_or_overwrite(output, F.overwrite)
     manifest = artifacts.read_manifest(tokens, artifacts.TOKENS, artifacts.TOKENS_VERSION)
     info = tokens_info(manifest, tokens, F.codebooks)
+    resolve_arch(F, base_flow)  # an arch that contradicts the base: refused before anything else
     if not base_flow and F.preset == FROM_BASE:
         raise TrainFlowError(f"flow.preset={FROM_BASE!r} takes the architecture from a base flow, but there is none "
                              "(set flow.base_flow or --base-flow, or a preset: tiny, base)")
@@ -244,7 +346,7 @@ def train_flow(cfg: AudiotuneConfig, tokens: str, output: str, base_flow: str | 
     if F.lora.enabled:
         if not base_flow:
             log.warning("LoRA on a randomly initialised flow: only the adapters train (set flow.base_flow)")
-        model = apply_lora(model, F.lora.r, F.lora.alpha, F.lora.dropout, F.lora.target_modules)
+        model = apply_lora(model, F.lora.r, F.lora.alpha, F.lora.dropout, lora_targets(model, F))
     trainable, total = count_parameters(model)
     log.info("flow parameters: %d trainable of %d", trainable, total)
     model.to(acc.device)
@@ -319,7 +421,8 @@ def train_flow(cfg: AudiotuneConfig, tokens: str, output: str, base_flow: str | 
                 result_manifest = artifacts.write_manifest(
                     staging, artifacts.FLOW, artifacts.FLOW_VERSION,
                     tokens=tokens, base_flow=base_flow, init="base_flow" if base_flow else "preset",
-                    preset=model.config.preset, mel=info.mel,
+                    preset=model.config.preset, arch=getattr(model.config, "arch", AUDIOTUNE_ARCH),
+                    release=_release_summary(model.config), mel=info.mel,
                     speaker={**dataclasses.asdict(speaker), "tokens_type": info.speaker_type},
                     vocab={"codebook_size": info.codebook_size, "num_codebooks": info.num_codebooks,
                            "codebooks": F.codebooks, "codebooks_read": info.codebooks_used,
@@ -335,20 +438,44 @@ def train_flow(cfg: AudiotuneConfig, tokens: str, output: str, base_flow: str | 
     return TrainResult(output=output, metrics=metrics, manifest=result_manifest)
 
 
-def export_flow_model(config, state_dict: dict, F: FlowStageConfig, ema, staging: Path):
-    """The plain flow to save: the trained weights (EMA when enabled), LoRA merged; written to ``staging``."""
-    from audiotune.models.flow import FlowModel, apply_lora, load_state_dict_strict, merge_lora, save_flow
+def _release_summary(config) -> dict[str, Any] | None:
+    release = getattr(config, "release", None)
+    return release.summary() if release is not None else None
 
-    export = FlowModel(config)
+
+def export_flow_model(config, state_dict: dict, F: FlowStageConfig, ema, staging: Path):
+    """The plain flow to save: the trained weights (EMA when enabled), LoRA merged; written to ``staging``
+    (a release flow: ``flow.pt`` + its yaml + ``hift.pt`` in the upstream layout, and ``model.safetensors``)."""
+    from audiotune.models.flow import (
+        FlowModel,
+        apply_lora,
+        load_state_dict_strict,
+        lora_estimator,
+        merge_lora,
+        save_flow,
+    )
+
+    release = getattr(config, "release", None)
+    if release is not None:
+        from audiotune.models.flow.native.adapter import build_release_flow
+
+        export = build_release_flow(config)
+    else:
+        export = FlowModel(config)
     if F.lora.enabled:
-        export = apply_lora(export, F.lora.r, F.lora.alpha, F.lora.dropout, F.lora.target_modules)
+        export = apply_lora(export, F.lora.r, F.lora.alpha, F.lora.dropout, lora_targets(export, F))
     load_state_dict_strict(export, {k: v.detach().float().cpu() for k, v in state_dict.items()}, "trained flow")
     if ema is not None:
         ema.copy_to(export)
     if F.lora.enabled and F.lora.save_adapter:
-        export.estimator.save_pretrained(str(staging / "adapter"))
+        lora_estimator(export).save_pretrained(str(staging / "adapter"))
     export = merge_lora(export).eval()
-    save_flow(export, staging)
+    if release is not None:
+        from audiotune.models.flow.native.release import save_release
+
+        save_release(export.native, release, staging)
+    else:
+        save_flow(export, staging)
     return export
 
 

@@ -1,0 +1,167 @@
+"""Release folders (CosyVoice-300M, CosyVoice2, Step-Audio-EditX: yaml + flow.pt + hift.pt) as base flows.
+
+Loading is strict and refuses bad input with one line naming the file; a release flow fine-tunes
+through ``audiotune train flow`` with the encoder frozen and comes back as ``flow.pt`` + yaml +
+``hift.pt`` in the upstream layout; a mismatch with the Tokens names both values. The kit folders come
+from ``AUDIOTUNE_UPSTREAM_FIXTURES`` (see tests/test_upstream_parity.py); the round trip over every kit
+folder and the fine-tune against the kit's own keys live there too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from audiotune.config import load_config
+from audiotune.models.flow.native.release import ReleaseError, is_release_folder, load_release, save_release
+from audiotune.stages.train_flow import TrainFlowError, train_flow
+
+KIT = Path(os.environ.get("AUDIOTUNE_UPSTREAM_FIXTURES", Path(__file__).parent / "fixtures" / "upstream"))
+FAST = ["tracking.enabled=false", "run.num_workers=1", "flow.train.log_every=1", "flow.train.eval_every=1000",
+        "flow.train.save_every=1000", "flow.train.schedule=constant", "flow.train.warmup_ratio=0",
+        "flow.train.lr=1e-2", "flow.max_frames_in_batch=400", "flow.num_samples=0"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def kit_folder(name: str) -> Path:
+    folder = KIT / name
+    if not folder.is_dir():
+        pytest.skip(f"{name} is not in the parity kit {KIT}")
+    return folder
+
+
+def release_tokens(root: Path, folder: Path, n: int = 6, speaker_dim: int | None = None,
+                   token_rate: float | None = None, seed: int = 0) -> Path:
+    """A Tokens artifact built to fit a kit flow folder: its mel settings, vocabulary, token rate and x-vector
+    size (precomputed codes, random mels and x-vectors), unless one of them is overridden."""
+    _, info = load_release(folder)
+    mel = {"format": "cosyvoice-log-mel", **info.mel}
+    rate = token_rate or info.token_rate
+    per_token = mel["sample_rate"] / mel["hop_length"] / rate
+    dim = speaker_dim or info.spk_embed_dim
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", n), ("val", 2)):
+        rows = []
+        for i in range(count):
+            codes = int(rng.integers(6, 12))
+            frames = int(round(codes * per_token))
+            rows.append({"id": f"{split}{i}", "audio_codes": [rng.integers(0, info.vocab_size, codes).tolist()],
+                         "mel": rng.standard_normal((frames, info.n_mels)).astype("<f4").tobytes(),
+                         "mel_frames": frames, "speaker_index": 0, "repeat_count": 1,
+                         "speaker_embedding": rng.standard_normal(dim).astype(np.float32).tolist()})
+        (root / split).mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows), root / split / "part-00000.parquet")
+    manifest = {"kind": "audiotune.tokens", "schema_version": 1, "mel": mel, "speakers": 1,
+                "speaker_embedding": "onnx", "dataset_fingerprint": "test",
+                "audio_tokenizer": {"type": "precomputed", "num_codebooks": 1, "codebook_size": info.vocab_size,
+                                    "token_rate": rate}}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def _copy(folder: Path, dest: Path) -> Path:
+    shutil.copytree(folder, dest)
+    return dest
+
+
+# ---- loading: bad input ------------------------------------------------------------------------------------------
+def test_a_folder_with_flow_pt_but_no_yaml_names_the_missing_file(tmp_path):
+    folder = _copy(kit_folder("cosyvoice-300m"), tmp_path / "r")
+    (folder / "cosyvoice.yaml").unlink()
+    assert is_release_folder(folder)
+    with pytest.raises(ReleaseError, match="no release yaml .*cosyvoice.yaml, cosyvoice2.yaml"):
+        load_release(folder)
+    (folder / "cosyvoice.yaml").write_text((kit_folder("cosyvoice-300m") / "cosyvoice.yaml").read_text())
+    (folder / "flow.pt").unlink()
+    with pytest.raises(ReleaseError, match="no flow.pt"):
+        load_release(folder)
+
+
+def test_python_tags_and_unsupported_classes_are_refused_by_name(tmp_path):
+    folder = _copy(kit_folder("cosyvoice-300m"), tmp_path / "r")
+    yaml = folder / "cosyvoice.yaml"
+    text = yaml.read_text()
+    yaml.write_text("evil: !!python/object/apply:os.system ['true']\n" + text)
+    with pytest.raises(ReleaseError, match="python/object/apply:os.system.*not allowed"):
+        load_release(folder)
+    yaml.write_text(text.replace("cosyvoice.flow.flow.MaskedDiffWithXvec", "mypkg.flow.EvilFlow"))
+    with pytest.raises(ReleaseError, match="mypkg.flow.EvilFlow.*not supported"):
+        load_release(folder)
+    yaml.write_text(text.replace("cosyvoice.flow.decoder.ConditionalDecoder", "mypkg.Decoder"))
+    with pytest.raises(ReleaseError, match="mypkg.Decoder"):
+        load_release(folder)
+
+
+class NotATensor:
+    pass
+
+
+def test_flow_pt_with_objects_truncated_or_not_fitting_is_refused(tmp_path):
+    folder = _copy(kit_folder("cosyvoice-300m"), tmp_path / "r")
+    state = torch.load(folder / "flow.pt", weights_only=True)
+    torch.save({**state, "extra": NotATensor()}, folder / "flow.pt")
+    with pytest.raises(ReleaseError, match="refused, it holds objects other than tensors"):
+        load_release(folder)
+    torch.save({**state, "step": 3}, folder / "flow.pt")
+    with pytest.raises(ReleaseError, match="entries that are not tensors: step"):
+        load_release(folder)
+    data = (kit_folder("cosyvoice-300m") / "flow.pt").read_bytes()
+    (folder / "flow.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ReleaseError, match="truncated or damaged"):
+        load_release(folder)
+    bad = dict(state)
+    bad.pop("encoder_proj.bias")
+    bad["unexpected.weight"] = torch.zeros(1)
+    bad["spk_embed_affine_layer.weight"] = torch.zeros(3, 3)
+    torch.save(bad, folder / "flow.pt")
+    with pytest.raises(ReleaseError) as err:
+        load_release(folder)
+    for expected in ("missing keys: encoder_proj.bias", "unexpected keys: unexpected.weight",
+                     "shape mismatches: spk_embed_affine_layer.weight (checkpoint (3, 3), model (80, 192))"):
+        assert expected in str(err.value)
+
+
+def test_round_trip_writes_the_same_tensors_yaml_and_hift(tmp_path):
+    folder = kit_folder("cosyvoice2")
+    model, info = load_release(folder)
+    written = save_release(model, info, tmp_path / "out")
+    assert {"flow.pt", "cosyvoice2.yaml", "hift.pt", "model.safetensors"} <= set(written)
+    ours, theirs = (torch.load(p / "flow.pt", weights_only=True) for p in (tmp_path / "out", folder))
+    assert list(ours) == list(theirs)
+    assert all(ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert all(v.is_contiguous() for v in ours.values())  # the kit stores overlapping views
+    assert (tmp_path / "out" / "hift.pt").read_bytes() == (folder / "hift.pt").read_bytes()
+    assert (tmp_path / "out" / "cosyvoice2.yaml").read_bytes() == (folder / "cosyvoice2.yaml").read_bytes()
+
+
+# ---- the flow stage ----------------------------------------------------------------------------------------------
+def test_tokens_that_do_not_fit_the_release_are_refused_naming_both_values(tmp_path):
+    folder = kit_folder("cosyvoice-300m")
+    tokens = release_tokens(tmp_path / "tok", folder, speaker_dim=16, token_rate=50.0)
+    manifest = json.loads((tokens / "manifest.json").read_text())
+    manifest["mel"]["fmax"] = 7600
+    manifest["audio_tokenizer"]["codebook_size"] = 32
+    (tokens / "manifest.json").write_text(json.dumps(manifest))
+    cfg = load_config(None, [*FAST, "flow.train.max_steps=1"])
+    with pytest.raises(TrainFlowError) as err:
+        train_flow(cfg, tokens=str(tokens), output=str(tmp_path / "out"), base_flow=str(folder))
+    message = str(err.value)
+    for expected in ("mel fmax: release 8000, Tokens 7600", "speech-token vocabulary: release 64, Tokens 32",
+                     "token rate: release 25 Hz, Tokens 50 Hz", "speaker embedding size: release 192, Tokens 16"):
+        assert expected in message, message
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(TrainFlowError, match="flow.arch=cosyvoice2 but .* holds a cosyvoice-300m flow"):
+        train_flow(load_config(None, [*FAST, "flow.arch=cosyvoice2"]), tokens=str(tokens),
+                   output=str(tmp_path / "out"), base_flow=str(folder))
+    with pytest.raises(TrainFlowError, match="flow.arch=cosyvoice2 takes its sizes .* there is no base_flow"):
+        train_flow(load_config(None, [*FAST, "flow.arch=cosyvoice2"]), tokens=str(tokens),
+                   output=str(tmp_path / "out"))
