@@ -159,13 +159,13 @@ def _as_text(ids: list[int]) -> str:
 
 @pytest.fixture(scope="module")
 def step_tokens(tmp_path_factory) -> tuple[Path, dict]:
-    """Tokens of 9 good rows (tts, clone, edit; three input forms) and 4 bad ones."""
+    """Tokens of 6 good rows (tts, clone, edit; three input forms) and 4 bad ones."""
     from audiotune.stages.convert import convert
     from audiotune.stages.tokenize import tokenize
 
     root = tmp_path_factory.mktemp("step")
     rows, streams = [], {}
-    for i in range(9):  # 1.2 s of audio = 10 groups = 50 ids at 125/3 ids per second
+    for i in range(6):  # 1.2 s of audio = 10 groups = 50 ids at 125/3 ids per second
         write_audio(root / f"u{i}.wav", seconds=1.2, sr=22050, seed=i)
         ids = _stream(10, i)
         streams[f"u{i}"] = ids
@@ -208,7 +208,7 @@ def test_tokenize_stores_one_row_of_llm_ids_and_the_layout_in_the_manifest(step_
     assert audio["code_stream"] == {"codebook_offsets": OFFSETS, "codebook_sizes": SIZES, "interleave": INTERLEAVE,
                                     "id_ranges": [[65536, 66560], [66560, 70656]]}
     rows = _token_rows(tok)
-    assert sorted(rows) == [f"u{i}" for i in range(9)]
+    assert sorted(rows) == [f"u{i}" for i in range(6)]
     for rid, ids in streams.items():
         assert rows[rid]["audio_codes"] == [ids], rid  # every input form gives the same stream
         assert rows[rid]["num_audio_frames"] == 50 and rows[rid]["mel_frames"] == 103
@@ -295,7 +295,7 @@ def test_train_llm_two_steps_on_step_tokens_with_a_base_covering_the_offsets(ste
     AutoTokenizer.from_pretrained(str(tok / "tokenizer")).save_pretrained(str(base))
     cfg = load_config(None, ["tracking.enabled=false", "llm.mode=full", "llm.train.max_steps=2",
                              "llm.train.log_every=1", "llm.train.eval_every=1000", "llm.train.save_every=1000",
-                             "llm.train.warmup_ratio=0", "llm.train.schedule=constant", "llm.train.batch_tokens=4096",
+                             "llm.train.warmup_ratio=0", "llm.train.schedule=constant", "llm.train.batch_tokens=1024",
                              "llm.prompt_format=step-audio-editx"])
     res = train_llm(cfg, tokens=str(tok), output=str(tmp_path / "llm"), base_model=str(base))
     manifest = json.loads((tmp_path / "llm" / "manifest.json").read_text())
