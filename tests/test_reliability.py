@@ -288,3 +288,27 @@ def test_a_file_name_that_is_not_utf8_is_quarantined_not_fatal(tmp_path, capsys)
         {"input": 3, "train": 2, "val": 0, "quarantined": 1}
     (bad,) = [json.loads(line) for line in (out / "quarantine.jsonl").read_text(encoding="utf-8").splitlines()]
     assert bad["reason"] == "invalid_utf8" and bad["field"] == "audio_path" and "caf\\xe9.wav" in bad["detail"]
+
+
+# ------------------------------------------------------------------------- durations from the header, not decoded
+def test_a_too_long_file_is_refused_from_its_header_without_decoding(tmp_path, capsys, monkeypatch):
+    import json
+
+    import soundfile as sf
+
+    from tests.helpers import write_audio, write_jsonl
+
+    write_audio(tmp_path / "c" / "long.wav", seconds=120.0, sr=8000)
+    write_audio(tmp_path / "c" / "ok.wav", seconds=1.0, sr=8000)
+    manifest = write_jsonl(tmp_path / "c" / "m.jsonl", [{"id": "long", "audio": "long.wav", "text": "t"},
+                                                        {"id": "ok", "audio": "ok.wav", "text": "t"}])
+    decoded: list[str] = []
+    real_read = sf.SoundFile.read
+    monkeypatch.setattr(sf.SoundFile, "read", lambda self, *a, **k: (decoded.append(self.name), real_read(
+        self, *a, **k))[1])
+    code = cli_main(_convert(manifest, tmp_path / "ds", "convert.max_duration_s=5", "convert.val_fraction=0",
+                             "convert.max_bad_fraction=0.5", "run.num_workers=1"))  # one process: reads are seen
+    assert code == 0 and json.loads(capsys.readouterr().out.splitlines()[-1])["rows"]["quarantined"] == 1
+    (bad,) = [json.loads(line) for line in (tmp_path / "ds" / "quarantine.jsonl").read_text().splitlines()]
+    assert bad["reason"] == "too_long" and "120.00 s (from the header)" in bad["detail"]
+    assert [Path(n).name for n in decoded] == ["ok.wav"]  # the long file was never decoded

@@ -47,26 +47,32 @@ def _wav_shortfall(path: str) -> int:
     return 0
 
 
-def load_audio(path: str, target_sr: int) -> np.ndarray:
+def load_audio(path: str, target_sr: int, max_seconds: float | None = None) -> np.ndarray:
     """Decode ``path`` to float32 mono at ``target_sr``.
 
     Args:
         path: WAV, FLAC, MP3 or OGG file.
         target_sr: Sample rate of the result; the audio is resampled (soxr, HQ) when it differs.
+        max_seconds: Refuse a file whose header declares a longer duration, before decoding it: what a
+            worker holds in memory is bounded by this duration, not by the file.
 
     Returns:
         A 1-D float32 array: the mean of the channels.
 
     Raises:
-        AudioError: missing file, undecodable or truncated data, or no samples.
+        AudioError: missing file, undecodable or truncated data, no samples, or (``too_long``) a
+            header duration above ``max_seconds``.
     """
     if not os.path.isfile(path):
         raise AudioError(reasons.MISSING_AUDIO, f"{path}: audio file does not exist")
     try:
         with sf.SoundFile(path) as f:
             declared = f.frames
-            data = f.read(dtype="float32", always_2d=True)
             sr = f.samplerate
+            if max_seconds is not None and declared > 0 and declared / sr > max_seconds:
+                raise AudioError(reasons.TOO_LONG, f"{path}: {declared / sr:.2f} s (from the header) is longer "
+                                 f"than {max_seconds:g} s; not decoded")
+            data = f.read(dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, ValueError, TypeError, OSError) as err:
         raise AudioError(reasons.UNDECODABLE_AUDIO, f"{path}: cannot decode audio ({err})") from None
     missing = _wav_shortfall(path) if path.lower().endswith((".wav", ".wave")) else 0

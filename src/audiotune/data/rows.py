@@ -31,10 +31,21 @@ def _bad(rec: SourceRecord, field: str, reason: str, detail: str) -> BadRecord:
     return BadRecord(origin=rec.origin, field=field, reason=reason, detail=detail, id=rec.id)
 
 
+def _header_limit(s: RowSettings) -> float:
+    """The longest duration a file's header may declare before it is refused undecoded.
+
+    ``max_duration_s`` itself, or with ``trim_silence`` (which may shorten a file after decoding) twice
+    that plus a minute: still a bound on what one worker decodes.
+    """
+    return 2 * s.max_duration_s + 60.0 if s.trim_silence else s.max_duration_s
+
+
 def _load(path: str, rec: SourceRecord, field: str, s: RowSettings) -> np.ndarray | BadRecord:
     try:
-        wav = audio.load_audio(path, s.sample_rate)
+        wav = audio.load_audio(path, s.sample_rate, max_seconds=_header_limit(s))
     except audio.AudioError as err:
+        if err.reason == reasons.TOO_LONG:
+            return _bad(rec, field, err.reason, f"{err.detail} (max_duration_s={s.max_duration_s})")
         return _bad(rec, field, err.reason, err.detail)
     if s.trim_silence and not audio.is_silent(wav, s.silence_threshold_db):
         wav = audio.trim_silence(wav, s.sample_rate, top_db=s.trim_top_db)
