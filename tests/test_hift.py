@@ -247,3 +247,19 @@ def test_release_folder_refusals(tmp_path):
     (folder / "hift.pt").write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(VocoderError, match="not a readable weights-only torch file"):
         load_vocoder(str(folder), MEL_22K)
+
+
+def test_release_folder_vocoder_from_s3_fetches_only_the_yaml_and_hift_pt(s3_env, tmp_path, monkeypatch):
+    from audiotune import storage
+    from audiotune.models.vocoder import HiftVocoder, load_vocoder
+
+    folder = _release(tmp_path)
+    (folder / "flow.pt").write_bytes(b"not needed by the vocoder")
+    storage.upload_dir(folder, f"{s3_env}/CosyVoice-300M")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    vocoder = load_vocoder(f"{s3_env}/CosyVoice-300M/", MEL_22K)
+    assert isinstance(vocoder, HiftVocoder) and vocoder.sample_rate == 22050
+    cached = (tmp_path / "cache").rglob("*")  # entries are named <name>-<digest of the URI>
+    fetched = sorted(p.name.rsplit("-", 1)[0] for p in cached if p.is_file() and not p.name.startswith("."))
+    assert fetched == ["cosyvoice.yaml", "hift.pt"]
+    assert isinstance(load_vocoder(f"{s3_env}/CosyVoice-300M/hift.pt", MEL_22K), HiftVocoder)
