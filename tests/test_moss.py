@@ -183,7 +183,7 @@ def test_new_channel0_rows_grow_the_carried_table_and_the_config(moss_dir, tmp_p
 FAST = ["tracking.enabled=false", "run.num_workers=1", "llm.train.log_every=1", "llm.train.eval_every=1000",
         "llm.train.save_every=1000", "llm.train.batch_tokens=2048", "llm.layout=tts", "llm.train.max_steps=12",
         "llm.train.schedule=cosine", "llm.train.warmup_ratio=0.1", "llm.train.gradient_checkpointing=true"]
-SEED_LORA = ["llm.mode=lora", "llm.lora.r=16", "llm.lora.alpha=32", "llm.lora.use_rslora=true",
+SEED_LORA = ["llm.mode=lora", "llm.lora.r=16", "llm.lora.alpha=32", "llm.lora.use_rslora=true", "llm.train.dtype=bf16",
              "llm.lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",
              "llm.train.lr=5e-3"]
 
