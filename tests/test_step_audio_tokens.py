@@ -60,6 +60,17 @@ def test_step_pairs_follow_upstream_reshape():
     assert rel.tolist() == step_pairs_from_interleaved(ids, OFFSETS, SIZES, INTERLEAVE).tolist()
 
 
+def test_one_arithmetic_with_the_step_flow():
+    """The flow's own converter (relative ids, upstream's constants) agrees with the general one."""
+    flows = pytest.importorskip("audiotune.models.flow.native.flows")
+    rng = np.random.default_rng(1)
+    for length in (5, 23, 24, 40, 41, 42):
+        ids = STEP.interleave_codes([rng.integers(0, 1024, 40), rng.integers(0, 4096, 60)])[:length]
+        ours = step_pairs_from_interleaved(ids, OFFSETS, SIZES, INTERLEAVE)
+        theirs = flows.step_pairs_from_interleaved((ids - 65536).tolist())
+        assert ours.tolist() == theirs.tolist(), length
+
+
 @pytest.mark.parametrize("ids, out_of_range, message", [
     ([65536, 65537, 66560, 66561], False, "4 ids is not a positive multiple of 5"),
     ([65536, 66560, 66560, 66561, 66562], True, "id 66560 at position 1 is outside codebook 0's ids"),
@@ -206,7 +217,8 @@ def test_tokenize_stores_one_row_of_llm_ids_and_the_layout_in_the_manifest(step_
     assert audio["num_codebooks"] == 1 and audio["codebook_size"] == 5120
     assert audio["token_rate"] == pytest.approx(125 / 3)
     assert audio["code_stream"] == {"codebook_offsets": OFFSETS, "codebook_sizes": SIZES, "interleave": INTERLEAVE,
-                                    "id_ranges": [[65536, 66560], [66560, 70656]]}
+                                    "id_ranges": [[65536, 66560], [66560, 70656]],
+                                    "frame_rate": pytest.approx(25.0)}
     rows = _token_rows(tok)
     assert sorted(rows) == [f"u{i}" for i in range(6)]
     for rid, ids in streams.items():

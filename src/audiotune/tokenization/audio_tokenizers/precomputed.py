@@ -264,8 +264,13 @@ class PrecomputedTokenizer(AudioTokenizer):
         return self.vocab_size if self.vocab_size is not None else self.max_code + 1
 
     def manifest_fields(self) -> dict[str, Any]:
-        """What the Tokens manifest's ``audio_tokenizer`` section records beyond type, sizes and rate."""
-        return {"code_stream": self.stream.to_dict()} if self.stream is not None else {}
+        """What the Tokens manifest's ``audio_tokenizer`` section records beyond type, sizes and rate: for codes
+        at LLM ids, the stream's layout and ``frame_rate``, the time-aligned frames per second of its pairs
+        (``token_rate`` counts stored ids: Step-Audio-EditX's 125/3 ids/s are 25 pair frames/s)."""
+        if self.stream is None:
+            return {}
+        frame_rate = self.token_rate * max(self.stream.interleave) / self.stream.group
+        return {"code_stream": {**self.stream.to_dict(), "frame_rate": frame_rate}}
 
     @classmethod
     def from_config(cls, cfg: Any, resolve_path: Any = Path) -> "PrecomputedTokenizer":
