@@ -312,3 +312,41 @@ def test_a_too_long_file_is_refused_from_its_header_without_decoding(tmp_path, c
     (bad,) = [json.loads(line) for line in (tmp_path / "ds" / "quarantine.jsonl").read_text().splitlines()]
     assert bad["reason"] == "too_long" and "120.00 s (from the header)" in bad["detail"]
     assert [Path(n).name for n in decoded] == ["ok.wav"]  # the long file was never decoded
+
+
+# ---------------------------------------------------------------------------------------- credentials in URIs
+SECRET = "hunter2-s3cr3t"
+
+
+@pytest.mark.parametrize("how", ["argument", "config", "override", "environment"])
+def test_credentials_inside_a_uri_are_refused_and_never_shown(tmp_path, capsys, monkeypatch, how):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cred.yaml").write_text(f"tracking:\n  uri: http://bob:{SECRET}@mlflow:5000\n")
+    argv = {
+        "argument": ["convert", "--source", f"s3://AKIA:{SECRET}@bucket/corpus", "--output", "ds", *NO_TRACKING],
+        "config": ["compile", "--config", "cred.yaml", "--output", "pipeline.yaml"],
+        "override": ["convert", "--source", "c", "--output", "ds", "--set", f"tracking.uri=http://bob:{SECRET}@m"],
+        "environment": ["convert", "--source", "c", "--output", "ds"],
+    }[how]
+    if how == "environment":
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"https://bob:{SECRET}@mlflow.example")
+    code = cli_main(argv)
+    captured = capsys.readouterr()
+    assert code == 2 and "Traceback" not in captured.err
+    assert SECRET not in captured.err + captured.out and "://***@" in captured.err
+    assert "MLFLOW_TRACKING_PASSWORD" in captured.err  # the advice: where credentials go instead
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cred.yaml"]  # nothing compiled, converted or logged
+
+
+def test_storage_refuses_an_s3_uri_with_credentials_and_logs_are_redacted(caplog):
+    import logging
+
+    from audiotune import credentials
+
+    with pytest.raises(credentials.CredentialsInURIError) as err:
+        storage.split_s3(f"s3://AKIA:{SECRET}@bucket/key")
+    assert SECRET not in str(err.value) and "s3://***@bucket/key" in str(err.value)
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "server %s down", (f"http://u:{SECRET}@h:1",), None)
+    assert credentials.RedactingFilter().filter(record) and record.getMessage() == "server http://***@h:1 down"
+    assert credentials.redact(f"a http://u:p@ss{SECRET}@host/x b") == "a http://***@host/x b"
+    assert not credentials.has_userinfo("s3://bucket/some@key") and not credentials.has_userinfo("git@github.com:x")

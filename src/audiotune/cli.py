@@ -16,7 +16,7 @@ import os
 import sys
 from typing import Callable
 
-from audiotune import __version__
+from audiotune import __version__, credentials
 from audiotune.config import AudiotuneConfig, ConfigError, load_config
 from audiotune.errors import AudiotuneError
 
@@ -266,16 +266,23 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    for handler in logging.getLogger().handlers:  # URIs from the environment (MLFLOW_TRACKING_URI) too
+        handler.addFilter(credentials.RedactingFilter())
     try:
+        credentials.refuse({"--set" if k == "overrides" else f"--{k.replace('_', '-')}": v
+                            for k, v in vars(args).items() if k != "argv" and isinstance(v, (str, list))})
+        credentials.refuse({name: os.environ[name] for name in credentials.URI_ENVIRONMENT if os.environ.get(name)})
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
-        print(f"audiotune: {err}", file=sys.stderr)
+        print(f"audiotune: {credentials.redact(str(err))}", file=sys.stderr)
         return usage
+    except AudiotuneError as err:
+        return _report(args, err, usage if err.exit_code == EXIT_USAGE else err.exit_code)
     func: Callable[[argparse.Namespace, AudiotuneConfig], int] = args.func
     try:
         return func(args, cfg)
     except ConfigError as err:
-        print(f"audiotune: {err}", file=sys.stderr)
+        print(f"audiotune: {credentials.redact(str(err))}", file=sys.stderr)
         return usage
     except AudiotuneError as err:
         return _report(args, err, usage if err.exit_code == EXIT_USAGE else err.exit_code)
@@ -296,7 +303,7 @@ def _report(args: argparse.Namespace, err: BaseException, code: int, unexpected:
     """
     if args.verbose:
         log.exception("failed")
-    message = " ".join(str(err).split()) or type(err).__name__
+    message = credentials.redact(" ".join(str(err).split())) or type(err).__name__
     if unexpected:
         message = f"{type(err).__name__}: {message}" + ("" if args.verbose else " (run with -v for the traceback)")
     print(f"audiotune {args.command}: error: {message}", file=sys.stderr)

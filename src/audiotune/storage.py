@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from audiotune import credentials
 from audiotune.errors import UnsafePathError
 
 log = logging.getLogger(__name__)
@@ -52,12 +53,15 @@ def split_s3(uri: str) -> tuple[str, str]:
 
     Raises:
         ValueError: When ``uri`` is not an S3 URI or names no bucket.
+        CredentialsInURIError: When ``uri`` carries credentials (``s3://KEY:SECRET@bucket``), redacted.
     """
     if not is_s3(uri):
         raise ValueError(f"not an s3:// URI: {uri}")
     bucket, _, key = str(uri)[len("s3://"):].partition("/")
     if not bucket:
         raise ValueError(f"s3 URI without a bucket: {uri}")
+    if "@" in bucket:
+        credentials.refuse(str(uri), "s3 URI")
     return bucket, key.strip("/")
 
 

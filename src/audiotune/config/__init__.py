@@ -77,6 +77,16 @@ class AudiotuneConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _no_credentials_in_uris(self) -> "AudiotuneConfig":
+        from audiotune import credentials
+
+        try:
+            credentials.refuse(self.model_dump(mode="json"))
+        except credentials.CredentialsInURIError as err:
+            raise ValueError(str(err)) from None
+        return self
+
+    @model_validator(mode="after")
     def _multinode_output(self) -> "AudiotuneConfig":
         if self.cluster.num_nodes > 1 and not (self.pipeline.output_uri or "").startswith("s3://"):
             raise ValueError(f"cluster.num_nodes={self.cluster.num_nodes} needs pipeline.output_uri set to an s3:// "
