@@ -52,7 +52,7 @@ MEL_PRESETS: dict[str, dict[str, Any]] = {
     "cosyvoice-300m": dict(sample_rate=22050, n_fft=1024, hop_length=256, win_length=1024, n_mels=80,
                            fmin=0.0, fmax=8000.0, center=False),
     "cosyvoice2": dict(sample_rate=24000, n_fft=1920, hop_length=480, win_length=1920, n_mels=80,
-                       fmin=0.0, fmax=None, center=False),
+                       fmin=0.0, fmax=8000.0, center=False),
 }
 
 
