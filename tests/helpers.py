@@ -78,3 +78,37 @@ def save_tiny_base(tokens: Path, path: Path, arch: str = "qwen2", tie: bool = Fa
     AutoModelForCausalLM.from_config(config).save_pretrained(str(path))
     tok.save_pretrained(str(path))
     return path
+
+
+def release_tokens(root: Path, folder: Path, n: int = 6, speaker_dim: int | None = None,
+                   token_rate: float | None = None, seed: int = 0) -> Path:
+    """A Tokens artifact built to fit a kit flow folder: its mel settings, vocabulary, token rate and x-vector
+    size (precomputed codes, random mels and x-vectors), unless one of them is overridden."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from audiotune.models.flow.native.release import load_release
+
+    _, info = load_release(folder)
+    mel = {"format": "cosyvoice-log-mel", **info.mel}
+    rate = token_rate or info.token_rate
+    per_token = mel["sample_rate"] / mel["hop_length"] / rate
+    dim = speaker_dim or info.spk_embed_dim
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", n), ("val", 2)):
+        rows = []
+        for i in range(count):
+            codes = int(rng.integers(6, 12))
+            frames = int(round(codes * per_token))
+            rows.append({"id": f"{split}{i}", "audio_codes": [rng.integers(0, info.vocab_size, codes).tolist()],
+                         "mel": rng.standard_normal((frames, info.n_mels)).astype("<f4").tobytes(),
+                         "mel_frames": frames, "speaker_index": 0, "repeat_count": 1,
+                         "speaker_embedding": rng.standard_normal(dim).astype(np.float32).tolist()})
+        (root / split).mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows), root / split / "part-00000.parquet")
+    manifest = {"kind": "audiotune.tokens", "schema_version": 1, "mel": mel, "speakers": 1,
+                "speaker_embedding": "onnx", "dataset_fingerprint": "test",
+                "audio_tokenizer": {"type": "precomputed", "num_codebooks": 1, "codebook_size": info.vocab_size,
+                                    "token_rate": rate}}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root

@@ -14,15 +14,13 @@ import os
 import shutil
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
 from audiotune.config import load_config
 from audiotune.models.flow.native.release import ReleaseError, is_release_folder, load_release, save_release
 from audiotune.stages.train_flow import TrainFlowError, train_flow
+from tests.helpers import release_tokens
 
 KIT = Path(os.environ.get("AUDIOTUNE_UPSTREAM_FIXTURES", Path(__file__).parent / "fixtures" / "upstream"))
 FAST = ["tracking.enabled=false", "run.num_workers=1", "flow.train.log_every=1", "flow.train.eval_every=1000",
@@ -37,35 +35,6 @@ def kit_folder(name: str) -> Path:
     if not folder.is_dir():
         pytest.skip(f"{name} is not in the parity kit {KIT}")
     return folder
-
-
-def release_tokens(root: Path, folder: Path, n: int = 6, speaker_dim: int | None = None,
-                   token_rate: float | None = None, seed: int = 0) -> Path:
-    """A Tokens artifact built to fit a kit flow folder: its mel settings, vocabulary, token rate and x-vector
-    size (precomputed codes, random mels and x-vectors), unless one of them is overridden."""
-    _, info = load_release(folder)
-    mel = {"format": "cosyvoice-log-mel", **info.mel}
-    rate = token_rate or info.token_rate
-    per_token = mel["sample_rate"] / mel["hop_length"] / rate
-    dim = speaker_dim or info.spk_embed_dim
-    rng = np.random.default_rng(seed)
-    for split, count in (("train", n), ("val", 2)):
-        rows = []
-        for i in range(count):
-            codes = int(rng.integers(6, 12))
-            frames = int(round(codes * per_token))
-            rows.append({"id": f"{split}{i}", "audio_codes": [rng.integers(0, info.vocab_size, codes).tolist()],
-                         "mel": rng.standard_normal((frames, info.n_mels)).astype("<f4").tobytes(),
-                         "mel_frames": frames, "speaker_index": 0, "repeat_count": 1,
-                         "speaker_embedding": rng.standard_normal(dim).astype(np.float32).tolist()})
-        (root / split).mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.Table.from_pylist(rows), root / split / "part-00000.parquet")
-    manifest = {"kind": "audiotune.tokens", "schema_version": 1, "mel": mel, "speakers": 1,
-                "speaker_embedding": "onnx", "dataset_fingerprint": "test",
-                "audio_tokenizer": {"type": "precomputed", "num_codebooks": 1, "codebook_size": info.vocab_size,
-                                    "token_rate": rate}}
-    (root / "manifest.json").write_text(json.dumps(manifest))
-    return root
 
 
 def _copy(folder: Path, dest: Path) -> Path:

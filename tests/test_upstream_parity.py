@@ -160,6 +160,75 @@ def test_hift_weights_round_trip(name: str) -> None:
 
 
 # ---- flow release folder: load → export round trip, fine-tune with the encoder frozen ---------------------------
+@pytest.mark.parametrize("name", FLOW_FOLDERS)
+def test_release_load_then_export_is_bit_identical(name: str, tmp_path: Path) -> None:
+    """Load → write back with no training: the same keys in the same order, the same dtypes and values, the yaml
+    and ``hift.pt`` byte for byte; what we wrote loads again strictly."""
+    from audiotune.models.flow.native.release import find_yaml, load_release, save_release
+
+    folder = kit_folder(name)
+    flow, info = load_release(folder)
+    save_release(flow, info, tmp_path)
+    theirs = torch.load(folder / "flow.pt", weights_only=True)
+    ours = torch.load(tmp_path / "flow.pt", weights_only=True)
+    assert list(ours) == list(theirs)
+    for key, ref in theirs.items():
+        assert ours[key].dtype == ref.dtype and torch.equal(ours[key], ref), f"{name} {key}"
+    yaml = find_yaml(folder).name
+    assert (tmp_path / yaml).read_bytes() == (folder / yaml).read_bytes()
+    if (folder / "hift.pt").is_file():
+        assert (tmp_path / "hift.pt").read_bytes() == (folder / "hift.pt").read_bytes()
+    load_release(tmp_path)
+
+
+def _encoder_keys(flow) -> set[str]:
+    """State-dict keys of the parameters ``freeze_encoder`` freezes (``encoder_modules()``)."""
+    frozen = {id(p) for module in flow.encoder_modules() for p in module.parameters()}
+    return {name for name, p in flow.named_parameters() if id(p) in frozen}
+
+
+def test_release_fine_tune_with_the_encoder_frozen_exports_the_upstream_layout(tmp_path: Path) -> None:
+    """``audiotune train flow --base-flow <cosyvoice-300m folder>`` with ``flow.freeze_encoder=true`` on Tokens
+    built to fit → ``flow.pt`` with exactly the kit's keys and shapes, encoder tensors unchanged, the estimator
+    changed; the export package carries flow.pt + yaml + hift.pt as trained."""
+    import json
+    import subprocess
+    import sys
+
+    from audiotune.config import load_config
+    from audiotune.models.flow.native.release import load_release
+    from audiotune.stages.export import export
+    from tests.helpers import release_tokens
+
+    folder = kit_folder("cosyvoice-300m")
+    tokens = release_tokens(tmp_path / "tokens", folder)
+    out = tmp_path / "flow"
+    sets = ["tracking.enabled=false", "run.num_workers=1", "flow.freeze_encoder=true", "flow.train.max_steps=3",
+            "flow.train.lr=1e-2", "flow.train.schedule=constant", "flow.max_frames_in_batch=400",
+            "flow.num_samples=0", "flow.train.eval_every=1000", "flow.train.save_every=1000"]
+    done = subprocess.run([sys.executable, "-m", "audiotune.cli", "train", "flow", "--tokens", str(tokens),
+                           "--output", str(out), "--base-flow", str(folder), *[a for s in sets for a in ("--set", s)]],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    theirs = torch.load(folder / "flow.pt", weights_only=True)
+    ours = torch.load(out / "flow.pt", weights_only=True)
+    assert list(ours) == list(theirs)
+    assert all(ours[k].shape == theirs[k].shape and ours[k].dtype == theirs[k].dtype for k in theirs)
+    flow, _ = load_release(folder)
+    encoder = _encoder_keys(flow)
+    assert encoder and all(torch.equal(ours[k], theirs[k]) for k in encoder)
+    assert any(not torch.equal(ours[k], theirs[k]) for k in theirs if k.startswith("decoder.estimator."))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["arch"] == "cosyvoice-300m" and manifest["init"] == "base_flow"
+    assert (out / "hift.pt").read_bytes() == (folder / "hift.pt").read_bytes()
+
+    package = tmp_path / "export"
+    export(load_config(None, ["tracking.enabled=false"]), output=str(package), flow=str(out))
+    for name in ("flow.pt", "cosyvoice.yaml", "hift.pt", "model.safetensors"):
+        assert (package / "flow" / name).read_bytes() == (out / name).read_bytes(), name
+    load_release(package / "flow")
+
+
 
 
 # ---- LLM: MOSS-TTSD AsteroidTTS heads and round trip -----------------------------------------------------------

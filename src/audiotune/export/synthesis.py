@@ -62,12 +62,13 @@ class Synthesizer:
         self.settings = settings
         self.device = torch.device(device)
         llm_dir, flow_dir = self.package / "llm", self.package / "flow"
-        if not (llm_dir / "vocab.json").is_file() or not (flow_dir / "config.json").is_file():
+        flow_file = flow_dir / ("flow.pt" if (flow_dir / "flow.pt").is_file() else "config.json")  # release or ours
+        if not (llm_dir / "vocab.json").is_file() or not flow_file.is_file():
             missing = [n for n, d in (("llm", llm_dir), ("flow", flow_dir)) if not d.is_dir()]
             if missing:
                 raise SynthesisError(f"{package} cannot synthesize from text: it has no {' or '.join(missing)} "
                                      f"(exported from a {'flow' if 'llm' in missing else 'llm'}-only run)")
-            broken = [str(f) for f in (llm_dir / "vocab.json", flow_dir / "config.json") if not f.is_file()]
+            broken = [str(f) for f in (llm_dir / "vocab.json", flow_file) if not f.is_file()]
             raise SynthesisError(f"{package} is incomplete: {', '.join(broken)} missing; export it again")
         self.vocab = AudioVocab.from_dict(json.loads((llm_dir / "vocab.json").read_text()))
         self.tokenizer = AutoTokenizer.from_pretrained(str(llm_dir), trust_remote_code=False)

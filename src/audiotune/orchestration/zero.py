@@ -125,8 +125,13 @@ def _flow_size(cfg: AudiotuneConfig) -> ModelSize:
     import torch
 
     from audiotune.models.flow import PRESETS, FlowConfig, FlowModel
+    from audiotune.models.flow.native.release import build_from_yaml, is_release_folder
 
     settings = cfg.flow
+    if settings.base_flow and is_release_folder(settings.base_flow):  # sizes from the release yaml
+        with torch.device("meta"):
+            total, _, largest = count_parameters(build_from_yaml(settings.base_flow))
+        return ModelSize(total, total, largest)
     if settings.base_flow:
         config = FlowConfig.from_dict(json.loads(storage.read_text(storage.join(settings.base_flow, "config.json"))))
     elif settings.preset in PRESETS:

@@ -39,7 +39,9 @@ log = logging.getLogger(__name__)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "codebooks.json", "codebooks.safetensors",
                  "tokenizer.json", "tokenizer_config.json", "vocab.json", "base_fingerprint.json")
 FLOW_FILES = ("config.json", "model.safetensors", "speakers.json", "speaker_embeddings.safetensors", "mel.json",
-              "manifest.json", "metrics.json")
+              "manifest.json", "metrics.json",
+              # a release flow (CosyVoice / Step-Audio-EditX) in the upstream layout, LoRA merged by the flow stage
+              "flow.pt", "hift.pt", "cosyvoice.yaml", "cosyvoice2.yaml", "cosyvoice3.yaml", "release.json")
 
 
 @dataclass

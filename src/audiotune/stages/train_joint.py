@@ -26,7 +26,14 @@ from audiotune import artifacts, publish, storage, tracking
 from audiotune.config import AudiotuneConfig, dump_config
 from audiotune.errors import TrainingError
 from audiotune.models.vocab import AudioVocab
-from audiotune.stages.train_flow import TrainFlowError, check_flow_fits, export_flow_model, speaker_spec, tokens_info
+from audiotune.stages.train_flow import (
+    TrainFlowError,
+    check_flow_fits,
+    export_flow_model,
+    lora_targets,
+    speaker_spec,
+    tokens_info,
+)
 from audiotune.stages.train_llm import write_llm_files
 from audiotune.train import checkpoints
 from audiotune.train.engine import Engine, decay_groups, make_accelerator, resolve_dtype, seed_everything
@@ -147,7 +154,7 @@ def train_joint(cfg: AudiotuneConfig, tokens: str, llm: str, flow: str, llm_outp
     if F.freeze_encoder:
         freeze_encoder(flow_model)
     if F.lora.enabled:
-        flow_model = apply_lora(flow_model, F.lora.r, F.lora.alpha, F.lora.dropout, F.lora.target_modules)
+        flow_model = apply_lora(flow_model, F.lora.r, F.lora.alpha, F.lora.dropout, lora_targets(flow_model, F))
     model = JointModel(llm_model, flow_model)
     model.to(acc.device)
     ema = EMA(flow_model, F.ema.decay) if F.ema.enabled else None

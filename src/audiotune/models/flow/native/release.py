@@ -219,6 +219,21 @@ def build_release_flow(doc: dict[str, Any], source: str) -> torch.nn.Module:
         raise ReleaseError(f"{source}: {err}") from None
 
 
+def build_from_yaml(uri: str | Path) -> torch.nn.Module:
+    """The flow a release folder's yaml describes (random weights; ``flow.pt`` is not read): for sizing.
+
+    Raises:
+        ReleaseError: No release yaml in the folder, or one that cannot be built.
+    """
+    from audiotune import storage
+
+    for name in YAML_NAMES:
+        path = storage.join(str(uri), name)
+        if storage.exists(path):
+            return build_release_flow(_parse(storage.read_text(path), path), path)
+    raise ReleaseError(f"{uri}: no release yaml (expected one of {', '.join(YAML_NAMES)})")
+
+
 def load_release(uri: str | Path) -> tuple[torch.nn.Module, ReleaseInfo]:
     """Load the flow of a release folder (local or ``s3://``) strictly.
 
