@@ -350,3 +350,53 @@ def test_storage_refuses_an_s3_uri_with_credentials_and_logs_are_redacted(caplog
     assert credentials.RedactingFilter().filter(record) and record.getMessage() == "server http://***@h:1 down"
     assert credentials.redact(f"a http://u:p@ss{SECRET}@host/x b") == "a http://***@host/x b"
     assert not credentials.has_userinfo("s3://bucket/some@key") and not credentials.has_userinfo("git@github.com:x")
+
+
+# ------------------------------------------------------------------------ signals stop convert's worker pool
+def _children(pid: int) -> set[int]:
+    try:
+        return {int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+    except OSError:
+        return set()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads child processes from /proc (Linux)")
+@pytest.mark.parametrize("signum", [15, 2], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_convert_and_its_workers_and_publishes_nothing(tmp_path, signum):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import write_audio, write_jsonl
+
+    write_audio(tmp_path / "c" / "long.wav", seconds=120.0, sr=16000)  # ~0.4 s of work per row
+    manifest = write_jsonl(tmp_path / "c" / "m.jsonl",
+                           [{"id": f"r{i}", "audio": "long.wav", "text": "t"} for i in range(24)])
+    argv = [sys.executable, "-m", "audiotune.cli", *_convert(manifest, tmp_path / "ds", "run.num_workers=2",
+                                                              "convert.max_duration_s=1000")]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    workers: set[int] = set()
+    deadline = time.monotonic() + 60
+    while len(workers) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        workers = _children(proc.pid)
+        time.sleep(0.02)
+    assert len(workers) == 2, "the pool did not start"
+    time.sleep(0.5)  # mid-work
+    os.kill(proc.pid, signum)
+    out, err = proc.communicate(timeout=60)
+    lines = [x for x in err.splitlines() if x.startswith("audiotune")]
+    assert "Traceback" not in err and len(lines) == 1, err[-3000:]
+    assert proc.returncode == 128 + signum and "stopped by SIG" in lines[0] and "nothing was published" in lines[0]
+    deadline = time.monotonic() + 10
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(w) for w in workers), "a pool worker outlived the stage"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # no Dataset, no staging folder, no lock

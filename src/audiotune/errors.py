@@ -58,3 +58,14 @@ class TrainingError(AudiotuneError):
 
 class ClusterError(AudiotuneError):
     """Kubernetes, Kubeflow or a PyTorchJob failed to do what was asked."""
+
+
+class Interrupted(AudiotuneError):
+    """SIGTERM or SIGINT stopped the work before it was published; the exit code is 128 + the signal number."""
+
+    def __init__(self, signum: int, what: str = "the work"):
+        import signal
+
+        super().__init__(f"{what} was stopped by {signal.Signals(signum).name}; nothing was published")
+        self.signum = signum
+        self.exit_code = 128 + signum

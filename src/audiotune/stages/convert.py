@@ -14,8 +14,10 @@ import logging
 import os
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import partial
+from multiprocessing.pool import Pool
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -29,6 +31,7 @@ from audiotune.data.rows import RowSettings, convert_record
 from audiotune.data.schema import COLUMNS, ShardWriter, split_of
 from audiotune.data.sources import resolve_source
 from audiotune.data.sources.base import BadRecord, SourceError, SourceOptions, SourceRecord
+from audiotune.data.workers import stop_on_signals, worker_pool
 from audiotune.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -148,15 +151,14 @@ def _dedupe(items: Iterable, seen: set[str]) -> Iterator:
         yield item
 
 
-def _process(records: list, settings: RowSettings, workers: int) -> Iterator[Any]:
-    """Yield each record's row or BadRecord in input order, converting audio in parallel."""
-    if workers <= 1 or len(records) < 2:
+def _process(records: list, settings: RowSettings, pool: Pool | None, workers: int) -> Iterator[Any]:
+    """Yield each record's row or BadRecord in input order, converting audio on ``pool`` (None: here)."""
+    if pool is None or len(records) < 2:
         for rec in records:
             yield convert_record(rec, settings)
         return
     chunk = max(1, min(16, len(records) // (workers * 8)))
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        yield from pool.map(convert_record, records, [settings] * len(records), chunksize=chunk)
+    yield from pool.imap(partial(convert_record, s=settings), records, chunksize=chunk)
 
 
 def _quarantine_line(bad: BadRecord) -> str:
@@ -196,9 +198,11 @@ def convert(cfg: AudiotuneConfig, source: str | None = None, output: str | None 
     workers = num_workers(cfg.run.num_workers)
     settings = _settings(c)
 
-    with tempfile.TemporaryDirectory(prefix="audiotune-convert-") as tmp, \
+    # on SIGTERM / SIGINT every block below unwinds: the pool stops first, then the staging folder goes
+    with stop_on_signals("convert"), tempfile.TemporaryDirectory(prefix="audiotune-convert-") as tmp, \
             tracking.stage_run(cfg.tracking, "convert") as tracker, \
-            publish.publish_dir(output, overwrite=c.overwrite, kind=artifacts.DATASET, inputs=inputs) as staging:
+            publish.publish_dir(output, overwrite=c.overwrite, kind=artifacts.DATASET, inputs=inputs) as staging, \
+            ExitStack() as stack:
         start = time.perf_counter()  # the work itself, not MLflow's set-up
         tracker.log_params({"convert": c.model_dump(mode="json"), "run": cfg.run.model_dump(mode="json")})
         workdir = Path(tmp)
@@ -212,6 +216,7 @@ def convert(cfg: AudiotuneConfig, source: str | None = None, output: str | None 
         if input_rows == 0:
             raise SourceError(f"source {source} holds no rows ({fmt_name} format)")
 
+        pool = stack.enter_context(worker_pool(workers)) if workers > 1 and input_rows > 1 else None
         report = ConvertReport()
         report.input_rows = input_rows
         max_bytes = int(c.shard_max_mb * 2**20)
@@ -227,7 +232,7 @@ def convert(cfg: AudiotuneConfig, source: str | None = None, output: str | None 
                     report.add_bad(bad)
                     quarantine.write(_quarantine_line(bad))
                 bar.update(len(bad_items))
-                for result in _process(records, settings, workers):
+                for result in _process(records, settings, pool, workers):
                     bar.update(1)
                     if isinstance(result, BadRecord):
                         report.add_bad(result)
