@@ -271,3 +271,18 @@ def test_a_checkpoint_with_another_channel_count_is_refused_naming_both(moss_tok
     with pytest.raises(MossCheckpointError, match=r"has 4 channels .* hold 3 codebooks per frame"):
         train_llm(load_config(None, [*FAST, *SEED_LORA]), tokens=str(moss_tokens), output=str(tmp_path / "llm"),
                   base_model=str(base))
+
+
+def test_a_sharded_checkpoint_loads_like_the_single_file(moss_dir, tmp_path):
+    tensors = load_file(str(moss_dir / "model.safetensors"))
+    keys = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    for name, names in shards.items():
+        save_file({k: tensors[k] for k in names}, str(sharded / name))
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: name for name, names in shards.items() for k in names}}))
+    (sharded / "config.json").write_text((moss_dir / "config.json").read_text())
+    a, b = load_moss(moss_dir).state_dict(), load_moss(sharded).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -224,12 +224,30 @@ def _no_init():
     return no_init_weights()
 
 
+def _weight_files(path: Path) -> list[Path]:
+    """``model.safetensors``, or the shards a ``model.safetensors.index.json`` names."""
+    if (path / WEIGHTS_FILE).is_file():
+        return [path / WEIGHTS_FILE]
+    index = path / (WEIGHTS_FILE + ".index.json")
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError) as err:
+            raise MossCheckpointError(f"{index}: not a safetensors index ({err})") from None
+        missing = [s for s in shards if not (path / s).is_file() or "/" in s or s.startswith(".")]
+        if missing:
+            raise MossCheckpointError(f"{index} names shards that are not in {path}: {', '.join(missing[:3])}")
+        return [path / s for s in shards]
+    raise MossCheckpointError(f"{path}: no {WEIGHTS_FILE} (nor its index of shards); an AsteroidTTS checkpoint "
+                              "keeps its weights there")
+
+
 def load_moss(path: str | Path, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
               weights: list[float] | None = None) -> MossTTSLM:
     """Load an AsteroidTTS folder into a :class:`MossTTSLM`, strictly.
 
     Args:
-        path: Folder with ``config.json`` and ``model.safetensors``.
+        path: Folder with ``config.json`` and ``model.safetensors`` (or its shards and their index).
         dtype: Weight dtype.
         attn_implementation: Attention kernel of the Qwen3 decoder (``eager``, ``sdpa``, ``flash_attention_2``).
         weights: Loss weight of every channel.
@@ -243,9 +261,7 @@ def load_moss(path: str | Path, dtype: torch.dtype = torch.float32, attn_impleme
     path = Path(path)
     config = read_config(path)
     spec = MossSpec.from_config(config, path / "config.json")
-    file = path / WEIGHTS_FILE
-    if not file.is_file():
-        raise MossCheckpointError(f"{path}: no {WEIGHTS_FILE} (an AsteroidTTS checkpoint keeps its weights there)")
+    files = _weight_files(path)
     qwen = Qwen3Config.from_dict({k: v for k, v in config.items() if k not in ("architectures", "auto_map")})
     qwen.tie_word_embeddings, qwen.use_cache = False, False
     qwen._attn_implementation = attn_implementation
@@ -253,11 +269,14 @@ def load_moss(path: str | Path, dtype: torch.dtype = torch.float32, attn_impleme
         backbone = Qwen3ForCausalLM(qwen)
         model = MossTTSLM(backbone, spec, config, weights)
     expected = {to_native(k, spec.channels): tuple(v.shape) for k, v in model.state_dict().items()}
-    with safe_open(str(file), framework="pt") as f:
-        native = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+    native: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            native.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 (safe_open is not a mapping)
     problems = _strict_problems({k: tuple(v.shape) for k, v in native.items()}, expected)
     if problems:
-        raise MossCheckpointError(f"{file} does not fit an AsteroidTTS model of its config.json: "
+        where = files[0] if len(files) == 1 else f"{path} ({len(files)} safetensors shards)"
+        raise MossCheckpointError(f"{where} does not fit an AsteroidTTS model of its config.json: "
                                   + "; ".join(problems) + " (use the config.json that came with these weights)")
     ours = {to_ours(k, spec.channels): v for k, v in native.items()}
     model.load_state_dict(ours, strict=True)
