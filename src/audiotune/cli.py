@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
     p = train_sub.add_parser("flow", help="Train the flow-matching token→mel decoder on a Tokens artifact.")
     p.add_argument("--tokens", required=True, help="Tokens artifact URI (local or s3://).")
-    p.add_argument("--base-flow", help="Starting Flow artifact or config.json + model.safetensors folder "
+    p.add_argument("--base-flow", help="Starting Flow artifact, config.json + model.safetensors folder, or a "
+                   "CosyVoice / Step-Audio-EditX release folder (yaml + flow.pt; see flow.arch) "
                    "(default: flow.base_flow; unset: random init of flow.preset).")
     _add_common(p)
     p.set_defaults(func=_cmd_train)
