@@ -291,11 +291,11 @@ def test_step_audio_editx_frames(step_tokens):
         build_example(rows["u0"], "understand", vocab)
 
 
-def test_train_llm_two_steps_on_step_tokens_with_a_base_covering_the_offsets(step_tokens, tmp_path):
+def test_train_llm_two_steps_on_step_tokens_with_a_base_covering_the_offsets(step_tokens, tmp_path, capsys):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from audiotune.stages.train_llm import train_llm
+    from audiotune.cli import main as cli_main
 
     tok, _ = step_tokens
     base = tmp_path / "base"
@@ -305,15 +305,22 @@ def test_train_llm_two_steps_on_step_tokens_with_a_base_covering_the_offsets(ste
                                   tie_word_embeddings=False)
     AutoModelForCausalLM.from_config(config).save_pretrained(str(base))
     AutoTokenizer.from_pretrained(str(tok / "tokenizer")).save_pretrained(str(base))
-    cfg = load_config(None, ["tracking.enabled=false", "llm.mode=full", "llm.train.max_steps=2",
-                             "llm.train.log_every=1", "llm.train.eval_every=1000", "llm.train.save_every=1000",
-                             "llm.train.warmup_ratio=0", "llm.train.schedule=constant", "llm.train.batch_tokens=1024",
-                             "llm.prompt_format=step-audio-editx"])
-    res = train_llm(cfg, tokens=str(tok), output=str(tmp_path / "llm"), base_model=str(base))
-    manifest = json.loads((tmp_path / "llm" / "manifest.json").read_text())
-    assert manifest["steps"] == 2 and np.isfinite(res.metrics["final_loss"])
+    sets = ["tracking.enabled=false", "llm.mode=full", "llm.train.max_steps=2", "llm.train.log_every=1",
+            "llm.train.eval_every=1000", "llm.train.save_every=1000", "llm.train.warmup_ratio=0",
+            "llm.train.schedule=constant", "llm.train.batch_tokens=1024", "llm.prompt_format=step-audio-editx"]
+    args = ["train", "llm", "--tokens", str(tok), "--base-model", str(base)]
+    out = tmp_path / "llm"
+    assert cli_main([*args, "--output", str(out), *(a for s in sets for a in ("--set", s))]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["steps"] == 2 and np.isfinite(manifest["metrics"]["final_loss"])
     assert manifest["embedding_rows"] == manifest["base_vocab_size"] == 70720  # no audio rows appended
     assert manifest["config"]["audio_tokens"] == "offset" and manifest["config"]["audio_token_offset"] == 65536
     vocab = manifest["vocab"]
     assert vocab["audio_offset"] == 65536 and vocab["codebook_size"] == 5120
     assert vocab["code_stream"]["interleave"] == INTERLEAVE and vocab["prompt_format"]["name"] == "step-audio-editx"
+    # an explicit other offset contradicts the Tokens: refused before training, naming both
+    bad = ["--set", "llm.audio_tokens=offset", "--set", "llm.audio_token_offset=100"]
+    capsys.readouterr()
+    assert cli_main([*args, "--output", str(tmp_path / "bad"), *bad, "--set", sets[0]]) != 0
+    assert "llm.audio_token_offset=100, but the Tokens hold LM ids from 65536" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
