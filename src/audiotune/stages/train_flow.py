@@ -42,7 +42,7 @@ MEL_FIELDS = ("sample_rate", "n_fft", "hop_length", "win_length", "n_mels", "fmi
 PRESET_N_MELS = 80
 SPEAKER_TYPES = {"speaker-id": "id", "onnx": "embedding", "none": "none"}
 FROM_BASE = "from_base"  # flow.preset: the architecture of the base flow's config.json
-AUDIOTUNE_ARCH = "audiotune"  # flow.arch of our own flow model
+AUDIOTUNE_ARCH = "audiotune"  # flow.arch of our own flow model (== models.flow.native.fit.AUDIOTUNE)
 
 
 class TrainFlowError(TrainingError):
@@ -122,31 +122,12 @@ def check_release_fits(release, info: TokensInfo, speaker, base_flow: str) -> No
     """A release flow (its yaml's settings) must agree with the Tokens; each mismatch names both values.
 
     Raises:
-        TrainFlowError: Listing every setting that differs: mel settings, speech-token vocabulary and
-            codebooks, token rate / mel frames per token, speaker x-vector.
+        TrainFlowError: Listing every setting that differs (mel, vocabulary, token rate, x-vector size).
     """
-    problems = []
-    for key in MEL_FIELDS:
-        if key in release.mel and release.mel[key] != info.mel.get(key):
-            problems.append(f"mel {key}: release {release.mel[key]!r}, Tokens {info.mel.get(key)!r}")
-    if not release.mel:
-        problems.append(f"mel settings: release none ({release.yaml_name} has no feat_extractor / mel_conf), "
-                        f"Tokens {info.mel}")
-    codebooks = 2 if release.arch == "step-audio-editx" else 1
-    if info.codebooks_used != codebooks:
-        problems.append(f"codebooks read: release {codebooks}, Tokens give {info.codebooks_used} (see flow.codebooks)")
-    elif codebooks == 1 and release.vocab_size != info.codebook_size:
-        problems.append(f"speech-token vocabulary: release {release.vocab_size}, Tokens {info.codebook_size}")
-    if release.token_rate and abs(release.token_rate - info.token_rate) > 1e-6:
-        problems.append(f"token rate: release {release.token_rate:g} Hz, Tokens {info.token_rate:g} Hz")
-    elif release.mel_frames_per_token and abs(release.mel_frames_per_token - info.mel_frames_per_token) > 1e-6:
-        problems.append(f"mel frames per token: release {release.mel_frames_per_token:.4f}, Tokens "
-                        f"{info.mel_frames_per_token:.4f}")
-    if speaker.type != "embedding":
-        problems.append(f"speaker embedding: release an x-vector of {release.spk_embed_dim} values, Tokens "
-                        f"speaker type {info.speaker_type!r} (set tokenize.speaker_embedding.type onnx)")
-    elif speaker.embedding_dim != release.spk_embed_dim:
-        problems.append(f"speaker embedding size: release {release.spk_embed_dim}, Tokens {speaker.embedding_dim}")
+    from audiotune.models.flow.native.fit import release_mismatches
+
+    problems = release_mismatches(release, info.mel, info.codebook_size, info.codebooks_used, info.token_rate,
+                                  info.mel_frames_per_token, speaker.type, speaker.embedding_dim)
     if problems:
         raise TrainFlowError(f"base flow {base_flow} ({release.arch}) does not fit the Tokens: " + "; ".join(problems))
 
@@ -204,49 +185,26 @@ def check_preset_fits(preset_model, base_model, preset: str, base_flow: str) -> 
 
 
 def resolve_arch(F: FlowStageConfig, base_flow: str | None) -> str:
-    """``flow.arch`` made concrete: the release folder's architecture, or ``audiotune``.
+    """``flow.arch`` made concrete (:func:`audiotune.models.flow.native.fit.resolve_arch`).
 
     Raises:
         TrainFlowError: An arch that contradicts the base flow (naming both), or an upstream arch without a
             release folder to take its sizes from.
     """
-    from audiotune.models.flow.native.release import ARCHS, find_yaml, is_release_folder
+    from audiotune.models.flow.native.fit import resolve_arch as resolve
 
-    if not base_flow or not is_release_folder(base_flow):
-        if F.arch not in ("auto", AUDIOTUNE_ARCH):
-            found = f"{base_flow} is an audiotune flow (config.json)" if base_flow else "there is no base_flow"
-            raise TrainFlowError(f"flow.arch={F.arch} takes its sizes and weights from a release folder (yaml + "
-                                 f"flow.pt) given as flow.base_flow / --base-flow, but {found}")
-        return AUDIOTUNE_ARCH
-    if F.arch in ("auto",):
-        return "release"  # the folder's own; load_release reads it from the yaml
-    local = storage.local_copy(base_flow)
-    yaml_path = find_yaml(local) if local.is_dir() else None
-    if yaml_path is not None:
-        from audiotune.models.flow.native.hyperyaml import ReleaseYamlError, load_release_yaml
-
-        try:
-            node = load_release_yaml(yaml_path, sections=("flow",)).get("flow")
-        except ReleaseYamlError:
-            node = None  # load_release reports it
-        found = ARCHS.get(getattr(node, "cls", ""), None)
-        if found is not None and found != F.arch:
-            raise TrainFlowError(f"flow.arch={F.arch} but {base_flow} holds a {found} flow ({node.cls}); "
-                                 f"set flow.arch={found} or auto")
-        if F.arch == AUDIOTUNE_ARCH:
-            raise TrainFlowError(f"flow.arch=audiotune but {base_flow} is a release folder "
-                                 f"({found or 'yaml + flow.pt'}); set flow.arch=auto")
-    return F.arch
+    arch, problem = resolve(F.arch, base_flow)
+    if problem:
+        raise TrainFlowError(problem)
+    return arch
 
 
 def lora_targets(model, F: FlowStageConfig) -> list[str]:
     """``flow.lora.target_modules``; at its default, a release flow's own attention and feed-forward layers."""
     from audiotune.config.training import FLOW_LORA_TARGETS
-    from audiotune.models.flow import default_lora_targets
+    from audiotune.models.flow.native.fit import lora_targets as targets
 
-    if getattr(model.config, "release", None) is not None and list(F.lora.target_modules) == FLOW_LORA_TARGETS:
-        return list(default_lora_targets(model))
-    return list(F.lora.target_modules)
+    return targets(model, F.lora.target_modules, FLOW_LORA_TARGETS)
 
 
 def _build_release(F: FlowStageConfig, info: TokensInfo, speaker, base_flow: str):
