@@ -62,7 +62,7 @@ def overlaps(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     return store_a == store_b and parts_a[:n] == parts_b[:n]
 
 
-def _manifest_kind(uri: str | os.PathLike) -> str | None:
+def _manifest_kind(uri: str | os.PathLike) -> str:
     """The ``kind`` of the manifest at ``uri``; ``""`` when the manifest is unreadable or has none."""
     try:
         manifest = json.loads(storage.read_text(storage.join(uri, storage.MANIFEST)))
@@ -72,14 +72,21 @@ def _manifest_kind(uri: str | os.PathLike) -> str | None:
     return kind if isinstance(kind, str) else ""
 
 
+def _kind_mismatch(found: str, kind: str | None) -> str | None:
+    """What is wrong with replacing an artifact of kind ``found`` by one of ``kind`` (None: any audiotune kind)."""
+    if kind is not None and found != kind:
+        return f"a {found or 'manifest.json without a kind'!r} artifact, not a {kind!r} one"
+    if kind is None and not found.startswith("audiotune."):
+        return f"a manifest.json of kind {found!r}, not an audiotune artifact"
+    return None
+
+
 def _check_replaceable(uri: str | os.PathLike, kind: str | None) -> None:
     """Refuse to replace anything at ``uri`` but an empty folder or an artifact of ``kind`` (any kind if None)."""
     what = None
     if storage.is_s3(uri):
         if holds_artifact(uri):
-            found = _manifest_kind(uri)
-            if kind is not None and found != kind:
-                what = f"a {found or 'manifest.json without a kind'!r} artifact, not a {kind!r} one"
+            what = _kind_mismatch(_manifest_kind(uri), kind)
         elif storage.list_files(uri, check_keys=False) and not storage.exists(str(uri).rstrip("/") + MARKER_SUFFIX):
             what = "objects but no manifest.json (not an audiotune artifact)"
     else:
@@ -87,9 +94,7 @@ def _check_replaceable(uri: str | os.PathLike, kind: str | None) -> None:
         if path.is_symlink() or not path.is_dir():
             what = "a file, not an artifact folder"
         elif (path / storage.MANIFEST).is_file():
-            found = _manifest_kind(path)
-            if kind is not None and found != kind:
-                what = f"a {found or 'manifest.json without a kind'!r} artifact, not a {kind!r} one"
+            what = _kind_mismatch(_manifest_kind(path), kind)
         elif any(path.iterdir()):
             what = "files but no manifest.json (not an audiotune artifact)"
     if what:
