@@ -16,7 +16,7 @@ import yaml
 from audiotune import __version__, sdk
 from audiotune.config import ConfigError
 from audiotune.config import validate as validate_config
-from audiotune.train.kube import RBAC_RULES
+from audiotune.cluster.kube import RBAC_RULES
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "audiotune"

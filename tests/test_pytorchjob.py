@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from audiotune.config import ClusterSettings
-from audiotune.train.pytorchjob import (
+from audiotune.cluster.pytorchjob import (
     JobCancelledError,
     JobConflictError,
     JobFailedError,
@@ -307,12 +307,12 @@ def _rbac_use(requests) -> set[tuple[str, str]]:
 def test_calls_need_exactly_the_charts_role(kube):
     """Replace a failed job, follow the new one with its log, delete it: every verb the Role grants is used, and
     nothing else is called."""
-    from audiotune.train.kube import RBAC_RULES
+    from audiotune.cluster.kube import PYTORCHJOB, rbac_rules
 
     spec = _spec()
     kube.add_job(build_manifest(spec), ["Failed"])
     _run(kube, spec)
-    granted = {(r, v) for rule in RBAC_RULES for r in rule["resources"] for v in rule["verbs"]}
+    granted = {(r, v) for rule in rbac_rules(PYTORCHJOB) for r in rule["resources"] for v in rule["verbs"]}
     assert _rbac_use(kube.requests) == granted
 
 
@@ -399,7 +399,7 @@ def test_the_job_command_forms_one_world_across_nodes(tmp_path):
 
 
 def test_api_client_and_namespace_from_a_kubeconfig(kube, tmp_path, monkeypatch):
-    from audiotune.train import kube as kube_module
+    from audiotune.cluster import kube as kube_module
 
     config = {"apiVersion": "v1", "kind": "Config", "current-context": "test",
               "clusters": [{"name": "c", "cluster": {"server": kube.url}}],
@@ -423,7 +423,7 @@ def test_a_multinode_training_task_writes_the_jobs_manifest_artifact(kube, tmp_p
 
     from audiotune.config import validate
     from audiotune.orchestration import training
-    from audiotune.train import pytorchjob
+    from audiotune.cluster import pytorchjob
 
     config = {"apiVersion": "v1", "kind": "Config", "current-context": "t",
               "clusters": [{"name": "c", "cluster": {"server": kube.url}}], "users": [{"name": "u", "user": {}}],
@@ -434,7 +434,8 @@ def test_a_multinode_training_task_writes_the_jobs_manifest_artifact(kube, tmp_p
     kube.next_script = ["Created", "Succeeded"]
     cfg = validate({"llm": {"init": "scratch", "preset": "qwen2-0.5b", "mode": "full",
                             "train": {"deepspeed": {"zero_stage": "auto"}}},
-                    "cluster": {"num_nodes": 2, "gpus_per_node": 8, "namespace": "ml", "gpu_type": "NVIDIA-L4"},
+                    "cluster": {"num_nodes": 2, "gpus_per_node": 8, "namespace": "ml", "gpu_type": "NVIDIA-L4",
+                                "launcher": "pytorchjob"},
                     "pipeline": {"output_uri": "s3://bucket/out"}})
     manifest = tmp_path / "outputs" / "job_manifest"
     training.launch("llm", cfg, {"--tokens": "s3://bucket/tokens", "--base-model": ""}, "s3://bucket/out/llm",
@@ -460,7 +461,7 @@ def test_a_one_node_training_task_writes_a_note_instead(tmp_path, monkeypatch):
     training.launch("llm", cfg, {"--tokens": "/data/tokens"}, str(tmp_path / "out"), RUN_ID, None,
                     manifest_path=note)
     text = note.read_text()
-    assert text.startswith("# no PyTorchJob")
+    assert text.startswith("# no TrainJob / PyTorchJob")
     data = yaml.safe_load(text)
     assert data["launcher"] == "torchrun" and data["nproc_per_node"] == 1 and data["zero_stage"] == 0
     assert "torch.distributed.run" in data["command"] and "audiotune.cli" in data["command"]

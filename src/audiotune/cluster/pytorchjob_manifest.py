@@ -1,6 +1,6 @@
 """The PyTorchJob (kubeflow.org/v1) manifest of a multi-node training: its spec, name, pods and status.
 
-Pure functions over plain dicts, no API calls: :mod:`audiotune.train.pytorchjob` creates and follows the job.
+Pure functions over plain dicts, no API calls: :mod:`audiotune.cluster.pytorchjob` creates and follows the job.
 The manifest is what the Kubeflow Training Operator expects: a Master (1 replica) and ``num_nodes - 1`` Workers
 with the same pod template, the training container named ``pytorch`` with a port named ``pytorchjob-port``, and
 a ``torchrun`` command whose ``$(RANK)``, ``$(MASTER_ADDR)`` and ``$(MASTER_PORT)`` the kubelet fills in from the
@@ -13,16 +13,13 @@ import hashlib
 import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
-
+from audiotune.cluster.jobs import RUN_ID_KEY, TASK_KEY, JobStatus, conditions_status, write_manifest  # noqa: F401
 from audiotune.train.launch import torchrun_command
 
 API_VERSION, KIND = "kubeflow.org/v1", "PyTorchJob"
 MASTER_PORT = 23456  # the operator's default; it reads the port named pytorchjob-port
-RUN_ID_KEY, TASK_KEY = "audiotune.io/run-id", "audiotune.io/task"
 MAX_NAME_LEN = 45  # pods and services are named <job>-worker-<i>: room for the suffix within 63 characters
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 _LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-._A-Za-z0-9]{0,61}[A-Za-z0-9])?)?$")
@@ -142,7 +139,8 @@ class JobSpec:
             run_id=run_id, task=task, image=image, argv=list(argv), num_nodes=settings.num_nodes,
             gpus_per_node=settings.gpus_per_node, gpu_resource=settings.gpu_resource, cpu=settings.cpu,
             memory=settings.memory, shm_size=settings.shm_size, node_selector=node_selector,
-            tolerations=tolerations, secrets=secrets, namespace=settings.namespace,
+            tolerations=tolerations, secrets=secrets, secret_env=dict(settings.secret_env),
+            namespace=settings.namespace,
             service_account=settings.service_account, model_cache_pvc=settings.model_cache_pvc,
             model_cache_path=settings.model_cache_path, image_pull_secrets=list(settings.image_pull_secrets),
             labels=dict(settings.labels), restart_policy=settings.restart_policy,
@@ -286,36 +284,9 @@ def build_manifest(spec: JobSpec, namespace: str | None = None) -> dict[str, Any
     }
 
 
-def write_manifest(manifest: dict[str, Any], path: str | Path) -> Path:
-    """Write the manifest as YAML (``kubectl apply -f`` ready) for debugging."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(manifest, sort_keys=False), encoding="utf-8")
-    return path
-
-
-@dataclass
-class JobStatus:
-    """A job's state from its conditions: ``Succeeded`` / ``Failed`` (terminal), else the latest true one."""
-
-    state: str
-    reason: str = ""
-    message: str = ""
-
-    @property
-    def terminal(self) -> bool:
-        return self.state in ("Succeeded", "Failed")
-
-
 def job_status(job: dict[str, Any]) -> JobStatus:
     """The state of a PyTorchJob object (``Pending`` before the operator has written any condition)."""
-    conditions = [c for c in ((job.get("status") or {}).get("conditions") or [])
-                  if str(c.get("status")) == "True"]
-    for kind in ("Failed", "Succeeded"):
-        for cond in conditions:
-            if cond.get("type") == kind:
-                return JobStatus(kind, cond.get("reason") or "", cond.get("message") or "")
-    if conditions:
-        last = conditions[-1]
-        return JobStatus(last.get("type") or "Unknown", last.get("reason") or "", last.get("message") or "")
-    return JobStatus("Pending")
+    return conditions_status(job, "Succeeded")
+
+
+__all__ = ["JobSpec", "JobStatus", "build_manifest", "job_command", "job_name", "job_status", "write_manifest"]

@@ -26,11 +26,22 @@ class TolerationSettings(_Section):
 
 
 class ClusterSettings(_Section):
-    """Where training stages run on Kubernetes: one multi-GPU pod, or several nodes through a PyTorchJob."""
+    """Where training stages run on Kubernetes: one multi-GPU pod, or several nodes through a TrainJob (Kubeflow
+    Trainer v2) or a PyTorchJob (Training Operator v1)."""
 
     num_nodes: int = Field(
         1, ge=1, description="Nodes of a training stage. 1: the stage's own pod runs torchrun; above 1: the stage "
-        "submits a Kubeflow PyTorchJob (one Master, num_nodes-1 Workers) and follows it."
+        "submits a job of cluster.launcher on num_nodes nodes and follows it to the end."
+    )
+    launcher: Literal["trainjob", "pytorchjob"] = Field(
+        "trainjob", description="Job that runs a multi-node training: trainjob (Kubeflow Trainer v2 >= 2.2, "
+        "trainer.kubeflow.org/v1alpha1 TrainJob on cluster.runtime) or pytorchjob (the Training Operator's "
+        "kubeflow.org/v1 PyTorchJob, for clusters that still run it)."
+    )
+    runtime: str = Field(
+        "torch-distributed", pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="ClusterTrainingRuntime of a TrainJob; torch-distributed runs our torchrun command (not the "
+        "MPI-based deepspeed-distributed).",
     )
     gpus_per_node: int = Field(
         1, ge=0, description="GPUs requested per node, and torchrun processes per node (0: one CPU process)."
@@ -59,11 +70,11 @@ class ClusterSettings(_Section):
         default_factory=list, description="Tolerations of the training pods (e.g. for tainted GPU nodes)."
     )
     namespace: str | None = Field(
-        None, description="Namespace of the PyTorchJob; unset: the namespace of the pipeline's own pod."
+        None, description="Namespace of the TrainJob / PyTorchJob; unset: the namespace of the pipeline's own pod."
     )
     service_account: str | None = Field(
         None, description="ServiceAccount of the training pods; unset: the namespace's default. The pipeline "
-        "task that creates the PyTorchJob needs the chart's Role (pytorchjobs, pods, pods/log)."
+        "task that creates the job needs the chart's Role (trainjobs or pytorchjobs, pods, pods/log)."
     )
     s3_secret: str | None = Field(
         None, description="Secret whose keys become environment variables of every training pod (AWS_ACCESS_KEY_ID, "
@@ -74,7 +85,21 @@ class ClusterSettings(_Section):
         "MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN) as environment variables; the chart creates `<release>-mlflow`."
     )
     extra_secrets: list[str] = Field(
-        default_factory=list, description="More Secrets whose keys become environment variables (e.g. HF_TOKEN)."
+        default_factory=list, description="More Secrets whose keys all become environment variables (PyTorchJob "
+        "only: a TrainJob's trainer has no envFrom; use secret_env there)."
+    )
+    secret_env: dict[str, str] = Field(
+        default_factory=dict, description="Single environment variables from Secrets, by reference: "
+        "{VARIABLE: 'secret-name:key'}, e.g. {HF_TOKEN: 'hf:token'}; the value never enters a manifest."
+    )
+    workspace_size: str | None = Field(
+        None, pattern=_QUANTITY, description="KFP >= 2.17 pipeline workspace: a PVC of this size that every task "
+        "mounts (dsl.PipelineConfig(workspace=...)); base models are cached there and training tasks keep their "
+        "checkpoints there. Unset: no workspace."
+    )
+    workspace_storage_class: str | None = Field(
+        None, description="StorageClass of the workspace PVC (ReadWriteMany for parallel tasks); unset: the "
+        "cluster's default."
     )
     model_cache_pvc: str | None = Field(
         None, description="PersistentVolumeClaim mounted at model_cache_path for downloaded base models "
@@ -87,20 +112,21 @@ class ClusterSettings(_Section):
         default_factory=list, description="Secrets for pulling the training image from a private registry."
     )
     labels: dict[str, str] = Field(
-        default_factory=dict, description="Extra labels on the PyTorchJob and its pods (e.g. a team or cost centre)."
+        default_factory=dict, description="Extra labels on the job and its pods (e.g. a team or cost centre)."
     )
     restart_policy: Literal["OnFailure", "Never"] = Field(
-        "OnFailure", description="Restart policy of the replicas; OnFailure restarts a crashed pod, up to "
-        "backoff_limit times."
+        "OnFailure", description="PyTorchJob only: restart policy of the replicas; OnFailure restarts a crashed "
+        "pod, up to backoff_limit times (a TrainJob takes both from its runtime)."
     )
-    backoff_limit: int = Field(3, ge=0, description="Pod restarts before the PyTorchJob counts as failed.")
-    delete_on_success: bool = Field(True, description="Delete the PyTorchJob (and its pods) when it succeeds.")
+    backoff_limit: int = Field(3, ge=0, description="PyTorchJob only: pod restarts before it counts as failed.")
+    delete_on_success: bool = Field(True, description="Delete the TrainJob / PyTorchJob (and its pods) when it "
+                                    "succeeds.")
     delete_on_failure: bool = Field(
-        False, description="Delete the PyTorchJob when it fails; false keeps it and its pods for debugging."
+        False, description="Delete the job when it fails; false keeps it and its pods for debugging."
     )
     ttl_seconds_after_finished: int | None = Field(
-        None, ge=0, description="Let the Training Operator delete a finished PyTorchJob after this many seconds "
-        "(a backstop for jobs kept on failure)."
+        None, ge=0, description="PyTorchJob only: let the Training Operator delete a finished job after this many "
+        "seconds (a backstop for jobs kept on failure)."
     )
     timeout_hours: float = Field(
         72.0, gt=0, description="Longest a multi-node training may run; the job is then deleted and the task fails."

@@ -1,15 +1,17 @@
-"""Launching a training stage from its pipeline task: ``torchrun`` in the task's own pod, or a PyTorchJob.
+"""Launching a training stage from its pipeline task: ``torchrun`` in the task's own pod, or a multi-node job.
 
 - One node (``cluster.num_nodes == 1``): the task runs ``torchrun --nproc_per_node <gpus>`` over the stage's CLI
   (``audiotune train <stage> ...``) with the run's config, one process per GPU of the pod (one process on CPU).
   DeepSpeed ZeRO comes from the stage's ``train.deepspeed`` settings, which the stage turns into its config.
-- Several nodes: the task submits a Kubeflow PyTorchJob (:mod:`audiotune.train.pytorchjob`) that runs the same
-  command on every node of the same image and follows it to the end. Every node must read its inputs and write its
-  output in one place, so this needs ``pipeline.output_uri`` (the config schema refuses a config without one);
-  inputs the task only has locally are published there.
+- Several nodes: the task submits a Kubeflow Trainer v2 TrainJob (``cluster.launcher: trainjob``, the default)
+  or a Training Operator PyTorchJob (``pytorchjob``) through :mod:`audiotune.cluster`, which runs the same
+  command on every node of the same image and follows it to the end. The MLflow run ids the KFP MLflow plugin put
+  in this task's environment are passed on to the nodes, so rank 0 logs into the task's run. Every node must read
+  its inputs and write its output in one place, so this needs ``pipeline.output_uri`` (the config schema refuses a
+  config without one); inputs the task only has locally are published there.
 
 A ``zero_stage: auto`` is resolved here, before the processes start (:mod:`audiotune.orchestration.zero`). What was
-launched is written to ``manifest_path`` (the task's ``job_manifest`` artifact): the PyTorchJob's manifest, or on one
+launched is written to ``manifest_path`` (the task's ``job_manifest`` artifact): the job's manifest, or on one
 node a short YAML note with the torchrun command.
 """
 
@@ -32,7 +34,7 @@ from audiotune.orchestration import params
 
 log = logging.getLogger(__name__)
 
-NODE_CONFIG = "/tmp/audiotune-config.yaml"  # where each PyTorchJob node writes the run's config
+NODE_CONFIG = "/tmp/audiotune-config.yaml"  # where each node of a multi-node job writes the run's config
 CONFIG_ENV = "AUDIOTUNE_CONFIG_YAML"
 ARTIFACT_OPTIONS = ("--tokens", "--llm", "--flow")  # inputs that are artifacts of earlier tasks
 
@@ -57,18 +59,19 @@ def processes(gpus_per_node: int) -> int:
 
 def config_yaml(cfg: AudiotuneConfig, stage: str, nproc: int) -> str:
     """The run's config for the training processes: the fields it sets (so it re-loads as the same config), with
-    the stage's ``nproc_per_node`` set to the processes actually launched."""
+    the stage's ``nproc_per_node`` set to the processes actually launched (on a copy; ``cfg`` is unchanged)."""
+    cfg = cfg.model_copy(deep=True)
     getattr(cfg, stage).train.nproc_per_node = nproc
     return yaml.safe_dump(params.set_fields(cfg), sort_keys=False)
 
 
 def write_note(path: str | Path | None, **fields) -> None:
-    """The ``job_manifest`` artifact of a task that created no PyTorchJob: a YAML note of what it did instead."""
+    """The ``job_manifest`` artifact of a task that created no multi-node job: a YAML note of what it did instead."""
     if path is None:
         return
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text("# no PyTorchJob: cluster.num_nodes is 1\n" + yaml.safe_dump(fields, sort_keys=False),
-                          encoding="utf-8")
+    note = "# no TrainJob / PyTorchJob: cluster.num_nodes is 1\n"
+    Path(path).write_text(note + yaml.safe_dump(fields, sort_keys=False), encoding="utf-8")
 
 
 def run_torchrun(stage: str, cfg: AudiotuneConfig, argv: list[str], nproc: int,
@@ -106,28 +109,33 @@ def shared_input(uri: str, base: str, name: str) -> str:
 
 def run_multinode(stage: str, cfg: AudiotuneConfig, argv: list[str], pipeline_run_id: str,
                   manifest_path: str | Path | None = None) -> None:
-    """Run the stage on ``cluster.num_nodes`` nodes through a PyTorchJob and follow it to the end; its manifest
-    (YAML) goes to ``manifest_path`` before it is created."""
+    """Run the stage on ``cluster.num_nodes`` nodes through a TrainJob or a PyTorchJob (``cluster.launcher``) and
+    follow it to the end; its manifest (YAML) goes to ``manifest_path`` before it is created."""
+    from audiotune.cluster import JobError, JobSpec, launcher
+    from audiotune.cluster.trainjob import FORWARDED_ENV
     from audiotune.images import CUDA_IMAGE
     from audiotune.train.launch import torchrun_command
-    from audiotune.train.pytorchjob import PyTorchJobError, run_pytorchjob
-    from audiotune.train.pytorchjob_manifest import JobSpec
 
-    gpus = cfg.cluster.gpus_per_node
-    command = torchrun_command(max(1, gpus), [*argv, "--config", NODE_CONFIG], nnodes=cfg.cluster.num_nodes,
-                               python="python")
+    gpus, nodes = cfg.cluster.gpus_per_node, cfg.cluster.num_nodes
+    runner = launcher(cfg.cluster)
+    if runner.name == "trainjob":  # Trainer's torch plugin sets PET_NNODES, PET_NODE_RANK, ...: torchrun reads them
+        command = ["python", "-m", "torch.distributed.run", "-m", "audiotune.cli", *argv, "--config", NODE_CONFIG]
+    else:  # the Training Operator sets RANK, MASTER_ADDR, MASTER_PORT; the kubelet expands $(...)
+        command = torchrun_command(max(1, gpus), [*argv, "--config", NODE_CONFIG], nnodes=nodes, python="python")
+    env = {CONFIG_ENV: config_yaml(cfg, stage, max(1, gpus))}
+    env.update({k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)})  # the KFP MLflow plugin's run
     spec = JobSpec.from_settings(
-        cfg.cluster, run_id=pipeline_run_id, task=f"train-{stage}", image=CUDA_IMAGE, argv=argv,
-        env={CONFIG_ENV: config_yaml(cfg, stage, max(1, gpus))},
-        # each node writes the config from its environment, then runs torchrun (kubelet fills in $(RANK), ...)
+        cfg.cluster, run_id=pipeline_run_id, task=f"train-{stage}", image=CUDA_IMAGE, argv=argv, env=env,
+        # each node writes the config from its environment, then runs torchrun
         command=["sh", "-c", f'printf "%s" "${CONFIG_ENV}" > {NODE_CONFIG} && exec {shlex.join(command)}'],
     )
-    log.info("training %s on %d nodes × %d GPUs through a PyTorchJob", stage, cfg.cluster.num_nodes, gpus)
+    log.info("training %s on %d nodes × %d GPUs through a %s", stage, nodes, gpus, runner.kind)
     try:
-        result = run_pytorchjob(spec, manifest_path=manifest_path)
-    except PyTorchJobError as err:
+        result = runner.run(spec, manifest_path=manifest_path)
+    except JobError as err:
         raise LaunchError(f"train {stage}: {err}") from None
-    log.info("PyTorchJob %s/%s %s in %.0fs", result.namespace, result.name, result.state.lower(), result.duration_s)
+    log.info("%s %s/%s %s in %.0fs", runner.kind, result.namespace, result.name, result.state.lower(),
+             result.duration_s)
 
 
 def launch(stage: str, cfg: AudiotuneConfig, inputs: dict[str, str], output: str, pipeline_run_id: str,
@@ -139,9 +147,9 @@ def launch(stage: str, cfg: AudiotuneConfig, inputs: dict[str, str], output: str
         cfg: The run's config.
         inputs: e.g. ``{"--tokens": "/tmp/inputs/tokens", "--base-model": "s3://..."}``; empty values are left out.
         output: Where the stage publishes its artifact.
-        pipeline_run_id: The Kubeflow run id (names the PyTorchJob).
+        pipeline_run_id: The Kubeflow run id (names the multi-node job).
         base: The run's durable location (``<output_uri>/<run.name>/<run id>``), needed for several nodes.
-        manifest_path: Where the PyTorchJob's manifest (or, on one node, a note of the torchrun command) goes.
+        manifest_path: Where the job's manifest (or, on one node, a note of the torchrun command) goes.
     """
     from audiotune.orchestration import zero
 
