@@ -15,7 +15,6 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from audiotune.config import ClusterSettings
 from audiotune.cluster.pytorchjob import (
     JobCancelledError,
     JobConflictError,
@@ -28,6 +27,7 @@ from audiotune.cluster.pytorchjob import (
     job_status,
     run_pytorchjob,
 )
+from audiotune.config import ClusterSettings
 from tests.fake_kube import FAIL_MESSAGE, FakeKube
 
 CRD = Path(__file__).parent / "k8s" / "kubeflow.org_pytorchjobs.yaml"
@@ -421,9 +421,9 @@ def test_a_multinode_training_task_writes_the_jobs_manifest_artifact(kube, tmp_p
     job_manifest artifact, and a zero_stage: auto reaches the nodes resolved."""
     import functools
 
+    from audiotune.cluster import pytorchjob
     from audiotune.config import validate
     from audiotune.orchestration import training
-    from audiotune.cluster import pytorchjob
 
     config = {"apiVersion": "v1", "kind": "Config", "current-context": "t",
               "clusters": [{"name": "c", "cluster": {"server": kube.url}}], "users": [{"name": "u", "user": {}}],

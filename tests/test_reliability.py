@@ -242,7 +242,7 @@ def test_project_errors_share_one_root():
     from audiotune.errors import EXIT_USAGE, AudiotuneError
     from audiotune.stages.convert import ConvertError
     from audiotune.train.checkpoints import CheckpointMismatch
-    from audiotune.train.pytorchjob import PyTorchJobError
+    from audiotune.cluster.pytorchjob import PyTorchJobError
 
     for cls in (ArtifactError, AudioError, ConvertError, CheckpointMismatch, PyTorchJobError, ConfigError):
         assert issubclass(cls, AudiotuneError), cls

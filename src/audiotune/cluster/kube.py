@@ -179,7 +179,8 @@ class JobClient:
         deadline = time.monotonic() + timeout_s
         while self.get(name) is not None:
             if time.monotonic() >= deadline:
-                raise TimeoutError(f"{self.kind.kind} {self.namespace}/{name} still exists {timeout_s:.0f}s after delete")
+                raise TimeoutError(f"{self.kind.kind} {self.namespace}/{name} still exists {timeout_s:.0f}s after "
+                                   "delete")
             time.sleep(poll_s)
 
     def watch(self, name: str, resource_version: str | None, timeout_s: int) -> Iterator[dict[str, Any]]:
