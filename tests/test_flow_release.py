@@ -134,3 +134,29 @@ def test_tokens_that_do_not_fit_the_release_are_refused_naming_both_values(tmp_p
     with pytest.raises(TrainFlowError, match="flow.arch=cosyvoice2 takes its sizes .* there is no base_flow"):
         train_flow(load_config(None, [*FAST, "flow.arch=cosyvoice2"]), tokens=str(tokens),
                    output=str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("name", ["cosyvoice2", "step-audio-editx-flow"])
+def test_release_loss_draws_do_not_depend_on_the_batch(name):
+    """Each example's draws (prompt, t, noise, CosyVoice2's streaming coin) come from its own seed: the batch's
+    summed error is the sum of the examples' alone (eval mode: no dropout)."""
+    from audiotune.models.flow.native.adapter import load_release_flow
+
+    flow = load_release_flow(str(kit_folder(name))).eval()
+    ratio, codebooks = int(flow.config.mel_frames_per_token), flow.config.num_codebooks
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([7, 5, 6])
+    codes = torch.randint(0, 60, (3, codebooks, 7), generator=gen)
+    mel = torch.randn(3, 80, 7 * ratio, generator=gen)
+    emb, seeds = torch.randn(3, 192, generator=gen), torch.tensor([11, 12, 13])
+
+    def summed(rows: list[int]) -> float:
+        idx = torch.tensor(rows)
+        loss = flow(codes[idx], lengths[idx], mel[idx], lengths[idx] * ratio, speaker_embedding=emb[idx],
+                    noise_seed=seeds[idx])
+        return float(loss) * float(lengths[idx].sum() * ratio * 80)
+
+    with torch.no_grad():
+        together = summed([0, 1, 2])
+        alone = sum(summed([i]) for i in range(3))
+    assert together == pytest.approx(alone, rel=1e-4)
