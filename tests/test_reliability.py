@@ -237,12 +237,12 @@ def test_verbose_keeps_the_traceback(tmp_path, capsys, caplog):
 
 def test_project_errors_share_one_root():
     from audiotune.artifacts import ArtifactError
+    from audiotune.cluster.pytorchjob import PyTorchJobError
     from audiotune.config import ConfigError
     from audiotune.data.audio import AudioError
     from audiotune.errors import EXIT_USAGE, AudiotuneError
     from audiotune.stages.convert import ConvertError
     from audiotune.train.checkpoints import CheckpointMismatch
-    from audiotune.cluster.pytorchjob import PyTorchJobError
 
     for cls in (ArtifactError, AudioError, ConvertError, CheckpointMismatch, PyTorchJobError, ConfigError):
         assert issubclass(cls, AudiotuneError), cls
@@ -400,3 +400,13 @@ def test_a_signal_stops_convert_and_its_workers_and_publishes_nothing(tmp_path, 
         time.sleep(0.05)
     assert not any(_alive(w) for w in workers), "a pool worker outlived the stage"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # no Dataset, no staging folder, no lock
+
+
+def test_a_download_interrupted_earlier_is_cleaned_from_the_cache(s3_env, tmp_path):
+    _put(s3_env, "ds/manifest.json", b"{}")
+    cache = tmp_path / "cache"
+    first = storage.local_copy(f"{s3_env}/ds", cache_dir=cache)
+    stale = cache / f".{first.name}.tmp-0123abcd"  # what a download killed half-way left
+    (stale / "train").mkdir(parents=True)
+    assert storage.local_copy(f"{s3_env}/ds", cache_dir=cache) == first  # a cache hit cleans up too
+    assert not stale.exists()

@@ -459,6 +459,9 @@ def local_copy(uri: str | os.PathLike, cache_dir: str | os.PathLike | None = Non
     entry = root / f"{name}-{digest}"
     stamp_file = root / f".{name}-{digest}.stamp"
     with FileLock(str(root / f".{name}-{digest}.lock")):
+        for stale in root.glob(f".{name}-{digest}.tmp-*"):  # a killed download's; under the lock none is running
+            log.info("removing %s, left by an interrupted download", stale)
+            _remove_local(stale)
         stamp = _source_stamp(bucket, key)
         if stamp is None:
             raise FileNotFoundError(f"{uri} does not exist (no object, no object below the prefix)")
