@@ -307,7 +307,8 @@ def test_train_llm_two_steps_on_step_tokens_with_a_base_covering_the_offsets(ste
     AutoTokenizer.from_pretrained(str(tok / "tokenizer")).save_pretrained(str(base))
     sets = ["tracking.enabled=false", "llm.mode=full", "llm.train.max_steps=2", "llm.train.log_every=1",
             "llm.train.eval_every=1000", "llm.train.save_every=1000", "llm.train.warmup_ratio=0",
-            "llm.train.schedule=constant", "llm.train.batch_tokens=1024", "llm.prompt_format=step-audio-editx"]
+            "llm.train.schedule=constant", "llm.train.batch_tokens=512", "llm.layout=tts",
+            "llm.prompt_format=step-audio-editx"]
     args = ["train", "llm", "--tokens", str(tok), "--base-model", str(base)]
     out = tmp_path / "llm"
     assert cli_main([*args, "--output", str(out), *(a for s in sets for a in ("--set", s))]) == 0
