@@ -1,9 +1,11 @@
-"""A small Kubernetes API server on 127.0.0.1 for the PyTorchJob tests.
+"""A small Kubernetes API server on 127.0.0.1 for the TrainJob and PyTorchJob tests.
 
-It answers exactly the calls :mod:`audiotune.train.kube` makes through the official client: create / get /
-delete / watch of ``kubeflow.org/v1`` ``pytorchjobs``, list pods by label selector, and the follow stream of a
-pod's log. Jobs move through a scripted list of states, one step per read of the job (a GET or a watch request),
-so a test decides exactly what the client sees and nothing depends on wall-clock timing.
+It answers exactly the calls :mod:`audiotune.cluster.kube` makes through the official client: create / get /
+delete / watch of ``trainer.kubeflow.org/v1alpha1`` ``trainjobs`` and ``kubeflow.org/v1`` ``pytorchjobs``, list
+pods by label selector, and the follow stream of a pod's log. Jobs move through a scripted list of states, one step
+per read of the job (a GET or a watch request), so a test decides exactly what the client sees and nothing depends
+on wall-clock timing. Given a CRD's schema for a resource (``schemas``), a create is validated against it as an API
+server with strict field validation would, and refused with 422 when it does not fit.
 """
 
 from __future__ import annotations
@@ -15,8 +17,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-JOBS = "/apis/kubeflow.org/v1/namespaces/"
+JOBS = {"pytorchjobs": "/apis/kubeflow.org/v1/namespaces/",
+        "trainjobs": "/apis/trainer.kubeflow.org/v1alpha1/namespaces/"}
 FAIL_MESSAGE = "PyTorchJob {ns}/{name} is failed because 1 Master replica(s) failed."
+TRAINJOB_FAIL_MESSAGE = "jobset {name} failed: job {name}-node-0 has failed (BackoffLimitExceeded)"
+NODE0 = {"pytorchjobs": ("training.kubeflow.org/job-name", "training.kubeflow.org/replica-type", "master"),
+         "trainjobs": ("jobset.sigs.k8s.io/jobset-name", "jobset.sigs.k8s.io/replicatedjob-name", "node")}
 
 
 class FakeKube:
@@ -24,6 +30,9 @@ class FakeKube:
 
     def __init__(self):
         self.jobs: dict[tuple[str, str], dict[str, Any]] = {}
+        self.kinds: dict[tuple[str, str], str] = {}  # (namespace, name) -> plural
+        self.schemas: dict[str, dict[str, Any]] = {}  # plural -> openAPIV3Schema checked on create
+        self.trainer_status: dict[str, Any] | None = None  # status.trainerStatus of a TrainJob while Running
         self.scripts: dict[tuple[str, str], list[str]] = {}
         self.steps: dict[tuple[str, str], int] = {}
         self.lingering: dict[tuple[str, str], int] = {}
@@ -62,9 +71,10 @@ class FakeKube:
         """Put a job in place (as an earlier attempt left it) that moves through ``script``."""
         key = (manifest["metadata"]["namespace"], manifest["metadata"]["name"])
         with self.lock:
+            self.kinds[key] = "trainjobs" if manifest.get("kind") == "TrainJob" else "pytorchjobs"
             self._store(key, json.loads(json.dumps(manifest)), script)
 
-    def calls(self, method: str, kind: str = "pytorchjobs") -> list[str]:
+    def calls(self, method: str, kind: str = "jobs") -> list[str]:
         return [path for m, path, _ in self.requests if m == method and kind in path]
 
     def _store(self, key, obj, script) -> None:
@@ -76,15 +86,24 @@ class FakeKube:
 
     def _apply(self, key) -> None:
         job, script, step = self.jobs[key], self.scripts[key], self.steps[key]
+        trainjob = self.kinds.get(key) == "trainjobs"
         conditions = []
         for i, state in enumerate(script[: step + 1]):
+            if trainjob and state == "Running":  # a TrainJob has no Running condition: its pods run
+                continue
             cond = {"type": state, "status": "True" if i == step or state == "Created" else "False",
                     "reason": f"PyTorchJob{state}", "message": f"PyTorchJob {key[1]} is {state.lower()}.",
                     "lastTransitionTime": "2026-01-01T00:00:00Z"}
+            if trainjob:
+                cond.update(reason={"Failed": "FailedJobs", "Complete": "JobSetCompleted"}.get(state, state),
+                            message=f"TrainJob {key[1]} is {state.lower()}")
+                cond["observedGeneration"] = 1
             if state == "Failed":
-                cond["message"] = FAIL_MESSAGE.format(ns=key[0], name=key[1])
+                cond["message"] = (TRAINJOB_FAIL_MESSAGE if trainjob else FAIL_MESSAGE).format(ns=key[0], name=key[1])
             conditions.append(cond)
         job["status"] = {"conditions": conditions}
+        if trainjob and script[step] == "Running" and self.trainer_status:
+            job["status"]["trainerStatus"] = dict(self.trainer_status)
 
     def _advance(self, key) -> bool:
         """One step along the job's script; True when it changed."""
@@ -146,8 +165,10 @@ class FakeKube:
                 with fake.lock:
                     fake.requests.append((method, url.path, query))
                 parts = url.path.strip("/").split("/")
-                if url.path.startswith(JOBS) and len(parts) >= 6 and parts[5] == "pytorchjobs":
-                    return self._jobs(method, parts[4], parts[6] if len(parts) > 6 else None, query, body)
+                for plural, prefix in JOBS.items():
+                    if url.path.startswith(prefix) and len(parts) >= 6 and parts[5] == plural:
+                        return self._jobs(plural, method, parts[4], parts[6] if len(parts) > 6 else None, query,
+                                          body)
                 if url.path.startswith("/api/v1/namespaces/") and len(parts) >= 5 and parts[4] == "pods":
                     return self._pods(parts[3], parts[5] if len(parts) > 5 else None,
                                       parts[6] if len(parts) > 6 else None, query)
@@ -162,15 +183,24 @@ class FakeKube:
             def do_DELETE(self):
                 self._route("DELETE")
 
-            def _jobs(self, method, ns, name, query, body):
+            def _jobs(self, plural, method, ns, name, query, body):
                 if method == "POST":
                     if fake.create_error:
                         code, message = fake.create_error
                         return self._status(code, "Forbidden" if code == 403 else "Invalid", message)
+                    if plural in fake.schemas:
+                        import jsonschema
+
+                        try:
+                            jsonschema.validate(body, fake.schemas[plural])
+                        except jsonschema.ValidationError as err:
+                            path = ".".join(str(p) for p in err.absolute_path)
+                            return self._status(422, "Invalid", f"{plural} is invalid: {path}: {err.message}")
                     key = (ns, body["metadata"]["name"])
                     with fake.lock:
                         if key in fake.jobs:
-                            return self._status(409, "AlreadyExists", f'pytorchjobs "{key[1]}" already exists')
+                            return self._status(409, "AlreadyExists", f'{plural} "{key[1]}" already exists')
+                        fake.kinds[key] = plural
                         fake._store(key, body, fake.next_script)
                         job = json.loads(json.dumps(fake.jobs[key]))
                     return self._send(201, job)
@@ -193,7 +223,7 @@ class FakeKube:
                                             "the request")
                     if method == "DELETE":
                         if key not in fake.jobs:
-                            return self._status(404, "NotFound", f'pytorchjobs "{name}" not found')
+                            return self._status(404, "NotFound", f'{plural} "{name}" not found')
                         assert body.get("propagationPolicy") == "Foreground", body
                         fake.jobs[key]["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:01Z"
                         fake.lingering[key] = 1  # a foreground delete: visible once more, then gone
@@ -204,37 +234,47 @@ class FakeKube:
                         else:
                             fake.lingering[key] -= 1
                     if key not in fake.jobs:
-                        return self._status(404, "NotFound", f'pytorchjobs.kubeflow.org "{name}" not found')
+                        return self._status(404, "NotFound", f'{plural} "{name}" not found')
                     if "deletionTimestamp" not in fake.jobs[key]["metadata"]:
                         fake._advance(key)
                     job = json.loads(json.dumps(fake.jobs[key]))
                 return self._send(200, job)
 
-            def _pod(self, ns: str, job: str, phase: str) -> dict[str, Any]:
-                return {"metadata": {"name": f"{job}-master-0", "namespace": ns, "uid": f"pod-{job}",
-                                     "creationTimestamp": "2026-01-01T00:00:00Z",
-                                     "labels": {"training.kubeflow.org/job-name": job,
-                                                "training.kubeflow.org/replica-type": "master"}},
+            def _pod(self, ns: str, job: str, phase: str, plural: str) -> dict[str, Any]:
+                job_label, role_label, role = NODE0[plural]
+                labels = {job_label: job, role_label: role}
+                name, container = f"{job}-master-0", "pytorch"
+                if plural == "trainjobs":
+                    labels["batch.kubernetes.io/job-completion-index"] = "0"
+                    name, container = f"{job}-node-0-0-x7k2p", "node"
+                return {"metadata": {"name": name, "namespace": ns, "uid": f"pod-{job}",
+                                     "creationTimestamp": "2026-01-01T00:00:00Z", "labels": labels},
                         "status": {"phase": phase, "containerStatuses": [
-                            {"name": "pytorch", "restartCount": 0, "ready": phase == "Running",
+                            {"name": container, "restartCount": 0, "ready": phase == "Running",
                              "image": "img", "imageID": "img@sha256:0"}]}}
 
             def _pods(self, ns, pod, sub, query):
                 if pod is None:
                     labels = dict(item.split("=", 1) for item in query.get("labelSelector", [""])[0].split(",")
                                   if "=" in item)
-                    job = labels.get("training.kubeflow.org/job-name")
-                    assert labels.get("training.kubeflow.org/replica-type") == "master", labels
+                    plural = "trainjobs" if "jobset.sigs.k8s.io/jobset-name" in labels else "pytorchjobs"
+                    job_label, role_label, role = NODE0[plural]
+                    job = labels.get(job_label)
+                    assert labels.get(role_label) == role, labels
+                    if plural == "trainjobs":
+                        assert labels.get("batch.kubernetes.io/job-completion-index") == "0", labels
                     with fake.lock:
                         state = fake.state((ns, job)) if (ns, job) in fake.jobs else None
                     items = []
-                    if state in ("Running", "Restarting", "Succeeded", "Failed"):
-                        phase = {"Succeeded": "Succeeded", "Failed": "Failed"}.get(state, "Running")
-                        items.append(self._pod(ns, job, phase))
+                    if state in ("Running", "Restarting", "Succeeded", "Failed", "Complete"):
+                        phase = {"Succeeded": "Succeeded", "Complete": "Succeeded", "Failed": "Failed"}.get(
+                            state, "Running")
+                        items.append(self._pod(ns, job, phase, plural))
                     return self._send(200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items})
                 if sub == "log":
                     follow = query.get("follow", [""])[0].lower() == "true"
-                    assert follow and query.get("container") == ["pytorch"], query
+                    container = "node" if "-node-0-" in pod else "pytorch"
+                    assert follow and query.get("container") == [container], query
                     return self._stream([(line + "\n").encode() for line in fake.log_lines])
                 self._status(404, "NotFound", f'pods "{pod}" not found')
 
