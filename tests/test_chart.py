@@ -1,6 +1,6 @@
 """The Helm chart: values against values.schema.json, every template rendered by Helm itself (helm-python-sdk, the
 Helm v4 Go SDK, installed by `make setup`) for the default and a fully-specified values file, every object
-against Kubernetes' schemas, and the RBAC grants exactly what the PyTorchJob client calls."""
+against Kubernetes' schemas, and the RBAC grants exactly what the TrainJob (or PyTorchJob) client calls."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import yaml
 from audiotune import __version__, sdk
 from audiotune.config import ConfigError
 from audiotune.config import validate as validate_config
-from audiotune.cluster.kube import RBAC_RULES
+from audiotune.cluster.kube import KINDS, rbac_rules
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "audiotune"
@@ -119,7 +119,7 @@ def _one(objs: list[dict], kind: str) -> dict:
 def test_rbac_grants_exactly_what_the_training_client_calls(name):
     objs = objects(render(values(name)))
     role = _one(objs, "Role")
-    assert role["rules"] == RBAC_RULES
+    assert role["rules"] == rbac_rules(KINDS[values(name)["rbac"].get("launcher", "trainjob")])
     binding = _one(objs, "RoleBinding")
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
                                   "name": role["metadata"]["name"]}
