@@ -33,6 +33,7 @@ from audiotune.errors import TrainingError
 from audiotune.train import checkpoints
 from audiotune.train.engine import Engine, decay_groups, make_accelerator, resolve_dtype, seed_everything
 from audiotune.train.flow_batches import FlowBatches, FlowExamples, flow_loss, load_flow_examples
+from audiotune.train.flow_export import export_flow_model, lora_targets, release_summary
 from audiotune.train.plots import loss_curve
 
 log = logging.getLogger(__name__)
@@ -197,14 +198,6 @@ def resolve_arch(F: FlowStageConfig, base_flow: str | None) -> str:
     if problem:
         raise TrainFlowError(problem)
     return arch
-
-
-def lora_targets(model, F: FlowStageConfig) -> list[str]:
-    """``flow.lora.target_modules``; at its default, a release flow's own attention and feed-forward layers."""
-    from audiotune.config.training import FLOW_LORA_TARGETS
-    from audiotune.models.flow.native.fit import lora_targets as targets
-
-    return targets(model, F.lora.target_modules, FLOW_LORA_TARGETS)
 
 
 def _build_release(F: FlowStageConfig, info: TokensInfo, speaker, base_flow: str):
@@ -380,7 +373,7 @@ def train_flow(cfg: AudiotuneConfig, tokens: str, output: str, base_flow: str | 
                     staging, artifacts.FLOW, artifacts.FLOW_VERSION,
                     tokens=tokens, base_flow=base_flow, init="base_flow" if base_flow else "preset",
                     preset=model.config.preset, arch=getattr(model.config, "arch", AUDIOTUNE_ARCH),
-                    release=_release_summary(model.config), mel=info.mel,
+                    release=release_summary(model.config), mel=info.mel,
                     speaker={**dataclasses.asdict(speaker), "tokens_type": info.speaker_type},
                     vocab={"codebook_size": info.codebook_size, "num_codebooks": info.num_codebooks,
                            "codebooks": F.codebooks, "codebooks_read": info.codebooks_used,
@@ -394,47 +387,6 @@ def train_flow(cfg: AudiotuneConfig, tokens: str, output: str, base_flow: str | 
                 )
         acc.wait_for_everyone()
     return TrainResult(output=output, metrics=metrics, manifest=result_manifest)
-
-
-def _release_summary(config) -> dict[str, Any] | None:
-    release = getattr(config, "release", None)
-    return release.summary() if release is not None else None
-
-
-def export_flow_model(config, state_dict: dict, F: FlowStageConfig, ema, staging: Path):
-    """The plain flow to save: the trained weights (EMA when enabled), LoRA merged; written to ``staging``
-    (a release flow: ``flow.pt`` + its yaml + ``hift.pt`` in the upstream layout, and ``model.safetensors``)."""
-    from audiotune.models.flow import (
-        FlowModel,
-        apply_lora,
-        load_state_dict_strict,
-        lora_estimator,
-        merge_lora,
-        save_flow,
-    )
-
-    release = getattr(config, "release", None)
-    if release is not None:
-        from audiotune.models.flow.native.adapter import build_release_flow
-
-        export = build_release_flow(config)
-    else:
-        export = FlowModel(config)
-    if F.lora.enabled:
-        export = apply_lora(export, F.lora.r, F.lora.alpha, F.lora.dropout, lora_targets(export, F))
-    load_state_dict_strict(export, {k: v.detach().float().cpu() for k, v in state_dict.items()}, "trained flow")
-    if ema is not None:
-        ema.copy_to(export)
-    if F.lora.enabled and F.lora.save_adapter:
-        lora_estimator(export).save_pretrained(str(staging / "adapter"))
-    export = merge_lora(export).eval()
-    if release is not None:
-        from audiotune.models.flow.native.release import save_release
-
-        save_release(export.native, release, staging)
-    else:
-        save_flow(export, staging)
-    return export
 
 
 def _final_metrics(state, train_ex: FlowExamples, val_ex: FlowExamples, dropped: int, trainable: int,

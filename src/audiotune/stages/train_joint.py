@@ -26,17 +26,11 @@ from audiotune import artifacts, publish, storage, tracking
 from audiotune.config import AudiotuneConfig, dump_config
 from audiotune.errors import TrainingError
 from audiotune.models.vocab import AudioVocab
-from audiotune.stages.train_flow import (
-    TrainFlowError,
-    check_flow_fits,
-    export_flow_model,
-    lora_targets,
-    speaker_spec,
-    tokens_info,
-)
+from audiotune.stages.train_flow import TrainFlowError, check_flow_fits, speaker_spec, tokens_info
 from audiotune.stages.train_llm import write_llm_files
 from audiotune.train import checkpoints
 from audiotune.train.engine import Engine, decay_groups, make_accelerator, resolve_dtype, seed_everything
+from audiotune.train.flow_export import export_flow_model, lora_targets
 from audiotune.train.joint_batches import JointBatches, JointLoss, JointModel, pair_examples
 from audiotune.train.plots import loss_curve
 
