@@ -20,6 +20,10 @@ class TrackingConfig(BaseModel):
     experiment: str = "audiotune"
     parent_run_id: str | None = None
     run_name: str | None = None
+    request_timeout_s: float = 20.0
+    request_retries: int = 1
+    retry_every_s: float = 60.0
+    spool_dir: str | None = None
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,166 @@
+"""Reliability of the training stages (issue 14): each test injects one fault or hostile input, then checks the
+exit code, the one-line message, and that nothing was lost or written where it must not be."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+
+TRAIN_FAST = ["run.num_workers=1", "llm.train.log_every=1", "llm.train.eval_every=1000", "llm.train.save_every=1000",
+              "llm.train.batch_tokens=2048", "llm.train.warmup_ratio=0", "llm.train.schedule=constant",
+              "llm.init=scratch", "llm.preset=tiny-llama", "llm.mode=full", "llm.layout=tts"]
+
+
+def _train_llm_cli(tokens: Path, out: Path, *sets: str) -> list[str]:
+    return [sys.executable, "-m", "audiotune.cli", "train", "llm", "--tokens", str(tokens), "--output", str(out),
+            *[a for s in [*TRAIN_FAST, *sets] for a in ("--set", s)]]
+
+
+def _no_traceback(stderr: str) -> None:
+    assert "Traceback" not in stderr, stderr[-4000:]
+
+
+def _one_line_error(stderr: str) -> str:
+    """The error line the CLI printed, after checking that no traceback reached stderr."""
+    _no_traceback(stderr)
+    lines = [line for line in stderr.splitlines() if line.startswith("audiotune")]
+    assert len(lines) == 1, stderr[-4000:]
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------ MLflow outage mid-training
+class OutageProxy:
+    """A TCP proxy in front of a real MLflow server that goes down after ``down_after`` log-batch requests
+    (refusing connections and cutting open ones) and, with ``down_for``, comes back that many seconds later."""
+
+    def __init__(self, target: str, down_after: int, down_for: float | None = None) -> None:
+        host, port = target.removeprefix("http://").split(":")
+        self.target = (host, int(port))
+        self.down_after, self.down_for = down_after, down_for
+        self.batches = 0
+        self.went_down: float | None = None
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        self.port = probe.getsockname()[1]
+        probe.close()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._listen()
+
+    def _listen(self) -> None:
+        self._server = socket.socket()
+        self._server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._server.bind(("127.0.0.1", self.port))
+        self._server.listen(16)
+        threading.Thread(target=self._accept, args=(self._server,), daemon=True).start()
+
+    def _accept(self, server: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            with self._lock:
+                self._conns += [client, upstream]
+            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, counts: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if counts and b"/runs/log-batch" in data and self.went_down is None:
+                    self.batches += 1
+                    if self.batches > self.down_after:
+                        self.down()
+                        return
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def down(self) -> None:
+        with self._lock:
+            if self.went_down is not None:
+                return
+            self.went_down = time.monotonic()
+            try:
+                self._server.shutdown(socket.SHUT_RDWR)  # wakes the accept() and stops listening
+            except OSError:
+                pass
+            self._server.close()
+            for sock in self._conns:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            self._conns.clear()
+        if self.down_for is not None:
+            threading.Timer(self.down_for, self._listen).start()
+
+
+def _outage_run(tokens: Path, tmp_path: Path, proxy: OutageProxy, steps: int, experiment: str = "outage"
+                ) -> tuple[subprocess.CompletedProcess, Path]:
+    spool = tmp_path / "unsent"
+    cmd = _train_llm_cli(tokens, tmp_path / "llm", f"llm.train.max_steps={steps}", f"tracking.uri={proxy.url}",
+                         f"tracking.experiment={experiment}", f"tracking.spool_dir={spool}",
+                         "tracking.retry_every_s=0.2", "tracking.request_timeout_s=5")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path), spool
+
+
+def _spooled_steps(spool: Path) -> set[int]:
+    steps = set()
+    for file in spool.glob("*.jsonl"):
+        for line in file.read_text().splitlines():
+            steps |= {m[3] for m in json.loads(line).get("metrics", []) if m[0] == "loss"}
+    return steps
+
+
+def test_mlflow_down_for_good_mid_training_finishes_and_keeps_the_metrics_in_a_file(llm_tokens, mlflow_server,
+                                                                                    tmp_path):
+    proxy = OutageProxy(mlflow_server, down_after=4)  # params (1-2 batches), then the first steps' metrics
+    proc, spool = _outage_run(llm_tokens, tmp_path, proxy, steps=12)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    _no_traceback(proc.stderr)
+    assert proxy.went_down is not None
+    assert time.monotonic() - proxy.went_down < 120  # no stall of minutes in retries
+    # nothing lost: the model is published, every step after the outage is in the spool file, the report names it
+    manifest = json.loads((tmp_path / "llm" / "manifest.json").read_text())
+    assert manifest["steps"] == 12
+    history = json.loads((tmp_path / "llm" / "history.json").read_text())
+    assert [h["step"] for h in history if "loss" in h] == list(range(1, 13))
+    kept = _spooled_steps(spool)
+    assert kept and max(kept) == 12 and kept == set(range(min(kept), 13)), kept
+    report = [line for line in proc.stderr.splitlines() if "did not answer by the end of the stage" in line]
+    assert len(report) == 1 and str(spool) in report[0], proc.stderr[-4000:]
+
+
+def test_mlflow_back_after_an_outage_receives_every_step(llm_tokens, mlflow_server, tmp_path):
+    from mlflow import MlflowClient
+
+    proxy = OutageProxy(mlflow_server, down_after=4, down_for=4.0)
+    experiment = f"outage-{uuid.uuid4().hex[:8]}"
+    proc, spool = _outage_run(llm_tokens, tmp_path, proxy, steps=12, experiment=experiment)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    _no_traceback(proc.stderr)
+    assert proxy.went_down is not None and "answers again" in proc.stderr, proc.stderr[-4000:]
+    assert not list(spool.glob("*.jsonl"))  # all sent: nothing left behind
+    client = MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    (run,) = runs
+    assert run.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == list(range(1, 13))
+
