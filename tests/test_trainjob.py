@@ -322,3 +322,64 @@ def test_a_multinode_task_launches_a_trainjob_with_the_plugins_mlflow_run(kube, 
     command = written["spec"]["trainer"]["command"]
     assert command[:2] == ["sh", "-c"] and "exec python -m torch.distributed.run -m audiotune.cli train llm" \
         in command[2] and "--nnodes" not in command[2]
+
+
+# --- the KFP MLflow plugin --------------------------------------------------------------------------------------
+
+def test_a_stage_logs_into_the_plugins_run_and_opens_no_second_tree(mlflow_server, monkeypatch):
+    """KFP 2.17's MLflow plugin opened a parent run and a nested run per task and put the task's run id in the
+    pod as MLFLOW_RUN_ID: prepare_run opens no parent of ours, the stage's metrics land in the task's run, no other
+    run appears, the plugin's runs are left for the plugin to end, and finish_run ends nothing."""
+    import uuid
+
+    from mlflow import MlflowClient
+
+    from audiotune import tracking
+    from audiotune.orchestration import runs
+
+    client = MlflowClient(mlflow_server)
+    experiment = client.create_experiment(f"kfp-{uuid.uuid4().hex[:8]}")
+    parent = client.create_run(experiment, run_name="pipeline-run").info.run_id
+    task_runs = {task: client.create_run(experiment, run_name=task, tags={tracking.PARENT_TAG: parent}).info.run_id
+                 for task in ("prepare-run", "train-llm")}
+    cfg = validate({"tracking": {"uri": mlflow_server, "experiment": "audiotune-own"}})
+    monkeypatch.setenv("MLFLOW_RUN_ID", task_runs["prepare-run"])
+    assert runs.start(cfg, "kfp-run-1", {"mode": "llm"}) == parent
+    assert client.get_run(task_runs["prepare-run"]).data.params["pipeline.mode"] == "llm"
+
+    monkeypatch.setenv("MLFLOW_RUN_ID", task_runs["train-llm"])
+    cfg.tracking.parent_run_id = parent
+    with tracking.stage_run(cfg.tracking, "llm") as tracker:
+        tracker.log_metrics({"train/loss": 2.5}, step=1)
+        tracker.log_metrics({"train/loss": 1.5}, step=2)
+        tracker.log_params({"llm.mode": "lora"})
+    run = client.get_run(task_runs["train-llm"])
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")] == [2.5, 1.5]
+    assert run.data.params["llm.mode"] == "lora" and run.data.tags[tracking.STAGE_TAG] == "llm"
+    assert run.info.status == "RUNNING"  # the plugin ends its runs
+    assert runs.claim(cfg.tracking, "llm-unused-name", "llm") == task_runs["train-llm"]
+    found = client.search_runs([experiment])
+    assert sorted(r.info.run_id for r in found) == sorted([parent, *task_runs.values()])
+    assert client.get_experiment_by_name("audiotune-own") is None or not client.search_runs(
+        [client.get_experiment_by_name("audiotune-own").experiment_id])
+    assert runs.finish(cfg.tracking, "kfp-run-1", "SUCCEEDED") is None
+    assert client.get_run(parent).info.status == "RUNNING"
+
+
+def test_without_the_plugin_a_stage_opens_its_own_nested_run(mlflow_server, monkeypatch):
+    import uuid
+
+    from mlflow import MlflowClient
+
+    from audiotune import tracking
+
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    client = MlflowClient(mlflow_server)
+    cfg = validate({"tracking": {"uri": mlflow_server, "experiment": f"own-{uuid.uuid4().hex[:8]}"}})
+    parent = tracking.start_parent_run(cfg.tracking, "run")
+    cfg.tracking.parent_run_id = parent
+    with tracking.stage_run(cfg.tracking, "llm") as tracker:
+        tracker.log_metrics({"train/loss": 2.0}, step=1)
+    [stage] = [r for r in client.search_runs([client.get_run(parent).info.experiment_id])
+               if r.info.run_id != parent]
+    assert stage.data.tags[tracking.PARENT_TAG] == parent and stage.info.status == "FINISHED"

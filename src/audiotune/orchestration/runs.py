@@ -14,6 +14,11 @@ How the parent run is handled:
 - The exit handler (``finish_run``) runs whether the pipeline succeeded or not. An exit task may
   not depend on other tasks, so it finds the parent run by its Kubeflow run id tag, and ends it
   FINISHED or FAILED (with the failed task in a tag).
+
+With the KFP >= 2.17 MLflow plugin (``MLFLOW_RUN_ID`` in every task's pod) the plugin owns the tree: it opens
+the parent run and a nested run per task, and ends them. ``prepare_run`` then opens no parent of its own: it logs
+the parameters and config into its task run and hands on the plugin's parent; each stage logs into its task's run
+(:func:`audiotune.tracking.stage_run`); ``finish_run`` finds no parent of ours and ends nothing.
 """
 
 from __future__ import annotations
@@ -48,10 +53,18 @@ def start(cfg: AudiotuneConfig, pipeline_run_id: str, params: dict[str, Any]) ->
 
     It carries the pipeline parameters as run parameters and the resolved config as an artifact.
     """
-    run_id = tracking.start_parent_run(
-        cfg.tracking, cfg.run.name,
-        tags={PIPELINE_RUN_TAG: pipeline_run_id, PIPELINE_TAG: PIPELINE_NAME, "audiotune.mode": cfg.pipeline.mode},
-    )
+    tags = {PIPELINE_RUN_TAG: pipeline_run_id, PIPELINE_TAG: PIPELINE_NAME, "audiotune.mode": cfg.pipeline.mode}
+    plugin = tracking.plugin_run_id() if tracking.is_active(cfg.tracking) else None
+    if plugin:  # the KFP MLflow plugin opened the parent and this task's run: no second tree
+        client = _client(cfg.tracking)
+        parent = client.get_run(plugin).data.tags.get(tracking.PARENT_TAG)
+        tracker = tracking.StageTracker(client, plugin)
+        tracker.set_tags({k: v for k, v in tags.items() if k != PIPELINE_RUN_TAG})  # finish() must not find it
+        tracker.log_params({f"pipeline.{k}": v for k, v in params.items()})
+        tracker.log_dict(cfg.model_dump(mode="json"), "config.json")
+        log.info("MLflow: logging into the KFP plugin's run %s (parent %s)", plugin, parent)
+        return parent or None
+    run_id = tracking.start_parent_run(cfg.tracking, cfg.run.name, tags=tags)
     if run_id is not None:
         tracker = tracking.StageTracker(_client(cfg.tracking), run_id)
         tracker.log_params({f"pipeline.{k}": v for k, v in params.items()})
@@ -106,9 +119,12 @@ def unique_run_name(stage: str) -> str:
 
 
 def claim(cfg: TrackingConfig, run_name: str, stage: str) -> str | None:
-    """Find the run named ``run_name``, rename it ``stage`` and return its id (None: tracking off)."""
+    """Find the run named ``run_name``, rename it ``stage`` and return its id (None: tracking off); with the KFP
+    MLflow plugin, the stage logged into the task's run: that run's id."""
     if not tracking.is_active(cfg):
         return None
+    if tracking.plugin_run_id():
+        return tracking.plugin_run_id()
     client = _client(cfg)
     exp = client.get_experiment_by_name(cfg.experiment)
     found = client.search_runs([exp.experiment_id], f"attributes.run_name = '{run_name}'",
