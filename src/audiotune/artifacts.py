@@ -26,6 +26,8 @@ FLOW = "audiotune.flow"
 FLOW_VERSION = 1
 EXPORT = "audiotune.export"
 EXPORT_VERSION = 1
+EVAL = "audiotune.eval"
+EVAL_VERSION = 1
 
 
 class ArtifactError(DataError):
