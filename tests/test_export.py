@@ -187,7 +187,7 @@ def test_registered_versions_and_champion_promotion(trained, mlflow_server, tmp_
     outcome = registry.promote(cfg.tracking, name, version=worse)
     assert not outcome.promoted and client.get_model_version_by_alias(name, "champion").version == "1"
     better = registry.register(cfg.tracking, name, "s3://elsewhere/model", None, {}, {"val_loss": val - 1})
-    cli = [sys.executable, "-m", "audiotune.cli", "promote", "--model-name", name, "--set",
+    cli = [sys.executable, "-m", "audiotune.cli", "promote", "--model-name", name, "--metric", "val_loss", "--set",
            f"tracking.uri={mlflow_server}"]
     done = subprocess.run(cli, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

@@ -317,15 +317,16 @@ def test_cli_wait_exit_1_with_the_failed_task_and_its_last_log_lines(capsys):
 def test_cli_promote_exit_codes(capsys, monkeypatch):
     verdicts = iter([True, False])
 
-    def fake_promote(config, run_id, metric="val_loss"):
+    def fake_promote(config, run_id, metric=None):
         promoted = next(verdicts)
-        return sdk.Promotion(promoted, "tts", "7", "promoted" if promoted else f"did not beat the champion on {metric}")
+        return sdk.Promotion(promoted, "tts", "7", "promoted" if promoted else
+                             f"did not beat the champion on {metric or 'the eval gate'}")
 
     monkeypatch.setattr(sdk, "promote", fake_promote)
     with FakeKFP(states=("SUCCEEDED",)) as fake:
         assert _submit_cli(fake, "--wait", "--promote") == 0
         assert _submit_cli(fake, "--wait", "--promote") == 2
-    assert "did not beat the champion on val_loss" in capsys.readouterr().out
+    assert "did not beat the champion on the eval gate" in capsys.readouterr().out  # the gate is the default
     with FakeKFP(states=("FAILED",), failed_task="export") as fake:  # a failed run never promotes
         assert _submit_cli(fake, "--wait", "--promote") == 1
 
@@ -371,10 +372,10 @@ def test_promote_moves_the_champion_only_to_a_better_model(tmp_path, monkeypatch
         parent = runs.start(cfg, kfp_run, {})
         version = registry.register(cfg.tracking, "tts", str(tmp_path / "model"), parent, {}, {"val_loss": val_loss})
         runs.set_tags(cfg.tracking, parent, {"audiotune.registered_version": version})
-    verdicts = [sdk.promote(cfg, kfp_run) for kfp_run in ("kfp-1", "kfp-2", "kfp-3")]
+    verdicts = [sdk.promote(cfg, kfp_run, "val_loss") for kfp_run in ("kfp-1", "kfp-2", "kfp-3")]
     assert [(v.promoted, v.version) for v in verdicts] == [(True, "1"), (True, "2"), (False, "3")]
     assert "did not beat" in verdicts[2].message
-    assert sdk.promote(cfg, "kfp-unknown").promoted is False  # a run that registered nothing
+    assert sdk.promote(cfg, "kfp-unknown", "val_loss").promoted is False  # a run that registered nothing
 
 
 def test_the_pods_service_account_token_is_sent_when_no_token_is_given(tmp_path, monkeypatch, demo_cfg, capsys):

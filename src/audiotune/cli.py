@@ -107,6 +107,16 @@ def _cmd_export(args: argparse.Namespace, cfg: AudiotuneConfig) -> int:
     return EXIT_OK
 
 
+def _cmd_evaluate(args: argparse.Namespace, cfg: AudiotuneConfig) -> int:
+    from audiotune.stages.evaluate import evaluate
+
+    result = evaluate(cfg, model=args.model, output=args.output, eval_set=args.eval_set)
+    print(result.manifest["card"])
+    print(json.dumps({"output": result.output, "registered_version": result.registered_version,
+                      "eval_set_fingerprint": result.manifest["eval_set_fingerprint"], "metrics": result.means()}))
+    return EXIT_OK
+
+
 def _cmd_synthesize(args: argparse.Namespace, cfg: AudiotuneConfig) -> int:
     from audiotune import artifacts, storage
     from audiotune.export.synthesis import Synthesizer, write_wav
@@ -127,8 +137,14 @@ def _cmd_synthesize(args: argparse.Namespace, cfg: AudiotuneConfig) -> int:
 def _cmd_promote(args: argparse.Namespace, cfg: AudiotuneConfig) -> int:
     from audiotune.export import registry
 
-    outcome = registry.promote(cfg.tracking, args.model_name, version=args.version, metric=args.metric,
-                               greater_is_better=args.greater_is_better, alias=args.alias)
+    if args.metric is None:  # the eval gate (evaluate.gate), champion and challenger on the same eval set
+        from audiotune.stages.evaluate import champion_evaluator
+
+        outcome = registry.promote_gated(cfg.tracking, args.model_name, cfg.evaluate.gate, version=args.version,
+                                         alias=args.alias, evaluator=champion_evaluator(cfg))
+    else:
+        outcome = registry.promote(cfg.tracking, args.model_name, version=args.version, metric=args.metric,
+                                   greater_is_better=args.greater_is_better, alias=args.alias)
     print(outcome.message)
     return EXIT_OK if outcome.promoted else EXIT_NOT_PROMOTED
 
@@ -182,6 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=_cmd_export)
 
+    p = sub.add_parser("evaluate", help="Synthesize a fixed eval set with an export and score it (WER/CER, "
+                       "speaker similarity, DNSMOS, MCD, F0, duration) into an Eval artifact.")
+    p.add_argument("--model", required=True, help="Export URI (local or s3://).")
+    p.add_argument("--eval-set", help="A Dataset artifact or a JSONL eval set (default: evaluate.eval_set, else "
+                   "the validation rows of the export's Dataset).")
+    _add_common(p)
+    p.set_defaults(func=_cmd_evaluate)
+
     p = sub.add_parser("synthesize", help="Speak a text with an exported model (LLM → flow → vocoder).")
     p.add_argument("--model", required=True, help="Export URI (local or s3://).")
     p.add_argument("--text", required=True, help="What to say.")
@@ -203,7 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "bad usage.)")
     p.add_argument("--model-name", required=True, help="Registered model name.")
     p.add_argument("--version", help="Challenger version (default: the newest).")
-    p.add_argument("--metric", default="val_loss", help="Metric compared (a metric.<name> tag of the versions).")
+    p.add_argument("--metric", default=None, help="Compare this one metric (a metric.<name> tag of the versions, "
+                   "e.g. val_loss) instead of the eval gate (evaluate.gate: champion and challenger on the same "
+                   "eval set).")
     p.add_argument("--greater-is-better", action="store_true", help="Higher metric wins (default: lower).")
     p.add_argument("--alias", default="champion", help="The alias of the model in production.")
     p.add_argument("--config", help="YAML config (its tracking section says where the registry is).")

@@ -81,7 +81,8 @@ def add_pipeline_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--promote", action="store_true",
                    help="With --wait: move the champion alias to the new model only if it beats the champion; "
                         "exit 2 when it does not. Needs export.registered_model_name.")
-    p.add_argument("--metric", default="val_loss", help="With --promote: the metric compared (lower is better).")
+    p.add_argument("--metric", default=None, help="With --promote: compare this one metric (lower is better, e.g. "
+                   "val_loss) instead of the eval gate (evaluate.gate, on the eval metrics).")
     _overrides(p)
     p.set_defaults(func=cmd_submit, usage_exit=EXIT_SUBMIT_USAGE)
 

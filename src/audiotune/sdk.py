@@ -398,9 +398,10 @@ def failure_report(run_id: str, host: str | Connection | None = None, lines: int
 
 
 def promote(config: str | Path | dict[str, Any] | AudiotuneConfig, run_id: str,
-            metric: str = "val_loss") -> Promotion:
+            metric: str | None = None) -> Promotion:
     """Move the registered model's champion alias to the version that Kubeflow run ``run_id`` registered, only
-    if it beats the champion on ``metric`` (lower is better); see :func:`audiotune.orchestration.runs.promote`."""
+    if it passes the eval gate (``evaluate.gate``), or with ``metric`` if it beats the champion on it (lower is
+    better); see :func:`audiotune.orchestration.runs.promote`."""
     from audiotune.orchestration import runs
 
     return runs.promote(load(config), run_id, metric)

@@ -170,9 +170,10 @@ class Promotion:
     message: str
 
 
-def promote(cfg: AudiotuneConfig, pipeline_run_id: str, metric: str = "val_loss") -> Promotion:
+def promote(cfg: AudiotuneConfig, pipeline_run_id: str, metric: str | None = None) -> Promotion:
     """Move ``export.champion_alias`` of ``export.registered_model_name`` to the version that pipeline run
-    ``pipeline_run_id`` registered, only if it beats the champion on ``metric`` (lower is better).
+    ``pipeline_run_id`` registered, only if it passes the eval gate (``evaluate.gate``; the champion re-evaluated
+    on the challenger's eval set when needed), or, with ``metric``, if it beats the champion on it (lower is better).
 
     The export task tags the run's parent run with the version it registered; the comparison itself is
     :func:`audiotune.export.registry.promote`'s.
@@ -191,5 +192,12 @@ def promote(cfg: AudiotuneConfig, pipeline_run_id: str, metric: str = "val_loss"
     version = _client(cfg.tracking).get_run(parent).data.tags.get(VERSION_TAG) if parent else None
     if not version:
         return Promotion(False, name, None, f"pipeline run {pipeline_run_id} registered no version of {name}")
-    outcome = registry.promote(cfg.tracking, name, version=version, metric=metric, alias=cfg.export.champion_alias)
+    if metric is None:
+        from audiotune.stages.evaluate import champion_evaluator
+
+        outcome = registry.promote_gated(cfg.tracking, name, cfg.evaluate.gate, version=version,
+                                         alias=cfg.export.champion_alias, evaluator=champion_evaluator(cfg))
+    else:
+        outcome = registry.promote(cfg.tracking, name, version=version, metric=metric,
+                                   alias=cfg.export.champion_alias)
     return Promotion(outcome.promoted, name, version, outcome.message)

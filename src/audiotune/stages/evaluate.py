@@ -248,3 +248,15 @@ def _registry_source(tracker, model: str, export_manifest: dict[str, Any]) -> st
         return None  # registered already (by `audiotune export`): the version is only tagged
     tracker.log_artifacts(Path(model), "export")
     return f"runs:/{tracker.run_id}/export"
+
+
+def champion_evaluator(cfg: AudiotuneConfig):
+    """``evaluator(export_uri, eval_set_uri) -> (means, fingerprint)`` for the gate: evaluates the champion on the
+    challenger's eval set into a temporary Eval (the gate stores the means as the champion version's tags)."""
+
+    def run(export_uri: str, eval_set_uri: str) -> tuple[dict[str, float], str]:
+        with tempfile.TemporaryDirectory(prefix="audiotune-champion-eval-") as tmp:
+            result = evaluate(cfg, export_uri, str(Path(tmp) / "eval"), eval_set=eval_set_uri, register=False)
+        return result.means(), result.manifest["eval_set_fingerprint"]
+
+    return run
