@@ -150,7 +150,7 @@ def strict_from_pretrained(loader: Any, path: Path, allowed_missing: Mapping[str
     try:
         model, info = loader.from_pretrained(str(path), output_loading_info=True, ignore_mismatched_sizes=True,
                                              use_safetensors=True, **kwargs)
-    except (OSError, RuntimeError) as err:
+    except (OSError, RuntimeError, ValueError, KeyError) as err:  # unreadable files, a config it cannot use
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"base model {path}: cannot load its weights ({first})") from None
     check_loading_info(info, path, type(model).__name__, allowed_missing)
