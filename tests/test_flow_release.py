@@ -160,3 +160,78 @@ def test_release_loss_draws_do_not_depend_on_the_batch(name):
         together = summed([0, 1, 2])
         alone = sum(summed([i]) for i in range(3))
     assert together == pytest.approx(alone, rel=1e-4)
+
+
+def _fitted_release(folder: Path, tokens: Path, dest: Path) -> Path:
+    """The kit's CosyVoice-300M folder resized to the Tokens' vocabulary and token rate (random flow.pt)."""
+    from audiotune.models.flow.native.release import build_from_yaml
+
+    audio = json.loads((tokens / "manifest.json").read_text())["audio_tokenizer"]
+    dest.mkdir()
+    text = (folder / "cosyvoice.yaml").read_text()
+    text = text.replace("vocab_size: 64", f"vocab_size: {audio['codebook_size']}")
+    text = text.replace("input_frame_rate: 25", f"input_frame_rate: {audio['token_rate']}")
+    (dest / "cosyvoice.yaml").write_text(text)
+    torch.manual_seed(0)
+    torch.save(build_from_yaml(dest).state_dict(), dest / "flow.pt")
+    shutil.copy2(folder / "hift.pt", dest / "hift.pt")
+    return dest
+
+
+def _with_xvectors(tokens: Path, dest: Path, dim: int = 192) -> Path:
+    """A copy of a Tokens artifact whose rows carry an x-vector each (speaker type onnx)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shutil.copytree(tokens, dest)
+    rng = np.random.default_rng(0)
+    for shard in dest.glob("*/part-*.parquet"):
+        table = pq.read_table(shard)
+        vectors = [rng.standard_normal(dim).astype(np.float32).tolist() for _ in range(len(table))]
+        if "speaker_embedding" in table.schema.names:
+            table = table.drop(["speaker_embedding"])
+        pq.write_table(table.append_column("speaker_embedding", pa.array(vectors, pa.list_(pa.float32()))), shard)
+    from safetensors.torch import save_file
+
+    save_file({"spk0": torch.randn(dim)}, str(dest / "tokenizer" / "speaker_embeddings.safetensors"))
+    manifest = json.loads((dest / "manifest.json").read_text())
+    manifest["speaker_embedding"] = "onnx"
+    (dest / "manifest.json").write_text(json.dumps(manifest))
+    return dest
+
+
+def test_a_release_flow_goes_through_the_flow_joint_and_export_stages(llm_tokens, llm_base, tmp_path):
+    """Flow stage from a release folder → joint stage with a LoRA LLM → export: the flow stays in the upstream
+    layout with the release's keys all the way, and the export synthesizes with it."""
+    from audiotune.stages.export import export
+    from audiotune.stages.train_joint import train_joint
+    from audiotune.stages.train_llm import train_llm
+
+    folder = kit_folder("cosyvoice-300m")
+    tokens = _with_xvectors(llm_tokens, tmp_path / "tokens")
+    release = _fitted_release(folder, tokens, tmp_path / "release")
+    base = ["tracking.enabled=false", "run.num_workers=1", "flow.num_samples=0", "flow.max_frames_in_batch=3000",
+            "llm.layout=tts", "llm.lora.dropout=0", "llm.train.max_steps=2", "flow.train.max_steps=2",
+            "flow.freeze_encoder=true"]
+    cfg = load_config(None, base)
+    train_llm(cfg, tokens=str(tokens), output=str(tmp_path / "llm"), base_model=str(llm_base))
+    train_flow(cfg, tokens=str(tokens), output=str(tmp_path / "flow"), base_flow=str(release))
+    joint = load_config(None, [*base, "joint.train.epochs=1", "joint.train.max_steps=2", "flow.lora.enabled=true",
+                               "flow.freeze_encoder=false", "flow.lora.r=2"])
+    res = train_joint(joint, tokens=str(tokens), llm=str(tmp_path / "llm"), flow=str(tmp_path / "flow"),
+                      llm_output=str(tmp_path / "joint" / "llm"), flow_output=str(tmp_path / "joint" / "flow"))
+    assert res.metrics["final_loss_flow"] is not None
+    theirs = torch.load(release / "flow.pt", weights_only=True)
+    trained = torch.load(tmp_path / "flow" / "flow.pt", weights_only=True)
+    ours = torch.load(tmp_path / "joint" / "flow" / "flow.pt", weights_only=True)
+    assert list(ours) == list(theirs) and all(ours[k].shape == theirs[k].shape for k in theirs)
+    changed = {k for k in theirs if not torch.equal(ours[k], trained[k])}  # LoRA merged: only its targets moved
+    assert changed and all(k.startswith("decoder.estimator.") for k in changed)
+    assert (tmp_path / "joint" / "flow" / "hift.pt").read_bytes() == (folder / "hift.pt").read_bytes()
+    package = tmp_path / "export"
+    export(load_config(None, ["tracking.enabled=false", "export.num_samples=1", "export.synthesis.max_audio_s=1"]),
+           output=str(package), llm=str(tmp_path / "joint" / "llm"), flow=str(tmp_path / "joint" / "flow"),
+           tokens=str(tokens))
+    assert (package / "flow" / "flow.pt").read_bytes() == (tmp_path / "joint" / "flow" / "flow.pt").read_bytes()
+    assert (package / "samples" / "sample-0.wav").is_file()
