@@ -20,6 +20,8 @@ A family is any object with these members::
         # resolved attention kernel (sdpa, eager, flash_attention_2); raise ModelError for what cannot load
     def save(self, model: nn.Module, directory: Path, max_shard_size: str = "5GB") -> None
         # write ``model`` to ``directory`` in the family's own layout, so that load() reads it back
+    def fit_vocab(self, vocab: AudioVocab, path: Path, tokens: str) -> AudioVocab   # optional
+        # the vocabulary on the base's own ids where the family fixes them (the llm stage asks, if present)
 
 - :func:`register` adds a family (one with the same name is replaced); a module defining a family calls it
   at import. The modules in :data:`PLUGIN_MODULES` are imported on the first lookup, when they exist.
