@@ -8,7 +8,7 @@ adapters on it (rsLoRA r16 α32 on q/k/v/o/gate/up/down, gradient checkpointing,
 (b) ``1cb``: its backbone alone (channel 0's table and head, a plain Qwen3 causal LM), ids [B, T].
 
 A token is one sequence position (8 codes in (a), one in (b)). The figure is training tokens/s over
-timed steps after warm-up. On a GPU the checkpoint is bf16 (adapters fp32) and MFU is reported
+the best of alternating timed rounds after warm-up. On a GPU the checkpoint is bf16 (adapters fp32) and MFU is reported
 (4·N·tokens FLOPs per step for LoRA, N the backbone's parameters without embeddings).
 
     python -m benchmarks.train_moss [--preset cpu-small|moss-1.7b] [--steps 8] [--out FILE]
@@ -78,8 +78,8 @@ def batch(spec, multi: bool, size: int, length: int, device: str, seed: int) -> 
             "labels": ids.clone()}
 
 
-def run(folder: Path, multi: bool, device: str, dtype: torch.dtype, size: int, length: int, steps: int,
-        warmup: int) -> dict:
+def setup(folder: Path, multi: bool, device: str, dtype: torch.dtype, size: int, length: int, count: int):
+    """The variant's model with the seed recipe's adapters, its optimizer and ``count`` batches."""
     from audiotune.config import load_config
     from audiotune.models.lm import apply_lora, count_parameters
     from audiotune.models.moss import load_moss
@@ -89,21 +89,25 @@ def run(folder: Path, multi: bool, device: str, dtype: torch.dtype, size: int, l
                        ).llm.lora
     moss = load_moss(folder, dtype, "sdpa")
     spec = moss.spec
-    model = moss if multi else moss.backbone
-    body = moss.backbone.model
-    n_body = sum(p.numel() for n, p in body.named_parameters() if "embed_tokens" not in n)
+    n_body = sum(p.numel() for n, p in moss.backbone.model.named_parameters() if "embed_tokens" not in n)
     moss.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = apply_lora(model, lora, []).to(device)
+    model = apply_lora(moss if multi else moss.backbone, lora, []).to(device)
     model.train()
     trainable, total = count_parameters(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    data = [batch(spec, multi, size, length, device, s) for s in range(warmup + steps)]
-    losses = []
-    for i, b in enumerate(data):
-        if i == warmup:
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
+    data = [batch(spec, multi, size, length, device, s) for s in range(count)]
+    info = {"variant": "8cb" if multi else "1cb", "codebooks": spec.channels if multi else 1,
+            "trainable_parameters": trainable, "total_parameters": total,
+            "backbone_parameters_without_embeddings": n_body}
+    return model, opt, data, info
+
+
+def timed_steps(model, opt, data, device: str) -> tuple[float, list[float]]:
+    """Seconds for one optimizer step per batch of ``data``, and the losses."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start, losses = time.perf_counter(), []
+    for b in data:
         loss = model(**b).loss
         loss.backward()
         opt.step()
@@ -111,16 +115,35 @@ def run(folder: Path, multi: bool, device: str, dtype: torch.dtype, size: int, l
         losses.append(float(loss.detach()))
     if device == "cuda":
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    return time.perf_counter() - start, losses
+
+
+def run(folder: Path, device: str, dtype: torch.dtype, size: int, length: int, steps: int, warmup: int,
+        rounds: int) -> list[dict]:
+    """Both variants, measured in alternating rounds (a busy machine slows both alike); the best round counts."""
+    variants = [setup(folder, multi, device, dtype, size, length, steps) for multi in (False, True)]
+    for model, opt, data, _ in variants:
+        timed_steps(model, opt, data[:warmup], device)
+    seconds: list[list[float]] = [[], []]
+    losses: list[list[float]] = [[], []]
+    for _ in range(rounds):
+        for i, (model, opt, data, _) in enumerate(variants):
+            took, lost = timed_steps(model, opt, data, device)
+            seconds[i].append(took)
+            losses[i] += lost
+    results = []
     tokens = steps * size * length
-    result = {"variant": "8cb" if multi else "1cb", "codebooks": spec.channels if multi else 1,
-              "tokens_per_s": tokens / seconds, "codes_per_s": tokens * (spec.channels if multi else 1) / seconds,
-              "step_s": seconds / steps, "trainable_parameters": trainable, "total_parameters": total,
-              "backbone_parameters_without_embeddings": n_body, "first_loss": losses[0], "last_loss": losses[-1]}
-    if device == "cuda":
-        result["mfu_h100_bf16"] = 4 * n_body * tokens / seconds / H100_BF16_PEAK
-        result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    return result
+    for i, (_, _, _, info) in enumerate(variants):
+        best = min(seconds[i])
+        result = {**info, "tokens_per_s": tokens / best, "codes_per_s": tokens * info["codebooks"] / best,
+                  "step_s": best / steps, "round_seconds": seconds[i], "first_loss": losses[i][0],
+                  "last_loss": losses[i][-1]}
+        if device == "cuda":
+            result["mfu_h100_bf16"] = 4 * info["backbone_parameters_without_embeddings"] * tokens / best \
+                / H100_BF16_PEAK
+            result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        results.append(result)
+    return results
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -130,6 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
@@ -139,12 +163,12 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32  # bf16 where the hardware has it
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_checkpoint(Path(tmp) / "moss", args.preset)
-        runs = [run(folder, multi, device, dtype, args.batch, args.length, args.steps, args.warmup)
-                for multi in (False, True)]
+        runs = run(folder, device, dtype, args.batch, args.length, args.steps, args.warmup, args.rounds)
     report = {"benchmark": "train_moss", "preset": args.preset, "device": device,
               "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
               "dtype": str(dtype).replace("torch.", ""), "threads": args.threads, "batch": args.batch,
-              "length": args.length, "steps": args.steps, "torch": torch.__version__, "runs": runs,
+              "length": args.length, "steps": args.steps, "rounds": args.rounds, "torch": torch.__version__,
+              "runs": runs,
               "ratio_8cb_to_1cb_tokens_per_s": runs[1]["tokens_per_s"] / runs[0]["tokens_per_s"]}
     text = json.dumps(report, indent=2)
     if args.out:
