@@ -15,6 +15,7 @@ def export_model(
     metrics: Output[Metrics],
     llm: Input[Model] = None,
     flow: Input[Model] = None,
+    workspace_path: str = "",
 ) -> str:
     """Merge LoRA into the base, verify the merge, package with tokenizers, model card and audio samples,
     upload to the output URI and register the model in MLflow.
@@ -27,13 +28,15 @@ def export_model(
         metrics: Merge check, sample count, sizes.
         llm: The LLM model artifact (modes llm and both).
         flow: The Flow model artifact (modes flow and both).
+        workspace_path: The KFP workspace in this pod (dsl.WORKSPACE_PATH_PLACEHOLDER when cluster.workspace_size is
+            set): the model cache; empty: none.
 
     Returns:
         The registered model version, or an empty string when nothing was registered.
     """
     from audiotune.orchestration import steps
 
-    steps.setup()
+    steps.setup(workspace=workspace_path)
     outcome = steps.export(config, pipeline_run_id, exported.path, llm.path if llm else None,
                            flow.path if flow else None, tokens.path)
     steps.record(outcome, exported, metrics)

@@ -13,6 +13,7 @@ def tokenize_data(
     config: str,
     tokens: Output[Dataset],
     metrics: Output[Metrics],
+    workspace_path: str = "",
 ) -> str:
     """Tokenize a Dataset: text ids, discrete audio codes, target mels and speaker features.
 
@@ -22,13 +23,15 @@ def tokenize_data(
         config: The run, tracking and tokenize sections of the run's config (JSON).
         tokens: The Tokens artifact (tokenizers, train/val shards, report).
         metrics: Rows, audio hours, token counts, sequence lengths, throughput.
+        workspace_path: The KFP workspace in this pod (dsl.WORKSPACE_PATH_PLACEHOLDER when cluster.workspace_size is
+            set): the model cache; empty: none.
 
     Returns:
         The id of the stage's MLflow run (nested under the pipeline's run by link_runs).
     """
     from audiotune.orchestration import steps
 
-    steps.setup()
+    steps.setup(workspace=workspace_path)
     outcome = steps.tokenize(config, dataset.path, base_model_uri, tokens.path)
     steps.record(outcome, tokens, metrics)
     return outcome.run_id

@@ -15,6 +15,7 @@ def train_flow(
     model: Output[Model],
     metrics: Output[Metrics],
     job_manifest: Output[Artifact],
+    workspace_path: str = "",
 ):
     """Train the conditional flow-matching decoder from audio tokens to mel spectrograms.
 
@@ -28,12 +29,15 @@ def train_flow(
         pipeline_run_id: The Kubeflow run id, which names the durable output location.
         model: The Flow model artifact (config.json, model.safetensors).
         metrics: Steps, first/final training loss, validation loss.
-        job_manifest: What was launched: the PyTorchJob's manifest (YAML) with cluster.num_nodes > 1, else a YAML
-            note with the torchrun command.
+        job_manifest: What was launched: the TrainJob's (or PyTorchJob's) manifest (YAML) with cluster.num_nodes > 1,
+            else a YAML note with the torchrun command.
+        workspace_path: The KFP workspace in this pod (dsl.WORKSPACE_PATH_PLACEHOLDER when cluster.workspace_size is
+            set): the model cache and, on one node without pipeline.output_uri, the checkpoints; empty: none.
     """
     from audiotune.orchestration import steps
 
-    steps.setup()
+    steps.setup(workspace=workspace_path)
     inputs = {"--tokens": tokens.path, "--base-flow": base_flow_uri}
-    outcome = steps.train("flow", config, pipeline_run_id, model.path, inputs, job_manifest.path)
+    outcome = steps.train("flow", config, pipeline_run_id, model.path, inputs, job_manifest.path,
+                          workspace_path)
     steps.record(outcome, model, metrics)

@@ -17,6 +17,7 @@ def train_joint(
     flow_model: Output[Model],
     metrics: Output[Metrics],
     job_manifest: Output[Artifact],
+    workspace_path: str = "",
 ):
     """Train the LLM and the flow decoder together (weighted sum of both losses, lower learning rates).
 
@@ -32,13 +33,15 @@ def train_joint(
         llm_model: The jointly trained LLM model artifact.
         flow_model: The jointly trained Flow model artifact.
         metrics: Steps, LLM, flow and combined losses.
-        job_manifest: What was launched: the PyTorchJob's manifest (YAML) with cluster.num_nodes > 1, else a YAML
-            note with the torchrun command.
+        job_manifest: What was launched: the TrainJob's (or PyTorchJob's) manifest (YAML) with cluster.num_nodes > 1,
+            else a YAML note with the torchrun command.
+        workspace_path: The KFP workspace in this pod (dsl.WORKSPACE_PATH_PLACEHOLDER when cluster.workspace_size is
+            set): the model cache and, on one node without pipeline.output_uri, the checkpoints; empty: none.
     """
     from audiotune.orchestration import steps
 
-    steps.setup()
+    steps.setup(workspace=workspace_path)
     outcome = steps.train_joint(config, pipeline_run_id, tokens.path, llm.path, flow.path,
-                                llm_model.path, flow_model.path, job_manifest.path)
+                                llm_model.path, flow_model.path, job_manifest.path, workspace_path)
     steps.record(outcome, llm_model, metrics)
     steps.record(outcome, flow_model, None)

@@ -15,6 +15,7 @@ def train_llm(
     model: Output[Model],
     metrics: Output[Metrics],
     job_manifest: Output[Artifact],
+    workspace_path: str = "",
 ):
     """Train the causal LM (LoRA, full or from scratch) on interleaved text/audio sequences.
 
@@ -28,12 +29,15 @@ def train_llm(
         pipeline_run_id: The Kubeflow run id, which names the durable output location.
         model: The LLM model artifact (adapter or full model, tokenizer, metrics).
         metrics: Steps, first/final training loss, validation loss.
-        job_manifest: What was launched: the PyTorchJob's manifest (YAML) with cluster.num_nodes > 1, else a YAML
-            note with the torchrun command.
+        job_manifest: What was launched: the TrainJob's (or PyTorchJob's) manifest (YAML) with cluster.num_nodes > 1,
+            else a YAML note with the torchrun command.
+        workspace_path: The KFP workspace in this pod (dsl.WORKSPACE_PATH_PLACEHOLDER when cluster.workspace_size is
+            set): the model cache and, on one node without pipeline.output_uri, the checkpoints; empty: none.
     """
     from audiotune.orchestration import steps
 
-    steps.setup()
+    steps.setup(workspace=workspace_path)
     inputs = {"--tokens": tokens.path, "--base-model": base_model_uri}
-    outcome = steps.train("llm", config, pipeline_run_id, model.path, inputs, job_manifest.path)
+    outcome = steps.train("llm", config, pipeline_run_id, model.path, inputs, job_manifest.path,
+                          workspace_path)
     steps.record(outcome, model, metrics)

@@ -12,6 +12,11 @@ Every branch ends in the export; exactly one branch runs. :func:`build` makes th
 config (its cluster settings are baked in at compile time; its values become the parameters'
 defaults); :data:`finetune` is the one built from the schema defaults, compiled into
 ``compiled/finetune.yaml`` for upload in the Kubeflow UI.
+
+With ``cluster.workspace_size`` the pipeline asks KFP (>= 2.17) for a workspace, a PVC of that size (and
+``cluster.workspace_storage_class``) that lives as long as the run: the tasks that read base models cache them
+there, and a one-node training task without ``pipeline.output_uri`` keeps its checkpoints there, so a retried task
+resumes. Multi-node jobs do not see it (their pods are the TrainJob's): they keep ``model_cache_pvc`` and S3.
 """
 
 from typing import Any, Optional
@@ -60,8 +65,14 @@ def build(cfg: Optional[AudiotuneConfig] = None) -> Any:
     cluster = cfg.cluster
     retries, backoff, cache = cfg.pipeline.retries, cfg.pipeline.retry_backoff_s, cfg.pipeline.enable_caching
     t = typed
+    pipeline_config, ws = None, {}
+    if cluster.workspace_size:  # KFP's per-run workspace PVC for the model cache and one-node checkpoints
+        patch = {"storageClassName": cluster.workspace_storage_class} if cluster.workspace_storage_class else {}
+        pipeline_config = dsl.PipelineConfig(workspace=dsl.WorkspaceConfig(
+            size=cluster.workspace_size, kubernetes=dsl.KubernetesWorkspaceConfig(pvcSpecPatch=patch)))
+        ws = {"workspace_path": dsl.WORKSPACE_PATH_PLACEHOLDER}
 
-    @dsl.pipeline(name=PIPELINE_NAME, description=DESCRIPTION)
+    @dsl.pipeline(name=PIPELINE_NAME, description=DESCRIPTION, pipeline_config=pipeline_config)
     def finetune(
         source_uri: str = t["source_uri"],
         source_format: str = t["source_format"],
@@ -132,7 +143,7 @@ def build(cfg: Optional[AudiotuneConfig] = None) -> Any:
             ), cluster, "convert", cache=cache)
             tok = _small(tokenize_data(
                 dataset=data.outputs["dataset"], base_model_uri=prep.outputs["base_model_uri"],
-                config=prep.outputs["tokenize_config"],
+                config=prep.outputs["tokenize_config"], **ws,
             ), cluster, "tokenize", cache=cache, model_cache=True)
             _small(link_runs(config=resolved, convert_run_id=data.outputs["Output"],
                              tokenize_run_id=tok.outputs["Output"]), cluster, "link MLflow runs")
@@ -140,16 +151,16 @@ def build(cfg: Optional[AudiotuneConfig] = None) -> Any:
 
             def llm_task() -> dsl.PipelineTask:
                 task = train_llm(tokens=tokens, base_model_uri=prep.outputs["llm_base_model_uri"], config=resolved,
-                                 pipeline_run_id=run_id)
+                                 pipeline_run_id=run_id, **ws)
                 return apply_training_settings(task.set_display_name("train llm"), cluster, gpus, retries, backoff)
 
             def flow_task() -> dsl.PipelineTask:
                 task = train_flow(tokens=tokens, base_flow_uri=prep.outputs["base_flow_uri"], config=resolved,
-                                  pipeline_run_id=run_id)
+                                  pipeline_run_id=run_id, **ws)
                 return apply_training_settings(task.set_display_name("train flow"), cluster, gpus, retries, backoff)
 
             def export_task(**models: Any) -> dsl.PipelineTask:
-                task = export_model(tokens=tokens, config=resolved, pipeline_run_id=run_id, **models)
+                task = export_model(tokens=tokens, config=resolved, pipeline_run_id=run_id, **ws, **models)
                 return _small(task, cluster, "export", model_cache=True)
 
             with dsl.If(prep.outputs["mode"] == "llm", name="mode-llm"):
@@ -160,7 +171,7 @@ def build(cfg: Optional[AudiotuneConfig] = None) -> Any:
                 llm, flow = llm_task(), flow_task()
                 with dsl.If(prep.outputs["run_joint"] == True, name="joint"):  # noqa: E712 - a DSL condition
                     joint = train_joint(tokens=tokens, llm=llm.outputs["model"], flow=flow.outputs["model"],
-                                        config=resolved, pipeline_run_id=run_id)
+                                        config=resolved, pipeline_run_id=run_id, **ws)
                     apply_training_settings(joint.set_display_name("train joint"), cluster, gpus, retries, backoff)
                     export_task(llm=joint.outputs["llm_model"], flow=joint.outputs["flow_model"])
                 with dsl.Else(name="no-joint"):

@@ -65,7 +65,8 @@ def test_typed_artifacts(name):
 def test_training_components_output_the_job_manifest(name):
     component = getattr(components, name)
     assert component.component_spec.outputs["job_manifest"].type.startswith("system.Artifact")
-    assert "job_manifest: What was launched: the PyTorchJob's manifest" in inspect.getdoc(component.python_func)
+    assert "job_manifest: What was launched: the TrainJob's (or PyTorchJob's) manifest" in inspect.getdoc(
+        component.python_func)
 
 
 def test_component_modules_import_only_stdlib_and_kfp_at_the_top():

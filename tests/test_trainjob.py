@@ -383,3 +383,37 @@ def test_without_the_plugin_a_stage_opens_its_own_nested_run(mlflow_server, monk
     [stage] = [r for r in client.search_runs([client.get_run(parent).info.experiment_id])
                if r.info.run_id != parent]
     assert stage.data.tags[tracking.PARENT_TAG] == parent and stage.info.status == "FINISHED"
+
+
+# --- the KFP workspace ------------------------------------------------------------------------------------------
+
+def test_workspace_from_config_reaches_the_compiled_pipeline_and_the_tasks(tmp_path, monkeypatch):
+    import sys
+
+    from kfp import compiler
+
+    from audiotune.orchestration import steps
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from pipelines.finetune import build
+
+    cfg = validate({"cluster": {"workspace_size": "200Gi", "workspace_storage_class": "nfs-rwx"}})
+    compiler.Compiler().compile(build(cfg), str(tmp_path / "p.yaml"))
+    spec, platform = yaml.safe_load_all((tmp_path / "p.yaml").read_text())
+    assert platform["platforms"]["kubernetes"]["pipelineConfig"]["workspace"] == {
+        "size": "200Gi", "kubernetes": {"pvcSpecPatch": {"storageClassName": "nfs-rwx"}}}
+    uses = {name for name, comp in spec["components"].items()
+            if "workspace_path" in (comp.get("inputDefinitions") or {}).get("parameters", {})}
+    assert {"comp-tokenize-data", "comp-train-llm", "comp-train-flow", "comp-train-joint",
+            "comp-export-model"} <= uses
+    dags = json.dumps({k: v.get("dag") for k, v in spec["components"].items() if "dag" in v})
+    assert dags.count('"{{$.workspace_path}}"') >= 5  # every task that uses it gets the placeholder
+    # one node, no output_uri: checkpoints and the durable copy live in the workspace; several nodes: not there
+    assert steps.durable_output(cfg, "run-1", "llm", "/ws") == "/ws/runs/audiotune/run-1/llm"
+    multi = validate({"cluster": {"num_nodes": 2}, "pipeline": {"output_uri": "s3://b/o"}})
+    assert steps.durable_output(multi, "run-1", "llm", "/ws") == "s3://b/o/audiotune/run-1/llm"
+    monkeypatch.delenv("HF_HOME", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    steps.setup(str(tmp_path / "no-secrets"), workspace="/ws")
+    import os
+    assert os.environ["HF_HOME"] == "/ws/cache/huggingface" and os.environ["XDG_CACHE_HOME"] == "/ws/cache"

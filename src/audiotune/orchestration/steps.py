@@ -49,11 +49,16 @@ class Outcome:
 SECRETS_DIR = "/var/run/secrets/audiotune"  # where the pipeline mounts cluster.extra_secrets (one folder each)
 
 
-def setup(secrets_dir: str = SECRETS_DIR) -> None:
-    """Set up a component process: INFO logging to stderr (the task log in the Kubeflow UI), and the keys of the
-    mounted extra Secrets as environment variables (where not already set), as the PyTorchJob pods get them."""
+def setup(secrets_dir: str = SECRETS_DIR, workspace: str = "") -> None:
+    """Set up a component process: INFO logging to stderr (the task log in the Kubeflow UI), the keys of the
+    mounted extra Secrets as environment variables (where not already set), as the PyTorchJob pods get them, and
+    with a KFP workspace (``workspace``: its path in this pod) the model cache there (unless a PVC is mounted)."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if workspace:
+        cache = os.path.join(workspace, "cache")
+        os.environ.setdefault("XDG_CACHE_HOME", cache)
+        os.environ.setdefault("HF_HOME", os.path.join(cache, "huggingface"))
     root = Path(secrets_dir)
     for path in sorted(root.glob("*/*")) if root.is_dir() else []:
         if path.name.startswith(".") or not path.is_file():
@@ -212,11 +217,14 @@ def link(config: str, stage_runs: dict[str, str]) -> None:
 # -------------------------------------------------------------------------------------- training
 
 
-def durable_output(cfg: AudiotuneConfig, pipeline_run_id: str, name: str) -> str | None:
-    """``<output_uri>/<run.name>/<pipeline run id>/<name>``, or None without ``pipeline.output_uri``."""
-    if not cfg.pipeline.output_uri:
-        return None
-    return storage.join(cfg.pipeline.output_uri, cfg.run.name, pipeline_run_id, name)
+def durable_output(cfg: AudiotuneConfig, pipeline_run_id: str, name: str, workspace: str = "") -> str | None:
+    """``<output_uri>/<run.name>/<pipeline run id>/<name>``; without ``pipeline.output_uri``, on one node, the same
+    under the KFP workspace (``<workspace>/runs/...``: it outlives a task's retries, not the run); else None."""
+    if cfg.pipeline.output_uri:
+        return storage.join(cfg.pipeline.output_uri, cfg.run.name, pipeline_run_id, name)
+    if workspace and cfg.cluster.num_nodes == 1:
+        return storage.join(workspace, "runs", cfg.run.name, pipeline_run_id, name)
+    return None
 
 
 def _complete(uri: str) -> bool:
@@ -224,7 +232,7 @@ def _complete(uri: str) -> bool:
 
 
 def _train(stage: str, cfg: AudiotuneConfig, pipeline_run_id: str, inputs: dict[str, str],
-           outputs: dict[str, tuple[str, str]], output: str, manifest: str | None) -> None:
+           outputs: dict[str, tuple[str, str]], output: str, manifest: str | None, workspace: str = "") -> None:
     """Launch ``stage`` unless an earlier attempt already published all its outputs; then put each output into its
     KFP artifact path.
 
@@ -244,8 +252,8 @@ def _train(stage: str, cfg: AudiotuneConfig, pipeline_run_id: str, inputs: dict[
             getattr(cfg, stage).overwrite = True  # half-published by a failed attempt (S3)
         extra = {opt: target for opt, (target, _) in outputs.items() if opt != "--output"}
         try:
-            launch(stage, cfg, {**inputs, **extra}, output, pipeline_run_id, durable_output(cfg, pipeline_run_id, ""),
-                   manifest)
+            launch(stage, cfg, {**inputs, **extra}, output, pipeline_run_id,
+                   durable_output(cfg, pipeline_run_id, "", workspace), manifest)
         except LaunchError as err:
             raise StepError(str(err)) from None
     for target, local in outputs.values():
@@ -258,7 +266,7 @@ def _manifest(uri: str) -> dict[str, Any]:
 
 
 def train(stage: str, config: str, pipeline_run_id: str, output: str, inputs: dict[str, str],
-          manifest: str | None = None) -> Outcome:
+          manifest: str | None = None, workspace: str = "") -> Outcome:
     """Train ``stage`` (llm | flow) into the KFP artifact path ``output``.
 
     With ``pipeline.output_uri`` the stage writes to a durable location first (its checkpoints beside it), so that a
@@ -273,10 +281,11 @@ def train(stage: str, config: str, pipeline_run_id: str, output: str, inputs: di
         inputs: CLI options and their URIs, e.g. ``{"--tokens": ..., "--base-model": ...}``.
         manifest: Local path of the task's ``job_manifest`` artifact: the PyTorchJob's manifest (several nodes)
             or a YAML note of the torchrun command (one node).
+        workspace: The KFP workspace's path in this pod, or empty (see :func:`durable_output`).
     """
     cfg = load(config, f"train_{stage} config")
-    target = durable_output(cfg, pipeline_run_id, stage) or output
-    _train(stage, cfg, pipeline_run_id, inputs, {"--output": (target, output)}, target, manifest)
+    target = durable_output(cfg, pipeline_run_id, stage, workspace) or output
+    _train(stage, cfg, pipeline_run_id, inputs, {"--output": (target, output)}, target, manifest, workspace)
     manifest = _manifest(output)
     metrics = manifest.get("metrics") or {}
     return Outcome(metrics=numeric(metrics, tuple(metrics)),
@@ -284,14 +293,14 @@ def train(stage: str, config: str, pipeline_run_id: str, output: str, inputs: di
 
 
 def train_joint(config: str, pipeline_run_id: str, tokens: str, llm: str, flow: str,
-                llm_output: str, flow_output: str, manifest: str | None = None) -> Outcome:
+                llm_output: str, flow_output: str, manifest: str | None = None, workspace: str = "") -> Outcome:
     """Train the LLM and the flow together into the two KFP artifact paths (durable copies as in :func:`train`)."""
     cfg = load(config, "train_joint config")
-    base = durable_output(cfg, pipeline_run_id, "joint")
+    base = durable_output(cfg, pipeline_run_id, "joint", workspace)
     targets = {"--llm-output": (storage.join(base, "llm") if base else llm_output, llm_output),
                "--flow-output": (storage.join(base, "flow") if base else flow_output, flow_output)}
     _train("joint", cfg, pipeline_run_id, {"--tokens": tokens, "--llm": llm, "--flow": flow}, targets,
-           base or os.path.dirname(llm_output.rstrip("/")), manifest)
+           base or os.path.dirname(llm_output.rstrip("/")), manifest, workspace)
     metrics_file = os.path.join(flow_output, "metrics.json")
     metrics = json.loads(Path(metrics_file).read_text()) if os.path.exists(metrics_file) else {}
     return Outcome(metrics=numeric(metrics, tuple(metrics)),

@@ -30,7 +30,7 @@ import numpy as np
 from audiotune import artifacts, publish, storage, tracking
 from audiotune.config import AudiotuneConfig, FlowStageConfig, dump_config
 from audiotune.errors import TrainingError
-from audiotune.train import checkpoints
+from audiotune.train import checkpoints, output_lock
 from audiotune.train.engine import Engine, decay_groups, make_accelerator, resolve_dtype, seed_everything
 from audiotune.train.flow_batches import FlowBatches, FlowExamples, flow_loss, load_flow_examples
 from audiotune.train.flow_export import export_flow_model, lora_targets, release_summary
@@ -276,6 +276,7 @@ def train_flow(cfg: AudiotuneConfig, tokens: str, output: str, base_flow: str | 
                              f"decodes {PRESET_N_MELS} (tokenize.mel.n_mels), or start from a base_flow built for them")
     dtype = resolve_dtype(T.dtype)
     acc = make_accelerator(T, dtype)
+    lease = output_lock.acquire(acc, [output], "flow")  # released after publishing
     if acc.is_main_process:
         log.info("train flow: %s -> %s\n%s", tokens, output, dump_config(cfg))
     tokens_dir = storage.local_copy(tokens)
@@ -315,7 +316,7 @@ def train_flow(cfg: AudiotuneConfig, tokens: str, output: str, base_flow: str | 
         log.warning("ZeRO-3 partitions the weights: no samples during training")
         renderer = None
 
-    with tempfile.TemporaryDirectory(prefix="audiotune-flow-") as tmp, \
+    with lease, tempfile.TemporaryDirectory(prefix="audiotune-flow-") as tmp, \
             tracking.stage_run(cfg.tracking, "flow") as tracker:
         tracker.log_params({"flow": F.model_dump(mode="json"), "run": cfg.run.model_dump(mode="json")})
         tracker.log_params({"data.train_utterances": len(train_ex), "data.val_utterances": len(val_ex),

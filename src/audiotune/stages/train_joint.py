@@ -28,7 +28,7 @@ from audiotune.errors import TrainingError
 from audiotune.models.vocab import AudioVocab
 from audiotune.stages.train_flow import TrainFlowError, check_flow_fits, speaker_spec, tokens_info
 from audiotune.stages.train_llm import write_llm_files
-from audiotune.train import checkpoints
+from audiotune.train import checkpoints, output_lock
 from audiotune.train.engine import Engine, decay_groups, make_accelerator, resolve_dtype, seed_everything
 from audiotune.train.flow_export import export_flow_model, lora_targets
 from audiotune.train.joint_batches import JointBatches, JointLoss, JointModel, pair_examples
@@ -109,6 +109,7 @@ def train_joint(cfg: AudiotuneConfig, tokens: str, llm: str, flow: str, llm_outp
     flow_manifest = artifacts.read_manifest(flow, artifacts.FLOW, artifacts.FLOW_VERSION)
     dtype = resolve_dtype(T.dtype)
     acc = make_accelerator(T, dtype)
+    lease = output_lock.acquire(acc, [llm_output, flow_output], "joint")  # released after publishing
     if acc.is_main_process:
         log.info("train joint: %s + %s + %s -> %s, %s\n%s", tokens, llm, flow, llm_output, flow_output,
                  dump_config(cfg))
@@ -163,7 +164,7 @@ def train_joint(cfg: AudiotuneConfig, tokens: str, llm: str, flow: str, llm_outp
                 if val_pairs else None)
     loss_fn = JointLoss(vocab, J.w_llm, J.w_flow, J.flow_condition)
 
-    with tempfile.TemporaryDirectory(prefix="audiotune-joint-") as tmp, \
+    with lease, tempfile.TemporaryDirectory(prefix="audiotune-joint-") as tmp, \
             tracking.stage_run(cfg.tracking, "joint") as tracker:
         tracker.log_params({"joint": J.model_dump(mode="json"), "run": cfg.run.model_dump(mode="json"),
                             "inputs": {"tokens": tokens, "llm": llm, "flow": flow}})

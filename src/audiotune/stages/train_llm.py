@@ -24,7 +24,7 @@ from audiotune import artifacts, publish, storage, tracking
 from audiotune.config import AudiotuneConfig, dump_config
 from audiotune.errors import TrainingError
 from audiotune.models.vocab import AudioVocab, audio_token_settings, vocab_for_tokens
-from audiotune.train import checkpoints
+from audiotune.train import checkpoints, output_lock
 from audiotune.train.engine import Engine, decay_groups, make_accelerator, resolve_dtype, seed_everything
 from audiotune.train.llm_batches import ExampleBatches, llm_loss
 from audiotune.train.plots import loss_curve
@@ -113,6 +113,7 @@ def train_llm(cfg: AudiotuneConfig, tokens: str, output: str, base_model: str | 
         cfg = cfg.model_copy(update={"llm": L})
     dtype = resolve_dtype(T.dtype)
     acc = make_accelerator(T, dtype)
+    lease = output_lock.acquire(acc, [output], "llm")  # released after publishing
     if acc.is_main_process:
         log.info("train llm: %s -> %s\n%s", tokens, output, dump_config(cfg))
     tokens_dir = storage.local_copy(tokens)
@@ -141,7 +142,7 @@ def train_llm(cfg: AudiotuneConfig, tokens: str, output: str, base_model: str | 
     val_data = ExampleBatches(val_ex, vocab, T, cfg.run.seed, acc.process_index, acc.num_processes, packing,
                               shuffle=False) if val_ex else None
 
-    with tempfile.TemporaryDirectory(prefix="audiotune-llm-") as tmp, \
+    with lease, tempfile.TemporaryDirectory(prefix="audiotune-llm-") as tmp, \
             tracking.stage_run(cfg.tracking, "llm") as tracker:
         tracker.log_params({"llm": L.model_dump(mode="json"), "run": cfg.run.model_dump(mode="json")})
         tracker.log_params({"data.train_sequences": len(train_ex), "data.val_sequences": len(val_ex),
