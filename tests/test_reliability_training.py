@@ -4,6 +4,7 @@ exit code, the one-line message, and that nothing was lost or written where it m
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
 
 TRAIN_FAST = ["run.num_workers=1", "llm.train.log_every=1", "llm.train.eval_every=1000", "llm.train.save_every=1000",
               "llm.train.batch_tokens=2048", "llm.train.warmup_ratio=0", "llm.train.schedule=constant",
@@ -164,3 +166,77 @@ def test_mlflow_back_after_an_outage_receives_every_step(llm_tokens, mlflow_serv
     assert run.info.status == "FINISHED"
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == list(range(1, 13))
 
+
+
+# ------------------------------------------------------------------------------ two runs, one output
+def _wait_for_text(path: Path, proc: subprocess.Popen, text: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in (path.read_text() if path.exists() else ""):
+        assert proc.poll() is None, path.read_text()[-4000:]
+        assert time.monotonic() < deadline, f"{text!r} never appeared"
+        time.sleep(0.1)
+
+
+def test_second_run_on_the_same_output_fails_at_once_and_a_dead_runs_lease_is_taken_over(llm_tokens, tmp_path):
+    import signal
+
+    out = tmp_path / "llm"
+    first_log = tmp_path / "first.log"
+    with open(first_log, "w") as err:
+        first = subprocess.Popen(_train_llm_cli(llm_tokens, out, "tracking.enabled=false", "llm.train.max_steps=500"),
+                                 stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        _wait_for_text(first_log, first, "step 1/500")
+        lease = json.loads(Path(f"{out}.lock").read_text())
+        assert lease["pid"] == first.pid and lease["stage"] == "llm"
+        second = subprocess.run(_train_llm_cli(llm_tokens, out, "tracking.enabled=false", "llm.train.max_steps=2"),
+                                capture_output=True, text=True, timeout=300)
+        assert first.poll() is None  # the first run is untouched
+        assert second.returncode == 2, second.stderr[-4000:]
+        line = _one_line_error(second.stderr)
+        assert f"output {out} is in use by another run" in line and f"pid {first.pid}" in line, line
+        assert "training" not in second.stderr and "step 1/" not in second.stderr  # it failed before any work
+    finally:
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(timeout=60)
+    # the lease of the killed run is stale: the next run takes it over, trains, publishes and gives it back
+    third = subprocess.run(_train_llm_cli(llm_tokens, out, "tracking.enabled=false", "llm.train.max_steps=2"),
+                           capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0, third.stderr[-4000:]
+    assert "taking over the lease" in third.stderr and f"pid {first.pid}" in third.stderr
+    assert json.loads((out / "manifest.json").read_text())["steps"] == 2
+    assert not Path(f"{out}.lock").exists()
+
+
+class _MainProcess:
+    is_main_process, num_processes = True, 1
+
+
+def test_s3_output_lease_is_a_conditional_put_and_a_dead_processes_lease_is_taken_over(s3_env):
+    import socket
+
+    import boto3
+
+    from audiotune import storage
+    from audiotune.train import output_lock
+
+    out = f"{s3_env}/runs/llm"
+    bucket, key = storage.split_s3(output_lock.lease_uri(out))
+    lease = output_lock.acquire(_MainProcess(), [out], "llm")
+    with pytest.raises(output_lock.OutputInUse, match=rf"output {out} is in use by another run .*pid {os.getpid()}"):
+        output_lock.acquire(_MainProcess(), [out], "llm")
+    lease.release()
+    assert "Contents" not in boto3.client("s3").list_objects_v2(Bucket=bucket)
+    # a lease left by a process of this host that is gone
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=json.dumps(
+        {"stage": "llm", "host": socket.gethostname(), "pid": dead.pid, "renewed": time.time()}).encode())
+    with output_lock.acquire(_MainProcess(), [out], "flow"):
+        held = json.loads(boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read())
+        assert held["pid"] == os.getpid() and held["stage"] == "flow"
+    # a live holder elsewhere, renewed recently, is respected
+    boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=json.dumps(
+        {"stage": "llm", "host": "another-host", "pid": 1, "renewed": time.time()}).encode())
+    with pytest.raises(output_lock.OutputInUse, match="another-host"):
+        output_lock.acquire(_MainProcess(), [out], "llm")
