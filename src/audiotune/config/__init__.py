@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from audiotune.config.acestep import AceStepStageConfig
 from audiotune.config.base import ConfigError, RunConfig, TrackingConfig, _Section
 from audiotune.config.cluster import ClusterSettings, PipelineConfig, TolerationSettings
 from audiotune.config.data import (
@@ -43,6 +44,7 @@ from audiotune.config.training import (
 )
 
 __all__ = [
+    "AceStepStageConfig",
     "FLOW_LORA_TARGETS", "MEL_PRESETS", "VOCODER_SUFFIXES", "AudioTokenizerConfig", "AudiotuneConfig",
     "ClusterSettings", "ConfigError", "ConvertConfig", "DeepSpeedSettings", "EmaSettings", "ExportConfig",
     "EvaluateConfig", "GateRule",
@@ -63,6 +65,8 @@ class AudiotuneConfig(_Section):
     llm: LLMStageConfig = Field(default_factory=LLMStageConfig, description="The llm stage.")
     flow: FlowStageConfig = Field(default_factory=FlowStageConfig, description="The flow stage.")
     joint: JointStageConfig = Field(default_factory=JointStageConfig, description="The joint stage.")
+    acestep: AceStepStageConfig = Field(default_factory=AceStepStageConfig, description="ACE-Step 1.5 LoRA "
+                                        "(encode acestep, train acestep).")
     export: ExportConfig = Field(default_factory=ExportConfig, description="The export stage.")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="The evaluate stage.")
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig, description="The Kubeflow pipeline.")

@@ -1,0 +1,121 @@
+"""ACE-Step 1.5 LoRA through diffusers: encode, train, resume and export with a tiny pipeline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.acestep_tiny import LATENT_DIM, music_folder, save_pipeline
+from audiotune.config import load_config
+
+pytest.importorskip("diffusers")
+
+TRAIN = ["acestep.num_samples=0", "acestep.train.log_every=1", "acestep.train.schedule=constant",
+         "acestep.lora.r=4", "acestep.lora.alpha=8"]
+
+
+def _cfg(*overrides: str):
+    return load_config(None, ["tracking.enabled=false", "run.num_workers=1", "convert.sample_rate=8000",
+                              "convert.val_fraction=0", *overrides])
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return save_pipeline(tmp_path_factory.mktemp("acestep") / "base")
+
+
+@pytest.fixture(scope="module")
+def latents(base, tmp_path_factory) -> Path:
+    from audiotune.stages.convert import convert
+    from audiotune.stages.encode_acestep import encode_acestep
+
+    root = tmp_path_factory.mktemp("acestep-data")
+    cfg = _cfg("convert.repeat_count=2")
+    convert(cfg, source=str(music_folder(root / "songs")), output=str(root / "dataset"))
+    encode_acestep(cfg, dataset=str(root / "dataset"), output=str(root / "latents"), base_model=str(base))
+    return root / "latents"
+
+
+def _lora(output: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(output / "lora" / "pytorch_lora_weights.safetensors"))
+
+
+def test_encode_caches_latents_and_conditioning_once(latents, base):
+    from audiotune.models.acestep.latents import INSTRUMENTAL, LatentSplit, read_shared
+
+    manifest = json.loads((latents / "manifest.json").read_text())
+    assert manifest["kind"] == "audiotune.acestep-latents" and manifest["splits"] == {"train": 3, "val": 0}
+    assert manifest["latent_dim"] == LATENT_DIM and manifest["latents_per_second"] == 50.0
+    split = LatentSplit(latents / "train")
+    by_id = {e.id: (i, e) for i, e in enumerate(split.entries)}
+    i, song0 = by_id["song0"]
+    assert song0.repeat_count == 2 and song0.prompt == "pop, piano" and "la la 0" in song0.lyrics
+    assert by_id["song1"][1].lyrics == INSTRUMENTAL
+    lat, cond = split.tensors(i)
+    assert lat.shape == (50, LATENT_DIM) and cond.shape[1] == 32 and song0.cond_len == cond.shape[0]
+    shared = read_shared(latents)
+    assert shared["silence_latent"].shape == (1, 50, LATENT_DIM) and shared["null_condition_emb"].shape == (1, 1, 32)
+
+
+def test_lora_trains_only_adapters_and_loss_falls(latents, base, tmp_path):
+    from audiotune.stages.train_acestep import train_acestep
+
+    res = train_acestep(_cfg(*TRAIN, "acestep.train.max_steps=30", "acestep.train.lr=3e-3",
+                             "acestep.timestep_sampling=turbo_schedule", "acestep.cfg_dropout=0"),
+                        tokens=str(latents), output=str(tmp_path / "out"))
+    history = json.loads((tmp_path / "out" / "history.json").read_text())
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert len(losses) == 30 and sum(losses[-6:]) / 6 < 0.8 * sum(losses[:6]) / 6
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["kind"] == "audiotune.acestep-lora" and manifest["steps"] == 30
+    lora = _lora(tmp_path / "out")
+    assert lora and all(".lora_A." in k or ".lora_B." in k for k in lora)
+    assert {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in lora} == {"to_q", "to_k", "to_v", "0"}
+    assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)
+    # only the adapters are in the checkpoint: the base weights never changed
+    ckpt = Path(f"{tmp_path / 'out'}.checkpoints")
+    saved = load_file(str(ckpt / "checkpoint-30" / "trainable.safetensors"))
+    assert saved and all(".lora_" in k for k in saved)
+    assert res.metrics["trainable_parameters"] == sum(v.numel() for v in lora.values())
+
+
+def test_resume_is_exact(latents, tmp_path):
+    from audiotune.stages.train_acestep import train_acestep
+
+    common = [*TRAIN, "acestep.train.save_every=3", "acestep.cfg_dropout=0.5"]
+    train_acestep(_cfg(*common, "acestep.train.max_steps=6"), tokens=str(latents), output=str(tmp_path / "whole"))
+    train_acestep(_cfg(*common, "acestep.train.max_steps=3"), tokens=str(latents), output=str(tmp_path / "half"))
+    resume = f"acestep.train.resume={tmp_path}/half.checkpoints/checkpoint-3"
+    train_acestep(_cfg(*common, "acestep.train.max_steps=6", resume), tokens=str(latents),
+                  output=str(tmp_path / "resumed"))
+    a, b = _lora(tmp_path / "whole"), _lora(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_exported_lora_loads_changes_the_output_and_fuses(latents, base, tmp_path):
+    from audiotune.models.acestep.load import load_pipeline
+    from audiotune.models.acestep.lora import load_into
+    from audiotune.stages.train_acestep import train_acestep
+
+    out = tmp_path / "out"
+    train_acestep(_cfg(*TRAIN, "acestep.train.max_steps=4", "acestep.train.lr=1e-2", "acestep.fuse=true",
+                       "acestep.num_samples=1", "acestep.sample_every=2", "acestep.sample.duration_s=0.4",
+                       "acestep.sample.num_inference_steps=2"), tokens=str(latents), output=str(out))
+
+    def render(pipe):
+        return pipe(prompt="pop, piano", lyrics="la", audio_duration=0.4, num_inference_steps=2,
+                    generator=torch.Generator().manual_seed(0), output_type="latent").audios
+
+    plain = render(load_pipeline(base))
+    pipe = load_pipeline(base)
+    load_into(pipe, out / "lora")
+    with_lora = render(pipe)
+    assert not torch.allclose(plain, with_lora, atol=1e-4)
+    fused = render(load_pipeline(out / "pipeline"))
+    torch.testing.assert_close(fused, with_lora, rtol=1e-4, atol=1e-4)
