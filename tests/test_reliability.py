@@ -201,6 +201,7 @@ def _walk_cases(w: Path) -> list[tuple[list[str], int, str]]:
           *NO_TRACKING], 1, "joint"),
         (["export", "--llm", gone, "--output", str(w / "o"), *NO_TRACKING], 1, "not a complete artifact"),
         (["synthesize", "--model", str(w / "listds"), "--text", "hi", "--out", str(w / "x.wav")], 1, "manifest"),
+        (["promote", "--model-name", "m", "--set", "tracking.uri=http://127.0.0.1:1"], 1, "unreachable"),
         (["run", "--local", str(w / "bad.yaml")], 2, "not UTF-8"),
         (["compile", "--config", str(w / "bad.yaml"), "--output", str(w / "p.yaml")], 2, "not UTF-8"),
         (["submit", "--config", str(w / "bad.yaml")], 64, "not UTF-8"),
