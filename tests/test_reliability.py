@@ -411,3 +411,23 @@ def test_a_download_interrupted_earlier_is_cleaned_from_the_cache(s3_env, tmp_pa
     (stale / "train").mkdir(parents=True)
     assert storage.local_copy(f"{s3_env}/ds", cache_dir=cache) == first  # a cache hit cleans up too
     assert not stale.exists()
+
+
+# ----------------------------------------------------------------------------------------- a full disk in convert
+def test_a_full_disk_while_writing_a_shard_is_one_line_and_publishes_nothing(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import pyarrow.parquet as pq
+
+    from tests.helpers import good_corpus
+
+    manifest = good_corpus(tmp_path / "corpus", 2)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pq, "write_table", full)
+    code = cli_main(_convert(manifest, tmp_path / "ds"))
+    line = _one_line_error(capsys.readouterr().err)
+    assert code == 1 and "part-00000.parquet: cannot write the shard: No space left on device" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]  # no Dataset, no staging folder

@@ -10,6 +10,8 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from audiotune.errors import DataError, StorageError
+
 log = logging.getLogger(__name__)
 
 DATASET_SCHEMA = pa.schema(
@@ -86,8 +88,17 @@ class ShardWriter:
         if not self._buffer:
             return
         name = f"part-{len(self.shards):05d}.parquet"
-        table = pa.Table.from_pylist(self._buffer, schema=self.schema)
-        pq.write_table(table, self.directory / name, compression=self.compression, row_group_size=256)
+        path = self.directory / name
+        try:
+            table = pa.Table.from_pylist(self._buffer, schema=self.schema)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+            first = self._buffer[0].get("id")
+            raise DataError(f"{path}: {len(self._buffer)} rows (the first {first!r}) do not fit the "
+                            f"{self.directory.name} schema: {err}") from err
+        try:
+            pq.write_table(table, path, compression=self.compression, row_group_size=256)
+        except OSError as err:  # ENOSPC, EDQUOT, a read-only or vanished folder
+            raise StorageError(f"{path}: cannot write the shard: {err.strerror or err}") from err
         self.shards.append({"file": name, "rows": table.num_rows})
         log.debug("wrote %s/%s (%d rows)", self.directory.name, name, table.num_rows)
         self._buffer = []
@@ -97,5 +108,8 @@ class ShardWriter:
 def read_rows(directory: str | Path, columns: list[str] | None = None) -> Iterator[dict[str, Any]]:
     """Iterate the rows of every shard of a local split directory, in shard order."""
     for path in sorted(Path(directory).glob("part-*.parquet")):
-        table = pq.read_table(path, columns=columns)
+        try:
+            table = pq.read_table(path, columns=columns)
+        except (pa.ArrowInvalid, OSError) as err:
+            raise DataError(f"{path}: not a readable Parquet shard ({err})") from err
         yield from table.to_pylist()
