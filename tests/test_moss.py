@@ -286,3 +286,14 @@ def test_a_sharded_checkpoint_loads_like_the_single_file(moss_dir, tmp_path):
     (sharded / "config.json").write_text((moss_dir / "config.json").read_text())
     a, b = load_moss(moss_dir).state_dict(), load_moss(sharded).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_codebook_weights_of_another_length_are_refused_naming_the_setting(moss_dir):
+    from audiotune.config import load_config
+    from audiotune.models.families import load_model
+
+    settings = load_config(None, ["llm.codebook_weights=[1,1]"]).llm
+    with pytest.raises(MossCheckpointError, match=r"llm.codebook_weights has 2 entries; .* has 3 channels"):
+        load_model(moss_dir, settings, torch.float32, "sdpa")
+    assert load_model(moss_dir, load_config(None, ["llm.codebook_weights=[3,2,1]"]).llm, torch.float32,
+                      "sdpa").weights == [3, 2, 1]

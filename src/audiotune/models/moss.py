@@ -340,12 +340,12 @@ def moss_vocab(vocab: AudioVocab, spec: MossSpec, base: str | Path = "the MOSS c
         MossCheckpointError: Another number of codebooks or codes, or segment markers inside the speech ids.
     """
     if vocab.num_codebooks != spec.channels:
-        raise MossCheckpointError(f"{base} has {spec.channels} channels (config.json channels) but {tokens} hold "
-                                  f"{vocab.num_codebooks} codebooks per frame "
+        raise MossCheckpointError(f"{base} has {spec.channels} channels (config.json channels) but the Tokens "
+                                  f"{tokens} hold {vocab.num_codebooks} codebooks per frame "
                                   "(tokenize.audio_tokenizer.num_codebooks); they must match")
     if vocab.codebook_size != spec.codebook_size:
         raise MossCheckpointError(f"{base} has {spec.codebook_size} codes per codebook (config.json "
-                                  f"speech_token_range {list(spec.speech_token_range)}) but {tokens} have "
+                                  f"speech_token_range {list(spec.speech_token_range)}) but the Tokens {tokens} have "
                                   f"{vocab.codebook_size} (tokenize.audio_tokenizer.codebook_size)")
     start, end = spec.speech_token_range
     clash = sorted(name for name, i in vocab.special_ids.items() if start <= i < end)
@@ -368,7 +368,12 @@ class MossFamily:
         return is_moss_config(config)
 
     def load(self, path: Path, settings: Any, dtype: torch.dtype, attn: str) -> MossTTSLM:
-        return load_moss(path, dtype, attn, getattr(settings, "codebook_weights", None))
+        weights = getattr(settings, "codebook_weights", None)
+        channels = MossSpec.from_config(read_config(path), Path(path) / "config.json").channels
+        if weights is not None and len(weights) != channels:
+            raise MossCheckpointError(f"llm.codebook_weights has {len(weights)} entries; {path} has {channels} "
+                                      "channels (config.json channels)")
+        return load_moss(path, dtype, attn, weights)
 
     def save(self, model: nn.Module, directory: Path, max_shard_size: str = "5GB") -> None:
         if not isinstance(model, MossTTSLM):
