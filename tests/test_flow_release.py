@@ -235,3 +235,63 @@ def test_a_release_flow_goes_through_the_flow_joint_and_export_stages(llm_tokens
            tokens=str(tokens))
     assert (package / "flow" / "flow.pt").read_bytes() == (tmp_path / "joint" / "flow" / "flow.pt").read_bytes()
     assert (package / "samples" / "sample-0.wav").is_file()
+
+
+def _step_tokens(root: Path, folder: Path, n: int = 4) -> Path:
+    """Tokens as Step-Audio-EditX's LLM gives them: one interleaved stream of LM ids per row (2 vq02 ids at
+    65536 + c, then 3 vq06 ids at 66560 + c, per group; 125/3 ids/s, 25 pairs/s), x-vectors, CosyVoice2 mels."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _, info = load_release(folder)
+    rng = np.random.default_rng(0)
+    for split, count in (("train", n), ("val", 1)):
+        rows = []
+        for i in range(count):
+            groups = int(rng.integers(2, 4))
+            ids = np.concatenate([np.concatenate([65536 + rng.integers(0, 1024, 2), 66560 + rng.integers(0, 4096, 3)])
+                                  for _ in range(groups)])
+            frames = groups * 3 * 2  # pairs × the encoder's up-sampling
+            rows.append({"id": f"{split}{i}", "audio_codes": [ids.tolist()], "mel_frames": frames,
+                         "mel": rng.standard_normal((frames, 80)).astype("<f4").tobytes(), "speaker_index": 0,
+                         "repeat_count": 1, "speaker_embedding": rng.standard_normal(192).astype(np.float32).tolist()})
+        (root / split).mkdir(parents=True)
+        pq.write_table(pa.Table.from_pylist(rows), root / split / "part-00000.parquet")
+    stream = {"codebook_offsets": [65536, 66560], "codebook_sizes": [1024, 4096], "interleave": [2, 3],
+              "id_ranges": [[65536, 66560], [66560, 70656]], "frame_rate": 25.0}
+    (root / "manifest.json").write_text(json.dumps({
+        "kind": "audiotune.tokens", "schema_version": 1, "mel": {"format": "cosyvoice-log-mel", **info.mel},
+        "speakers": 1, "speaker_embedding": "onnx", "audio_tokenizer": {
+            "type": "precomputed", "num_codebooks": 1, "codebook_size": 5120, "token_rate": 125 / 3,
+            "code_stream": stream}}))
+    return root
+
+
+def test_step_audio_editx_flow_reads_the_llms_interleaved_stream(tmp_path):
+    """A Step-Audio-EditX release fine-tunes on Tokens holding the LLM's interleaved vq02/vq06 ids (paired as
+    upstream ``_reshape`` does) and comes back with the release's keys; the trained flow keeps reading streams."""
+    from audiotune.models.flow import load_flow
+
+    folder = kit_folder("step-audio-editx-flow")
+    tokens = _step_tokens(tmp_path / "tokens", folder)
+    res = train_flow(load_config(None, [*FAST, "flow.train.max_steps=2", "flow.freeze_encoder=true"]),
+                     tokens=str(tokens), output=str(tmp_path / "out"), base_flow=str(folder))
+    assert res.manifest["arch"] == "step-audio-editx"
+    theirs = torch.load(folder / "flow.pt", weights_only=True)
+    ours = torch.load(tmp_path / "out" / "flow.pt", weights_only=True)
+    assert list(ours) == list(theirs) and all(ours[k].shape == theirs[k].shape for k in theirs)
+    assert any(not torch.equal(ours[k], theirs[k]) for k in theirs if k.startswith("decoder.estimator."))
+    flow = load_flow(tmp_path / "out")
+    assert flow.config.code_stream["interleave"] == [2, 3]
+    mel = flow.eval().inference(torch.tensor([[65536, 65537, 66560, 66561, 66562]]), n_timesteps=2)
+    assert mel.shape == (80, 6)  # one group → 3 pairs → 6 mel frames
+    manifest = json.loads((tokens / "manifest.json").read_text())
+    manifest["audio_tokenizer"]["code_stream"].update(codebook_sizes=[1024, 2048], frame_rate=50.0)
+    (tokens / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(TrainFlowError) as err:
+        train_flow(load_config(None, FAST), tokens=str(tokens), output=str(tmp_path / "refused"),
+                   base_flow=str(folder))
+    for expected in ("speech-token vocabulary: release 5121, Tokens' pair table 3073",
+                     "token rate: release 25 pairs/s, Tokens 50 pairs/s"):
+        assert expected in str(err.value), str(err.value)

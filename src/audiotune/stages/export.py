@@ -41,7 +41,8 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "codebooks.
 FLOW_FILES = ("config.json", "model.safetensors", "speakers.json", "speaker_embeddings.safetensors", "mel.json",
               "manifest.json", "metrics.json",
               # a release flow (CosyVoice / Step-Audio-EditX) in the upstream layout, LoRA merged by the flow stage
-              "flow.pt", "hift.pt", "cosyvoice.yaml", "cosyvoice2.yaml", "cosyvoice3.yaml", "release.json")
+              "flow.pt", "hift.pt", "cosyvoice.yaml", "cosyvoice2.yaml", "cosyvoice3.yaml", "release.json",
+              "release_flow.json")
 
 
 @dataclass

@@ -70,6 +70,7 @@ class TokensInfo:
     token_rate: float
     speaker_type: str  # the Tokens' own name: speaker-id | onnx | none
     num_speakers: int
+    code_stream: dict[str, Any] | None = None  # interleaved LM ids (Step-Audio-EditX): offsets, sizes, frame_rate
 
     @property
     def mel_frames_per_token(self) -> float:
@@ -99,7 +100,7 @@ def tokens_info(manifest: dict[str, Any], tokens: str, codebooks: str) -> Tokens
                       num_codebooks=num, codebooks_used=1 if codebooks == "first" else num,
                       token_rate=float(audio["token_rate"]),
                       speaker_type=str(manifest.get("speaker_embedding") or "none"),
-                      num_speakers=int(manifest.get("speakers") or 0))
+                      num_speakers=int(manifest.get("speakers") or 0), code_stream=audio.get("code_stream"))
 
 
 def speaker_spec(info: TokensInfo, tokens_dir: Path, train_ex: FlowExamples):
@@ -128,7 +129,7 @@ def check_release_fits(release, info: TokensInfo, speaker, base_flow: str) -> No
     from audiotune.models.flow.native.fit import release_mismatches
 
     problems = release_mismatches(release, info.mel, info.codebook_size, info.codebooks_used, info.token_rate,
-                                  info.mel_frames_per_token, speaker.type, speaker.embedding_dim)
+                                  info.mel_frames_per_token, speaker.type, speaker.embedding_dim, info.code_stream)
     if problems:
         raise TrainFlowError(f"base flow {base_flow} ({release.arch}) does not fit the Tokens: " + "; ".join(problems))
 
@@ -205,7 +206,8 @@ def _build_release(F: FlowStageConfig, info: TokensInfo, speaker, base_flow: str
     from audiotune.models.flow.native.adapter import load_release_flow
 
     model = load_release_flow(base_flow, prompt_prob=F.prompt_prob, prompt_max_fraction=F.prompt_max_fraction,
-                              n_timesteps=F.sample.n_timesteps, cfg_rate=F.sample.cfg_rate)
+                              n_timesteps=F.sample.n_timesteps, cfg_rate=F.sample.cfg_rate,
+                              code_stream=info.code_stream)
     check_release_fits(model.config.release, info, speaker, base_flow)
     if F.preset != "base":
         log.info("flow.preset=%s is not used: the %s flow's sizes come from its yaml", F.preset, model.config.arch)

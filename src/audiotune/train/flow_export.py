@@ -55,9 +55,13 @@ def export_flow_model(config, state_dict: dict, F: FlowStageConfig, ema, staging
         lora_estimator(export).save_pretrained(str(staging / "adapter"))
     export = merge_lora(export).eval()
     if release is not None:
+        import json
+
+        from audiotune.models.flow.native.adapter import SETTINGS_FILE
         from audiotune.models.flow.native.release import save_release
 
         save_release(export.native, release, staging)
+        (staging / SETTINGS_FILE).write_text(json.dumps(config.settings(), indent=2) + "\n")
     else:
         save_flow(export, staging)
     return export

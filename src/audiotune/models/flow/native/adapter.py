@@ -46,6 +46,7 @@ DIT_LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.proj", "mlp.fc1
 LORA_TARGETS = {"cosyvoice-300m": UNET_LORA_TARGETS, "cosyvoice2": UNET_LORA_TARGETS,
                 "step-audio-editx": DIT_LORA_TARGETS}
 _UNIFORMS = 5  # per example: prompt or not, prompt length, t, condition kept, streaming
+SETTINGS_FILE = "release_flow.json"  # ReleaseFlowConfig.settings() of a trained release flow
 
 
 @dataclass
@@ -54,7 +55,10 @@ class ReleaseFlowConfig:
 
     Attributes mirror :class:`audiotune.models.flow.FlowConfig` where the stages use them
     (``n_mels``, ``codebook_size``, ``num_codebooks``, ``mel_frames_per_token``, ``speaker``, ``mel``,
-    ``preset``, ``n_timesteps``, ``cfg_rate``); ``release`` is the folder's :class:`ReleaseInfo`.
+    ``preset``, ``n_timesteps``, ``cfg_rate``); ``release`` is the folder's :class:`ReleaseInfo`;
+    ``code_stream`` (Step-Audio-EditX) the layout of the interleaved LM ids the Tokens hold, turned into
+    upstream ``_reshape``'s pairs before the flow reads them. Saved beside the release files as
+    :data:`SETTINGS_FILE`.
     """
 
     release: ReleaseInfo
@@ -63,6 +67,7 @@ class ReleaseFlowConfig:
     n_timesteps: int = 10
     cfg_rate: float = 0.7
     mel: dict[str, Any] | None = None
+    code_stream: dict[str, Any] | None = None
     speaker: SpeakerSpec = field(init=False)
 
     def __post_init__(self) -> None:
@@ -88,16 +93,20 @@ class ReleaseFlowConfig:
 
     @property
     def num_codebooks(self) -> int:
-        return 2 if self.release.arch == "step-audio-editx" else 1
+        """Code rows the flow reads: 1, or 2 for Step-Audio-EditX pairs given as such (not as a stream)."""
+        return 2 if self.release.arch == "step-audio-editx" and not self.code_stream else 1
 
     @property
     def mel_frames_per_token(self) -> float:
         return float(self.release.mel_frames_per_token or 0.0)
 
+    def settings(self) -> dict[str, Any]:
+        """The fields besides ``release`` (what :data:`SETTINGS_FILE` holds)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("release", "speaker")}
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (manifests, logs)."""
-        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("release", "speaker")}
-        return {"arch": self.arch, "release": self.release.summary(), **out}
+        return {"arch": self.arch, "release": self.release.summary(), **self.settings()}
 
 
 def _valid(lengths: torch.Tensor, length: int) -> torch.Tensor:
@@ -136,6 +145,18 @@ class ReleaseFlow(nn.Module):
 
     def _tokens(self, codes: torch.Tensor, code_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``[B, C, T]`` codes → upstream's ``[B, T]`` ids (``[B, T, 2]`` pairs for Step-Audio-EditX)."""
+        stream = self.config.code_stream
+        if stream:  # Step-Audio-EditX: the LLM's interleaved ids → upstream _reshape's pairs, row by row
+            from audiotune.models.vocab import step_pairs_from_interleaved
+
+            pairs = [torch.from_numpy(step_pairs_from_interleaved(
+                codes[b, 0, :n].cpu().numpy(), stream["codebook_offsets"], stream["codebook_sizes"],
+                stream["interleave"])) for b, n in enumerate(code_lengths.tolist())]
+            lengths = torch.tensor([len(p) for p in pairs], device=codes.device)
+            out = torch.zeros(len(pairs), int(lengths.max()), 2, dtype=torch.long)
+            for b, p in enumerate(pairs):
+                out[b, :len(p)] = p
+            return out.to(codes.device), lengths
         if self.config.num_codebooks == 2:
             if codes.shape[1] != 2:
                 raise ValueError(f"{self.arch} reads dual-codebook pairs: codes [B, 2, T], got {tuple(codes.shape)}")
@@ -281,7 +302,7 @@ class ReleaseFlow(nn.Module):
 
         def ids(x: torch.Tensor | None) -> torch.Tensor:
             if x is None:
-                shape = (1, 0, 2) if self.config.num_codebooks == 2 else (1, 0)
+                shape = (1, 0, 2) if self.arch == "step-audio-editx" else (1, 0)  # no prompt
                 return torch.zeros(shape, dtype=torch.long, device=device)
             x = torch.as_tensor(x, device=device).long()
             x = x[None] if x.dim() == 1 else x  # [C, T]
@@ -302,8 +323,17 @@ def build_release_flow(config: ReleaseFlowConfig) -> ReleaseFlow:
 
 
 def load_release_flow(uri: str, **settings: Any) -> ReleaseFlow:
-    """:func:`load_release` wrapped as a :class:`ReleaseFlow`; ``settings`` are :class:`ReleaseFlowConfig` fields."""
+    """:func:`load_release` wrapped as a :class:`ReleaseFlow`; ``settings`` are :class:`ReleaseFlowConfig` fields
+    (default: the folder's :data:`SETTINGS_FILE` when it has one, as a trained flow does)."""
+    import json
+    from pathlib import Path
+
+    from audiotune import storage
+
     native, info = load_release(uri)
+    saved = Path(storage.local_copy(uri)) / SETTINGS_FILE
+    if saved.is_file():
+        settings = {**json.loads(saved.read_text()), **settings}
     if info.mel_frames_per_token is None:
         raise ReleaseError(f"{uri}: the yaml gives no mel settings ({info.yaml_name} has no feat_extractor / "
                            "mel_conf), so its mel frames per token are unknown")

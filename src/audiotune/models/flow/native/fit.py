@@ -59,7 +59,7 @@ def resolve_arch(arch: str, base_flow: str | None) -> tuple[str, str | None]:
 
 def release_mismatches(release: ReleaseInfo, mel: Mapping[str, Any], codebook_size: int, codebooks_read: int,
                        token_rate: float, mel_frames_per_token: float, speaker_type: str,
-                       speaker_dim: int) -> list[str]:
+                       speaker_dim: int, code_stream: Mapping[str, Any] | None = None) -> list[str]:
     """Every setting in which a release flow and the Tokens differ, each naming both values.
 
     Args:
@@ -71,6 +71,8 @@ def release_mismatches(release: ReleaseInfo, mel: Mapping[str, Any], codebook_si
         mel_frames_per_token: The Tokens' mel frames per token.
         speaker_type: ``embedding`` (an x-vector per row), ``id`` or ``none``, as the Tokens give it.
         speaker_dim: Length of the Tokens' x-vectors.
+        code_stream: The Tokens' interleaved LM-id layout (``audio_tokenizer.code_stream``: Step-Audio-EditX's
+            vq02/vq06 stream), read as upstream ``_reshape``'s pairs by a Step-Audio-EditX flow.
     """
     problems = []
     for key in MEL_FIELDS:
@@ -80,6 +82,8 @@ def release_mismatches(release: ReleaseInfo, mel: Mapping[str, Any], codebook_si
         problems.append(f"mel settings: release none ({release.yaml_name} has no feat_extractor / mel_conf), "
                         f"Tokens {dict(mel)}")
     codebooks = 2 if release.arch == "step-audio-editx" else 1
+    if codebooks == 2 and code_stream:
+        return problems + _stream_mismatches(release, code_stream) + _speaker(release, speaker_type, speaker_dim)
     if codebooks_read != codebooks:
         problems.append(f"codebooks read: release {codebooks}, Tokens give {codebooks_read} (see flow.codebooks)")
     elif codebooks == 1 and release.vocab_size != codebook_size:
@@ -89,11 +93,36 @@ def release_mismatches(release: ReleaseInfo, mel: Mapping[str, Any], codebook_si
     elif release.mel_frames_per_token and abs(release.mel_frames_per_token - mel_frames_per_token) > 1e-6:
         problems.append(f"mel frames per token: release {release.mel_frames_per_token:.4f}, Tokens "
                         f"{mel_frames_per_token:.4f}")
+    return problems + _speaker(release, speaker_type, speaker_dim)
+
+
+def _speaker(release: ReleaseInfo, speaker_type: str, speaker_dim: int) -> list[str]:
     if speaker_type != "embedding":
-        problems.append(f"speaker embedding: release an x-vector of {release.spk_embed_dim} values, Tokens "
-                        f"speaker conditioning {speaker_type!r} (set tokenize.speaker_embedding.type onnx)")
-    elif speaker_dim != release.spk_embed_dim:
-        problems.append(f"speaker embedding size: release {release.spk_embed_dim}, Tokens {speaker_dim}")
+        return [f"speaker embedding: release an x-vector of {release.spk_embed_dim} values, Tokens speaker "
+                f"conditioning {speaker_type!r} (set tokenize.speaker_embedding.type onnx)"]
+    if speaker_dim != release.spk_embed_dim:
+        return [f"speaker embedding size: release {release.spk_embed_dim}, Tokens {speaker_dim}"]
+    return []
+
+
+def pair_table_size(code_stream: Mapping[str, Any]) -> int:
+    """Rows of the shared table upstream ``_reshape``'s pairs index (each codebook but the last + its pad row)."""
+    sizes = [int(s) for s in code_stream["codebook_sizes"]]
+    return sum(s + 1 for s in sizes[:-1]) + sizes[-1]
+
+
+def _stream_mismatches(release: ReleaseInfo, code_stream: Mapping[str, Any]) -> list[str]:
+    """A Step-Audio-EditX flow against an interleaved id stream: two codebooks, the pair table, the pair rate."""
+    problems = []
+    sizes = list(code_stream.get("codebook_sizes") or [])
+    if len(sizes) != 2:
+        return [f"codebooks in the stream: release 2 (vq02, vq06), Tokens {len(sizes)} ({sizes})"]
+    if pair_table_size(code_stream) != release.vocab_size:
+        problems.append(f"speech-token vocabulary: release {release.vocab_size}, Tokens' pair table "
+                        f"{pair_table_size(code_stream)} (codebook_sizes {sizes})")
+    rate = code_stream.get("frame_rate")
+    if rate and release.token_rate and abs(float(rate) - release.token_rate) > 1e-6:
+        problems.append(f"token rate: release {release.token_rate:g} pairs/s, Tokens {float(rate):g} pairs/s")
     return problems
 
 
