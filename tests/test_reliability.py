@@ -351,6 +351,7 @@ def test_storage_refuses_an_s3_uri_with_credentials_and_logs_are_redacted(caplog
     assert credentials.RedactingFilter().filter(record) and record.getMessage() == "server http://***@h:1 down"
     assert credentials.redact(f"a http://u:p@ss{SECRET}@host/x b") == "a http://***@host/x b"
     assert not credentials.has_userinfo("s3://bucket/some@key") and not credentials.has_userinfo("git@github.com:x")
+    credentials.refuse({"--text": "write to http://me@example.org"})  # a text to speak is no URI: not refused
 
 
 # ------------------------------------------------------------------------ signals stop convert's worker pool

@@ -296,8 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     for handler in logging.getLogger().handlers:  # URIs from the environment (MLFLOW_TRACKING_URI) too
         handler.addFilter(credentials.RedactingFilter())
     try:
-        credentials.refuse({"--set" if k == "overrides" else f"--{k.replace('_', '-')}": v
-                            for k, v in vars(args).items() if k != "argv" and isinstance(v, (str, list))})
+        credentials.refuse({f"--{k.replace('_', '-')}": v for k, v in vars(args).items()
+                            if k not in ("argv", "overrides") and isinstance(v, (str, list))})
+        credentials.refuse({f"--set {k}": v for k, _, v in (o.partition("=") for o in args.overrides or [])})
         credentials.refuse({name: os.environ[name] for name in credentials.URI_ENVIRONMENT if os.environ.get(name)})
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:

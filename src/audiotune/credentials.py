@@ -33,8 +33,13 @@ class CredentialsInURIError(UsageError):
 
 
 def has_userinfo(text: str) -> bool:
-    """Whether ``text`` holds a URI with a user-info part (``scheme://user[:password]@host``)."""
+    """Whether ``text`` holds a URI with a user-info part (``scheme://user[:password]@host``) anywhere."""
     return bool(_USERINFO.search(text))
+
+
+def is_uri_with_userinfo(text: str) -> bool:
+    """Whether ``text`` is a URI (it starts with ``scheme://``) with a user-info part."""
+    return bool(_USERINFO.match(text.strip()))
 
 
 def redact(text: str) -> str:
@@ -54,13 +59,16 @@ def _strings(value: Any, path: str) -> Iterator[tuple[str, str]]:
 
 
 def refuse(values: Any, where: str = "") -> None:
-    """Raise when any string in ``values`` (a mapping of field paths or arguments, nested) holds userinfo.
+    """Raise when any string in ``values`` (a mapping of field paths or arguments, nested) is a URI with userinfo.
+
+    Only strings that are URIs count (they start with ``scheme://``): a text to speak that mentions
+    ``http://me@example.com`` is no credential.
 
     Raises:
         CredentialsInURIError: naming the field and the URI with its userinfo redacted, and what to do instead.
     """
     for path, text in _strings(values, where):
-        if has_userinfo(text):
+        if is_uri_with_userinfo(text):
             raise CredentialsInURIError(f"{path}: {redact(text)} carries credentials inside the URI, which would be "
                                         f"shown in logs, compiled pipelines and messages; {ADVICE}")
 
