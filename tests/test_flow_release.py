@@ -286,6 +286,8 @@ def test_step_audio_editx_flow_reads_the_llms_interleaved_stream(tmp_path):
     assert flow.config.code_stream["interleave"] == [2, 3]
     mel = flow.eval().inference(torch.tensor([[65536, 65537, 66560, 66561, 66562]]), n_timesteps=2)
     assert mel.shape == (80, 6)  # one group → 3 pairs → 6 mel frames
+    relative = flow.inference(torch.tensor([[0, 1, 1024, 1025, 1026]]), n_timesteps=2)  # as synthesis gives them
+    assert torch.equal(relative, mel)
     manifest = json.loads((tokens / "manifest.json").read_text())
     manifest["audio_tokenizer"]["code_stream"].update(codebook_sizes=[1024, 2048], frame_rate=50.0)
     (tokens / "manifest.json").write_text(json.dumps(manifest))

@@ -149,8 +149,13 @@ class ReleaseFlow(nn.Module):
         if stream:  # Step-Audio-EditX: the LLM's interleaved ids → upstream _reshape's pairs, row by row
             from audiotune.models.vocab import step_pairs_from_interleaved
 
+            first = min(int(o) for o in stream["codebook_offsets"])
+
+            def lm_ids(row: torch.Tensor) -> torch.Tensor:  # synthesis hands codes relative to the first offset
+                return row + first if row.numel() and int(row.max()) < first else row
+
             pairs = [torch.from_numpy(step_pairs_from_interleaved(
-                codes[b, 0, :n].cpu().numpy(), stream["codebook_offsets"], stream["codebook_sizes"],
+                lm_ids(codes[b, 0, :n].cpu()).numpy(), stream["codebook_offsets"], stream["codebook_sizes"],
                 stream["interleave"])) for b, n in enumerate(code_lengths.tolist())]
             lengths = torch.tensor([len(p) for p in pairs], device=codes.device)
             out = torch.zeros(len(pairs), int(lengths.max()), 2, dtype=torch.long)
