@@ -149,6 +149,16 @@ def _cmd_promote(args: argparse.Namespace, cfg: AudiotuneConfig) -> int:
     return EXIT_OK if outcome.promoted else EXIT_NOT_PROMOTED
 
 
+def _cmd_plan(args: argparse.Namespace, cfg: AudiotuneConfig) -> int:
+    from audiotune.orchestration import plan
+
+    tokens = args.dataset_tokens or (plan.dataset_tokens(args.tokens) if args.tokens else None)
+    plans = plan.plan(cfg, gpu_gib=args.gpu_gib, tokens=tokens, mfu=args.mfu)
+    print(json.dumps([p.to_dict() for p in plans], indent=2) if args.json else plan.format_plan(plans), flush=True)
+    plan.check(plans)  # PlanRefused: one line on stderr, exit 2
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="audiotune", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"audiotune {__version__}")
@@ -239,6 +249,19 @@ def build_parser() -> argparse.ArgumentParser:
     from audiotune.pipeline_cli import add_pipeline_commands  # run --local, compile, submit
 
     add_pipeline_commands(sub)
+
+    p = sub.add_parser("plan", help="Per-GPU memory, the ZeRO choice, tokens/s and wall time of a run's training "
+                       "stages; exit 2 (one line) when it cannot fit the requested GPUs. Needs no GPU.")
+    p.add_argument("config", help="The pipeline's YAML config.")
+    p.add_argument("--gpu-gib", type=float, help="Memory of one GPU (default: from cluster.gpu_type, else the GPU "
+                   "visible here).")
+    p.add_argument("--tokens", help="Tokens artifact whose report.json gives the dataset's token count.")
+    p.add_argument("--dataset-tokens", type=int, help="The dataset's token count (instead of --tokens).")
+    p.add_argument("--mfu", type=float, default=0.35, help="Model FLOPs utilisation assumed for tokens/s "
+                   "(default: %(default)s).")
+    p.add_argument("--json", action="store_true", help="Print the plans as JSON.")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="a.b=v")
+    p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("config", help="Print the resolved config (YAML) or its JSON schema.")
     p.add_argument("--config", help="YAML config to resolve.")

@@ -83,6 +83,8 @@ def add_pipeline_commands(sub: argparse._SubParsersAction) -> None:
                         "exit 2 when it does not. Needs export.registered_model_name.")
     p.add_argument("--metric", default=None, help="With --promote: compare this one metric (lower is better, e.g. "
                    "val_loss) instead of the eval gate (evaluate.gate, on the eval metrics).")
+    p.add_argument("--force", action="store_true", help="Submit even when `audiotune plan` says the training "
+                   "cannot fit the requested GPUs.")
     _overrides(p)
     p.set_defaults(func=cmd_submit, usage_exit=EXIT_SUBMIT_USAGE)
 
@@ -136,6 +138,10 @@ def _submit_usage(args: argparse.Namespace, cfg: AudiotuneConfig) -> str | None:
         sdk.check(cfg, promote=args.promote)
     except sdk.ConfigError as err:
         return str(err)
+    if not args.force:  # the same check as `audiotune plan`, before a GPU is requested
+        from audiotune.orchestration import plan
+
+        return plan.preflight(cfg)
     return None
 
 

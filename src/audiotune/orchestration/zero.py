@@ -93,25 +93,39 @@ def check(cfg: AudiotuneConfig) -> None:
                               "set cluster.gpu_type or an explicit zero_stage 0-3")
 
 
-def _llm_size(cfg: AudiotuneConfig) -> ModelSize:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+def llm_config(cfg: AudiotuneConfig):
+    """The ``transformers`` config of the llm stage's model: the preset (from scratch) or the base model's
+    ``config.json``; nothing is downloaded but that file.
+
+    Raises:
+        SizingError: No base model, or a config.json without ``model_type``.
+    """
+    from transformers import AutoConfig
 
     from audiotune.models import lm
 
     settings = cfg.llm
     if settings.init == "scratch":
         audio = cfg.tokenize.audio_tokenizer
-        config = lm.preset_config(settings.preset, cfg.tokenize.vocab_size + audio.codebook_size
-                                  * audio.num_codebooks, "sdpa")
-    else:
-        if not settings.base_model:
-            raise SizingError("llm.base_model is unset (init pretrained): there is no model to size")
-        source = storage.join(settings.base_model, "config.json")
-        data = json.loads(storage.read_text(source))
-        if "model_type" not in data:
-            raise SizingError(f"{source}: no model_type")
-        config = AutoConfig.for_model(data.pop("model_type"), **data)
+        return lm.preset_config(settings.preset, cfg.tokenize.vocab_size + audio.codebook_size
+                                * audio.num_codebooks, "sdpa")
+    if not settings.base_model:
+        raise SizingError("llm.base_model is unset (init pretrained): there is no model to size")
+    source = storage.join(settings.base_model, "config.json")
+    data = json.loads(storage.read_text(source))
+    if "model_type" not in data:
+        raise SizingError(f"{source}: no model_type")
+    return AutoConfig.for_model(data.pop("model_type"), **data)
+
+
+def _llm_size(cfg: AudiotuneConfig) -> ModelSize:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from audiotune.models import lm
+
+    settings = cfg.llm
+    config = llm_config(cfg)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
         if settings.mode == "lora":
@@ -172,16 +186,8 @@ def _visible_gpu_gib() -> float | None:
 
 
 def resolve(stage: str, cfg: AudiotuneConfig, nproc: int, gpu_gib: float | None = None) -> ZeroChoice | None:
-    """Replace ``zero_stage: auto`` of ``stage`` by the ZeRO settings that fit; None when it is explicit.
-
-    Args:
-        stage: llm, flow or joint.
-        cfg: The run's config; ``<stage>.train.deepspeed`` is set to the choice.
-        nproc: Training processes per node (one per GPU).
-        gpu_gib: Memory of one GPU; None: the GPU this process sees, else the size in ``cluster.gpu_type``.
-
-    Returns:
-        The choice, with its reason; None for an explicit stage.
+    """Replace ``zero_stage: auto`` of ``stage`` by the ZeRO settings that fit (:func:`choose`); None when it is
+    explicit. ``<stage>.train.deepspeed`` of ``cfg`` is set to the choice.
 
     Raises:
         SizingError: The model or the GPU memory cannot be found.
@@ -189,18 +195,37 @@ def resolve(stage: str, cfg: AudiotuneConfig, nproc: int, gpu_gib: float | None 
     train = getattr(cfg, stage).train
     if train.deepspeed.zero_stage != "auto":
         return None
+    return _set(stage, train, choose(stage, cfg, nproc, gpu_gib))
+
+
+def choose(stage: str, cfg: AudiotuneConfig, nproc: int, gpu_gib: float | None = None,
+           size: ModelSize | None = None) -> ZeroChoice:
+    """The ZeRO settings ``zero_stage: auto`` picks for ``stage`` (``cfg`` is not changed).
+
+    Args:
+        stage: llm, flow or joint.
+        cfg: The run's config.
+        nproc: Training processes per node (one per GPU).
+        gpu_gib: Memory of one GPU; None: the GPU this process sees, else the size in ``cluster.gpu_type``.
+        size: The model's size when already known (else :func:`model_size`).
+
+    Returns:
+        The choice, with its reason.
+
+    Raises:
+        SizingError: The model or the GPU memory cannot be found.
+    """
     cluster = cfg.cluster
     gpus = nproc * cluster.num_nodes
     if gpu_gib is None and cluster.gpus_per_node > 0:
         gpu_gib = _visible_gpu_gib() if cluster.num_nodes == 1 else gpu_memory_gib(cluster.gpu_type)
     if cluster.gpus_per_node == 0 or (gpu_gib is None and cluster.num_nodes == 1):
         log.info("%s.train.deepspeed.zero_stage=auto: no GPU, so no ZeRO", stage)
-        return _set(stage, train, ZeroChoice(PREFERENCE[0], 0.0, 0.0, 0.0, True, "no GPU: one process per node, "
-                                             "no ZeRO"))
+        return ZeroChoice(PREFERENCE[0], 0.0, 0.0, 0.0, True, "no GPU: one process per node, no ZeRO")
     if gpu_gib is None:
         raise SizingError(f"{stage}.train.deepspeed.zero_stage=auto: the memory of a GPU is unknown (no GPU "
                           f"visible, cluster.gpu_type={cluster.gpu_type!r}); set cluster.gpu_type or zero_stage 0-3")
-    size = model_size(stage, cfg)
+    size = size or model_size(stage, cfg)
     options = PREFERENCE
     if stage in ("flow", "joint") and cfg.flow.ema.enabled:  # the EMA needs whole weights on every process
         options = tuple(o for o in PREFERENCE if o.stage != 3)
@@ -209,7 +234,7 @@ def resolve(stage: str, cfg: AudiotuneConfig, nproc: int, gpu_gib: float | None 
                                 cpu_mem_gb_per_gpu=cpu_gib / nproc if cpu_gib else None, options=options)
     log.info("%s.train.deepspeed.zero_stage=auto: %s for %d parameters (%d trainable) on %d GPU(s) of %.0f GiB: %s",
              stage, choice.option.name, size.total, size.trainable, gpus, gpu_gib, choice.reason)
-    return _set(stage, train, choice)
+    return choice
 
 
 def _set(stage: str, train, choice: ZeroChoice) -> ZeroChoice:
