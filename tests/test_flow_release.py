@@ -297,3 +297,20 @@ def test_step_audio_editx_flow_reads_the_llms_interleaved_stream(tmp_path):
     for expected in ("speech-token vocabulary: release 5121, Tokens' pair table 3073",
                      "token rate: release 25 pairs/s, Tokens 50 pairs/s"):
         assert expected in str(err.value), str(err.value)
+
+
+def test_a_release_flow_resumes_exactly(tmp_path, caplog):
+    """Steps 3-4 resumed from the step-2 checkpoint give the same flow.pt as four steps in one go (per-example
+    draws from their seeds, the engine's RNG state for the encoder's dropout)."""
+    folder = kit_folder("cosyvoice-300m")
+    tokens = release_tokens(tmp_path / "tokens", folder)
+    cfg = load_config(None, [*FAST, "flow.train.max_steps=4", "flow.train.save_every=2", "flow.ema.enabled=true",
+                             "flow.ema.decay=0.5", "flow.max_frames_in_batch=120"])
+    train_flow(cfg, tokens=str(tokens), output=str(tmp_path / "whole"), base_flow=str(folder))
+    shutil.copytree(tmp_path / "whole.checkpoints" / "checkpoint-2", tmp_path / "resumed.checkpoints" / "checkpoint-2")
+    with caplog.at_level("INFO", logger="audiotune.train.engine"):
+        train_flow(cfg, tokens=str(tokens), output=str(tmp_path / "resumed"), base_flow=str(folder))
+    assert "at step 2" in " ".join(r.getMessage() for r in caplog.records if "resumed from" in r.getMessage())
+    whole = torch.load(tmp_path / "whole" / "flow.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed" / "flow.pt", weights_only=True)
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
