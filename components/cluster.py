@@ -51,8 +51,8 @@ def apply_training_settings(task: PipelineTask, cluster: Any, gpus: Any, retries
     """Settings of a training task: GPUs, CPU/memory, node selector, tolerations, a memory-backed ``/dev/shm``,
     the model-cache PVC, credentials; retries with backoff (training resumes from its newest checkpoint); no caching.
 
-    With ``cluster.num_nodes > 1`` the task only submits and follows a PyTorchJob that gets these resources, so
-    its own pod requests none of them.
+    With ``cluster.num_nodes > 1`` the task only submits and follows a TrainJob (or PyTorchJob) that gets these
+    resources, so its own pod requests none of them.
 
     Args:
         task: The training task.

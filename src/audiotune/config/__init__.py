@@ -97,7 +97,7 @@ class AudiotuneConfig(_Section):
     def _multinode_output(self) -> "AudiotuneConfig":
         if self.cluster.num_nodes > 1 and not (self.pipeline.output_uri or "").startswith("s3://"):
             raise ValueError(f"cluster.num_nodes={self.cluster.num_nodes} needs pipeline.output_uri set to an s3:// "
-                             f"location (got {self.pipeline.output_uri!r}): every node of a PyTorchJob reads the "
+                             f"location (got {self.pipeline.output_uri!r}): every node of a multi-node job reads the "
                              "inputs and writes the output there")
         return self
 

@@ -1,10 +1,10 @@
 """``train.deepspeed.zero_stage: auto``: the ZeRO settings of a training stage, picked where it is launched.
 
 The launcher (:func:`audiotune.orchestration.training.launch`) calls :func:`resolve` before it starts torchrun or a
-PyTorchJob. For a stage whose ``zero_stage`` is ``auto`` it counts the model's parameters without allocating them
+multi-node job. For a stage whose ``zero_stage`` is ``auto`` it counts the model's parameters without allocating them
 (the base model's ``config.json``, or the ``llm.preset`` / ``flow.preset``, built on the meta device; LoRA adapters
 through PEFT), takes the GPUs of the run (``cluster.num_nodes`` × the processes per node) and the memory of one GPU
-(the GPU this pod sees; for a PyTorchJob, whose GPUs are elsewhere, the size in ``cluster.gpu_type``), and lets
+(the GPU this pod sees; for a multi-node job, whose GPUs are elsewhere, the size in ``cluster.gpu_type``), and lets
 :func:`audiotune.train.memory.choose_zero_config` pick the stage and offloading. The choice and its reason are
 logged, and the stage's ``train.deepspeed`` is set to it, so the training processes get plain numbers. An explicit
 ``zero_stage`` (0-3) is used as given.
@@ -79,7 +79,7 @@ def check(cfg: AudiotuneConfig) -> None:
     """Refuse, before anything runs, an ``auto`` stage that could not be sized at launch.
 
     Raises:
-        ConfigError: A PyTorchJob stage (``cluster.num_nodes > 1``) with ``zero_stage: auto`` whose GPU memory is
+        ConfigError: A multi-node stage (``cluster.num_nodes > 1``) with ``zero_stage: auto`` whose GPU memory is
             not known from ``cluster.gpu_type``.
     """
     cluster = cfg.cluster
@@ -88,7 +88,7 @@ def check(cfg: AudiotuneConfig) -> None:
     for stage in stages_run(cfg):
         if getattr(cfg, stage).train.deepspeed.zero_stage == "auto":
             raise ConfigError(f"{stage}.train.deepspeed.zero_stage=auto with cluster.num_nodes="
-                              f"{cluster.num_nodes}: the GPUs are in the PyTorchJob's pods, so their memory must "
+                              f"{cluster.num_nodes}: the GPUs are in the job's pods, so their memory must "
                               f"come from cluster.gpu_type (e.g. NVIDIA-H100-80GB-HBM3; got {cluster.gpu_type!r}); "
                               "set cluster.gpu_type or an explicit zero_stage 0-3")
 
