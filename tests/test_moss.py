@@ -297,3 +297,15 @@ def test_codebook_weights_of_another_length_are_refused_naming_the_setting(moss_
         load_model(moss_dir, settings, torch.float32, "sdpa")
     assert load_model(moss_dir, load_config(None, ["llm.codebook_weights=[3,2,1]"]).llm, torch.float32,
                       "sdpa").weights == [3, 2, 1]
+
+
+def test_codes_generated_with_the_checkpoint_pad_and_rows(moss_dir):
+    """Sampling with a MOSS model: channels ≥ 1 draw codes only (not the pad row), the delay pattern is undone."""
+    from audiotune.export.generate import Sampling, generate_codes, prompt_ids
+
+    model = load_moss(moss_dir).eval()
+    vocab = moss_vocab(_vocab(), model.spec)
+    context, _ = prompt_ids(vocab, [5, 6, 7])
+    codes = generate_codes(model, vocab, context, Sampling(temperature=1.0, max_frames=6, seed=1))
+    assert codes.shape[0] == 3 and 1 <= codes.shape[1] <= 6
+    assert ((codes >= 0) & (codes < model.spec.codebook_size)).all(), codes

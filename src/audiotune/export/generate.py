@@ -113,7 +113,8 @@ def generate_codes(model: torch.nn.Module, vocab: AudioVocab, context: np.ndarra
     hidden = decoder(inputs_embeds=embed_ids(ids), past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
     channel0 = torch.zeros(head.weight.shape[0], dtype=torch.bool, device=device)
     channel0[vocab.audio_offset:vocab.audio_offset + size] = True
-    codes_only = torch.zeros(size + 2, dtype=torch.bool, device=device)
+    rows = heads[0].weight.shape[0] if heads else size + 2  # a family sets its own (MOSS-TTSD: codes + pad)
+    codes_only = torch.zeros(rows, dtype=torch.bool, device=device)
     codes_only[:size] = True
     frames: list[list[int]] = [[] for _ in range(C)]
     end_at: int | None = None
