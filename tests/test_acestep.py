@@ -13,6 +13,7 @@ from tests.acestep_tiny import LATENT_DIM, music_folder, save_pipeline
 from audiotune.config import load_config
 
 pytest.importorskip("diffusers")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TRAIN = ["acestep.num_samples=0", "acestep.train.log_every=1", "acestep.train.schedule=constant",
          "acestep.lora.r=4", "acestep.lora.alpha=8"]
@@ -34,9 +35,12 @@ def latents(base, tmp_path_factory) -> Path:
     from audiotune.stages.encode_acestep import encode_acestep
 
     root = tmp_path_factory.mktemp("acestep-data")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     cfg = _cfg("convert.repeat_count=2")
     convert(cfg, source=str(music_folder(root / "songs")), output=str(root / "dataset"))
     encode_acestep(cfg, dataset=str(root / "dataset"), output=str(root / "latents"), base_model=str(base))
+    torch.set_num_threads(threads)
     return root / "latents"
 
 
@@ -87,7 +91,10 @@ def test_resume_is_exact(latents, tmp_path):
     from audiotune.stages.train_acestep import train_acestep
 
     common = [*TRAIN, "acestep.train.save_every=3", "acestep.cfg_dropout=0.5"]
-    train_acestep(_cfg(*common, "acestep.train.max_steps=6"), tokens=str(latents), output=str(tmp_path / "whole"))
+    from audiotune.cli import main
+
+    sets = [a for o in ("tracking.enabled=false", *common, "acestep.train.max_steps=6") for a in ("--set", o)]
+    assert main(["train", "acestep", "--tokens", str(latents), "--output", str(tmp_path / "whole"), *sets]) == 0
     train_acestep(_cfg(*common, "acestep.train.max_steps=3"), tokens=str(latents), output=str(tmp_path / "half"))
     resume = f"acestep.train.resume={tmp_path}/half.checkpoints/checkpoint-3"
     train_acestep(_cfg(*common, "acestep.train.max_steps=6", resume), tokens=str(latents),
@@ -119,3 +126,22 @@ def test_exported_lora_loads_changes_the_output_and_fuses(latents, base, tmp_pat
     assert not torch.allclose(plain, with_lora, atol=1e-4)
     fused = render(load_pipeline(out / "pipeline"))
     torch.testing.assert_close(fused, with_lora, rtol=1e-4, atol=1e-4)
+
+
+def test_a_folder_that_is_not_an_acestep_pipeline_is_refused(tmp_path):
+    from audiotune.models.acestep import AceStepError
+    from audiotune.models.acestep.load import check_folder
+
+    with pytest.raises(AceStepError, match="model_index.json is missing"):
+        check_folder(tmp_path)
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    with pytest.raises(AceStepError, match="expected 'AceStepPipeline'"):
+        check_folder(tmp_path)
+
+
+def test_acestep_config_round_trips_through_json():
+    from audiotune.config import AceStepStageConfig
+
+    cfg = _cfg("acestep.lora.r=8", "acestep.fuse=true").acestep
+    assert AceStepStageConfig.model_validate_json(cfg.model_dump_json()) == cfg
+    assert cfg.lora.target_modules == ["to_q", "to_k", "to_v", "to_out.0"]

@@ -53,10 +53,18 @@ def _cmd_tokenize(args: argparse.Namespace, cfg: AudiotuneConfig) -> int:
     return EXIT_OK
 
 
+def _cmd_encode(args: argparse.Namespace, cfg: AudiotuneConfig) -> int:
+    from audiotune.stages.encode_acestep import encode_acestep
+
+    result = encode_acestep(cfg, dataset=args.dataset, output=args.output, base_model=args.base_model)
+    print(json.dumps({"output": result.output, "splits": result.manifest["splits"]}))
+    return EXIT_OK
+
+
 def _cmd_train(args: argparse.Namespace, cfg: AudiotuneConfig) -> int:
     from audiotune.train.launch import relaunch, under_torchrun
 
-    section = {"llm": cfg.llm, "flow": cfg.flow, "joint": cfg.joint}[args.stage]
+    section = {"llm": cfg.llm, "flow": cfg.flow, "joint": cfg.joint, "acestep": cfg.acestep}[args.stage]
     if section.train.nproc_per_node > 1 and not under_torchrun():
         return relaunch(section.train.nproc_per_node, sys.argv[1:] if args.argv is None else args.argv)
     from audiotune.orchestration import zero
@@ -68,7 +76,11 @@ def _cmd_train(args: argparse.Namespace, cfg: AudiotuneConfig) -> int:
         print(f"audiotune train {args.stage}: {err}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        if args.stage == "flow":
+        if args.stage == "acestep":
+            from audiotune.stages.train_acestep import train_acestep
+
+            result = train_acestep(cfg, tokens=args.tokens, output=args.output, base_model=args.base_model)
+        elif args.stage == "flow":
             from audiotune.stages.train_flow import train_flow
 
             result = train_flow(cfg, tokens=args.tokens, output=args.output, base_flow=args.base_flow)
@@ -177,6 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=_cmd_tokenize)
 
+    p = sub.add_parser("encode", help="Encode a Dataset once with a model's own encoders (acestep: VAE latents and "
+                       "caption/lyric conditioning).")
+    encode_sub = p.add_subparsers(dest="family", required=True)
+    p = encode_sub.add_parser("acestep", help="Dataset (convert --format acestep) → ACE-Step Latents artifact.")
+    p.add_argument("--dataset", required=True, help="Dataset artifact URI (local or s3://).")
+    p.add_argument("--base-model", help="diffusers AceStepPipeline folder (default: acestep.base_model).")
+    _add_common(p)
+    p.set_defaults(func=_cmd_encode)
+
     p = sub.add_parser("train", help="Train a model: llm or flow (joint follows).")
     train_sub = p.add_subparsers(dest="stage", required=True)
     p = train_sub.add_parser("llm", help="Train the causal LM (LoRA, full or from scratch) on a Tokens artifact.")
@@ -189,6 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-flow", help="Starting Flow artifact, config.json + model.safetensors folder, or a "
                    "CosyVoice / Step-Audio-EditX release folder (yaml + flow.pt; see flow.arch) "
                    "(default: flow.base_flow; unset: random init of flow.preset).")
+    _add_common(p)
+    p.set_defaults(func=_cmd_train)
+    p = train_sub.add_parser("acestep", help="LoRA on ACE-Step 1.5's diffusion transformer (diffusers) from an "
+                             "ACE-Step Latents artifact (encode acestep).")
+    p.add_argument("--tokens", required=True, help="ACE-Step Latents artifact URI (local or s3://).")
+    p.add_argument("--base-model", help="diffusers AceStepPipeline folder (default: acestep.base_model, else the "
+                   "one the Latents were encoded with).")
     _add_common(p)
     p.set_defaults(func=_cmd_train)
     p = train_sub.add_parser("joint", help="Train an LLM and a flow artifact together (loss w_llm·L_llm + "

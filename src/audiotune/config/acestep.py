@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from audiotune.config.base import _Section
-from audiotune.config.training import TrainSettings
+from audiotune.config.training import DeepSpeedSettings, TrainSettings
 
 ACESTEP_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -64,6 +64,7 @@ class AceStepStageConfig(_Section):
     sample: AceStepSampleSettings = Field(default_factory=AceStepSampleSettings, description="Sampling settings.")
     train: TrainSettings = Field(
         default_factory=lambda: TrainSettings(lr=1e-4, max_steps=1000, max_batch_size=1, save_every=200,
-                                              weight_decay=0.01),
-        description="The training loop (max_batch_size: songs per batch; ACE-Step trains one song at a time).")
+                                              weight_decay=0.01, deepspeed=DeepSpeedSettings(zero_stage=0)),
+        description="The training loop (max_batch_size: songs per batch; ACE-Step trains one song at a time; "
+        "deepspeed.zero_stage is explicit here, 0 by default: a LoRA on a 2B transformer fits one GPU).")
     overwrite: bool = Field(False, description="Replace existing artifacts at the output URIs.")
