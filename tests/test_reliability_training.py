@@ -240,3 +240,62 @@ def test_s3_output_lease_is_a_conditional_put_and_a_dead_processes_lease_is_take
         {"stage": "llm", "host": "another-host", "pid": 1, "renewed": time.time()}).encode())
     with pytest.raises(output_lock.OutputInUse, match="another-host"):
         output_lock.acquire(_MainProcess(), [out], "llm")
+
+
+# ------------------------------------------------------------------------------ DeepSpeed resume unpickles
+def _planted_checkpoint(where: Path, marker: Path) -> Path:
+    """A complete-looking DeepSpeed checkpoint whose model states are a pickle that writes ``marker`` when
+    loaded."""
+    import pickle
+
+    class _Payload:
+        def __reduce__(self):
+            return (Path.write_text, (marker, "ran"))
+
+    ckpt = where / "checkpoint-4"
+    (ckpt / "deepspeed" / "state").mkdir(parents=True)
+    (ckpt / "deepspeed" / "state" / "mp_rank_00_model_states.pt").write_bytes(pickle.dumps(_Payload()))
+    (ckpt / "manifest.json").write_text(json.dumps({"kind": "audiotune.checkpoint", "schema_version": 1,
+                                                   "trainer_state": {"step": 4}}))
+    return ckpt
+
+
+@pytest.mark.parametrize("stage", ["llm", "flow", "joint"])
+def test_deepspeed_resume_from_elsewhere_is_refused_before_anything_is_read(tmp_path, stage):
+    from types import SimpleNamespace
+
+    from audiotune.config import TrainSettings
+    from audiotune.errors import EXIT_USAGE
+    from audiotune.train.checkpoints import UntrustedCheckpoint, checkpoints_uri
+    from audiotune.train.engine import Engine, EngineState
+
+    marker = tmp_path / "pwned"
+    planted = _planted_checkpoint(tmp_path / "shared-bucket", marker)
+    own = checkpoints_uri(str(tmp_path / "out" / stage))
+    engine = SimpleNamespace(  # the engine's own fields that maybe_resume reads; DeepSpeed on
+        acc=SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=object())), ckpt_root=own,
+        train=TrainSettings(resume=str(planted)), state=EngineState(identity={"config": {f"{stage}.mode": "full"}}))
+    with pytest.raises(UntrustedCheckpoint) as err:
+        Engine.maybe_resume(engine)
+    message = str(err.value)
+    assert "\n" not in message and err.value.exit_code == EXIT_USAGE
+    assert str(planted) in message and own in message and f"{stage}.train.trust_checkpoint=true" in message
+    assert not marker.exists()
+
+
+def test_deepspeed_resume_is_allowed_from_the_runs_own_checkpoints_or_with_trust(tmp_path):
+    from audiotune.train.checkpoints import UntrustedCheckpoint, require_trusted
+
+    own = str(tmp_path / "out" / "llm.checkpoints")
+    require_trusted(f"{own}/checkpoint-4", own, trust=False)
+    require_trusted(str(tmp_path / "elsewhere" / "checkpoint-4"), own, trust=True)
+    # a path that climbs out, or a link inside the own folder that points elsewhere, is elsewhere
+    (tmp_path / "elsewhere").mkdir()
+    Path(own).mkdir(parents=True)
+    (Path(own) / "checkpoint-9").symlink_to(tmp_path / "elsewhere")
+    for outside in (f"{own}/../../elsewhere/checkpoint-4", f"{own}/checkpoint-9", f"{own}-evil/checkpoint-4"):
+        with pytest.raises(UntrustedCheckpoint, match="trust_checkpoint"):
+            require_trusted(outside, own, trust=False, section="llm")
+    require_trusted("s3://b/runs/llm.checkpoints/checkpoint-4", "s3://b/runs/llm.checkpoints", trust=False)
+    with pytest.raises(UntrustedCheckpoint):
+        require_trusted("s3://b/runs/llm.checkpoints-x/checkpoint-4", "s3://b/runs/llm.checkpoints", trust=False)

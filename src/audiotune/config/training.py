@@ -87,6 +87,12 @@ class TrainSettings(_Section):
     keep_last: int = Field(2, ge=1, description="Checkpoints kept besides the best.")
     log_every: int = Field(10, ge=1, description="Metrics every N optimizer steps.")
     resume: str = Field("auto", description="auto: newest complete checkpoint if any; never; or a checkpoint path.")
+    trust_checkpoint: bool = Field(
+        False, description="Allow a DeepSpeed resume from a checkpoint outside this run's own <output>.checkpoints "
+        "(train.resume pointing elsewhere). DeepSpeed reads its checkpoint files with pickle "
+        "(torch.load(weights_only=False)), which runs any code a writer of that location put there; without "
+        "DeepSpeed checkpoints are read without unpickling code and this setting is not needed."
+    )
     nproc_per_node: int = Field(1, ge=1, description="Processes (GPUs) per node for torchrun.")
     deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings, description="DeepSpeed ZeRO.")
 

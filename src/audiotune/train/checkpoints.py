@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from audiotune import storage
-from audiotune.errors import TrainingError
+from audiotune.errors import EXIT_USAGE, TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,39 @@ def find_resume(root: str, resume: str) -> str | None:
         return resume
     complete = list_complete(root)
     return complete[-1][1] if complete else None
+
+
+class UntrustedCheckpoint(TrainingError):
+    """A DeepSpeed resume (which unpickles) from a location other than the run's own checkpoints (exit 2)."""
+
+    exit_code = EXIT_USAGE
+
+
+def _inside(uri: str, root: str) -> bool:
+    if storage.is_s3(uri) or storage.is_s3(root):
+        return storage.is_s3(uri) and storage.is_s3(root) and uri.rstrip("/").startswith(root.rstrip("/") + "/")
+    try:
+        Path(uri).resolve().relative_to(Path(root).resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def require_trusted(uri: str, root: str, trust: bool, section: str = "<stage>") -> None:
+    """Refuse a DeepSpeed resume from ``uri`` outside ``root`` (the run's own checkpoints) unless ``trust``.
+
+    DeepSpeed loads its checkpoint files with ``torch.load(weights_only=False)``: whoever can write where a
+    checkpoint comes from can run code in the training process.
+
+    Raises:
+        UntrustedCheckpoint: Naming the checkpoint, the run's own location and the setting that allows it.
+    """
+    if trust or _inside(uri, root):
+        return
+    raise UntrustedCheckpoint(
+        f"train.resume={uri}: a DeepSpeed checkpoint is read with pickle, which runs code from whoever wrote it, "
+        f"and this one is outside the run's own checkpoints {root}; resume only from a location you control, and "
+        f"set {section}.train.trust_checkpoint=true to allow it")
 
 
 def prune(root: str, keep_last: int, best_step: int | None) -> None:
@@ -145,7 +178,7 @@ class CheckpointMismatch(TrainingError, ValueError):
 RESUME_FREE = ("train.max_steps", "train.epochs", "train.resume", "train.save_every", "train.eval_every",
                "train.log_every", "train.keep_last", "train.nproc_per_node", "train.gradient_checkpointing",
                "train.deepspeed.offload_optimizer", "train.deepspeed.offload_params", "train.deepspeed.config_file",
-               "overwrite")
+               "train.trust_checkpoint", "overwrite")
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -208,7 +241,8 @@ def check_identity(uri: str, saved: dict[str, Any] | None, current: dict[str, An
 # never change, so a LoRA checkpoint stays small), the optimizer through torch.save / torch.load(weights_only=True),
 # the schedule and the GradScaler as JSON, every rank's RNG states as safetensors + JSON. Under DeepSpeed the
 # engine's own checkpoint holds weights and (partitioned) optimizer states; DeepSpeed reads its files with
-# torch.load(weights_only=False), so resume only from checkpoints this project wrote to a location you control.
+# torch.load(weights_only=False): a DeepSpeed resume from outside the run's own checkpoints is refused unless
+# <stage>.train.trust_checkpoint (require_trusted).
 TRAINABLE = "trainable.safetensors"
 OPTIMIZER = "optimizer.pt"
 SCHEDULER = "scheduler.json"

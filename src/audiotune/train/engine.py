@@ -1,8 +1,10 @@
 """The training engine shared by the llm, flow and joint stages.
 
 Built on accelerate (DDP or DeepSpeed ZeRO 0-3, mixed precision, gradient
-accumulation); checkpoints are written by :mod:`audiotune.train.checkpoints` without
-pickle (trainable weights only, so LoRA checkpoints stay small). A stage hands it one
+accumulation); checkpoints are written by :mod:`audiotune.train.checkpoints` and read
+without unpickling code (trainable weights only, so LoRA checkpoints stay small); under
+DeepSpeed its own format, which unpickles, is resumed only from the run's own checkpoints
+unless ``train.trust_checkpoint``. A stage hands it one
 module, parameter groups, a loss function and a batch source; the engine runs the
 loop, validates, logs to MLflow, checkpoints every N steps beside the output and
 resumes exactly: model, optimizer, scheduler, RNG states and the position in the data.
@@ -197,6 +199,9 @@ class Engine:
         uri = checkpoints.find_resume(self.ckpt_root, self.train.resume)
         if uri is None:
             return False
+        if self.acc.state.deepspeed_plugin is not None:  # DeepSpeed unpickles its files
+            section = next(iter(self.state.identity.get("config") or {}), "<stage>.").split(".")[0]
+            checkpoints.require_trusted(uri, self.ckpt_root, self.train.trust_checkpoint, section)
         saved = checkpoints.read_state(uri)
         checkpoints.check_identity(uri, saved.get("identity"), self.state.identity)
         checkpoints.load_checkpoint(self.acc, self.model, self.optimizer, self.scheduler, self.extra_state, uri,
