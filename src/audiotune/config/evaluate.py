@@ -38,6 +38,11 @@ class GateRule(_Section):
 class EvaluateConfig(_Section):
     """The evaluate stage: synthesize a fixed eval set with an Export and score it as TTS papers do."""
 
+    enabled: bool = Field(
+        True, description="Run the evaluate task after the export in the pipeline (then it, not the export, registers "
+        "the model, with the eval metrics). Exports that cannot speak from text (llm-only, flow-only) are not "
+        "evaluated and register at export as before.",
+    )
     eval_set: str | None = Field(
         None, description="Eval set: a Dataset artifact (its val rows) or a JSONL of {text, prompt_wav, "
         "prompt_text, reference_wav, speaker, id} (local or s3://); unset: the validation rows of the Dataset "

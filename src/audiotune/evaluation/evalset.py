@@ -78,7 +78,7 @@ def decode(blob: bytes, what: str) -> tuple[np.ndarray, int]:
 
 def dataset_of_export(export_manifest: dict[str, Any]) -> str | None:
     """The Dataset URI behind an export: export manifest → its Tokens → the Tokens' ``dataset``."""
-    tokens = export_manifest.get("tokens") or (export_manifest.get("data") or {}).get("tokens")
+    tokens = export_manifest.get("tokens")
     if not tokens:
         return None
     try:

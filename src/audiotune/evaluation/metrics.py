@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 EMPTY_S = 0.05  # shorter than this, or silent, is an empty output
 CHAR_S = 0.04   # without a reference: fewer seconds than this per character is a truncated output
+N_MELS = 80     # mel bands of the cepstra of MCD and of the DTW alignment
 
 
 @dataclass
@@ -154,7 +155,7 @@ class ErrorRate(Metric):
 def _cepstra(wav: np.ndarray, rate: int) -> np.ndarray:
     import librosa
 
-    mfcc = librosa.feature.mfcc(y=wav, sr=rate, n_mfcc=25, n_fft=1024, hop_length=256, n_mels=80)
+    mfcc = librosa.feature.mfcc(y=wav, sr=rate, n_mfcc=25, n_fft=1024, hop_length=256, n_mels=N_MELS)
     return mfcc[1:].T  # c0 (energy) left out, as MCD does: [frames, 24]
 
 
@@ -177,7 +178,9 @@ class CepstralDistortion(Metric):
         a, b = _cepstra(sample.audio(self.rate), self.rate), _cepstra(ref, self.rate)
         path = _align(a, b)
         diff = a[path[:, 0]] - b[path[:, 1]]
-        return {"mcd": float(np.mean(10 / np.log(10) * np.sqrt(2 * np.sum(diff ** 2, axis=1))))}
+        # librosa's cepstra: an orthonormal DCT of a dB mel spectrum (20·log10|X|). A true cepstrum c (natural log)
+        # is that / (20/ln 10 · sqrt(2·N_MELS)); MCD = 10/ln 10 · sqrt(2·Σ Δc²) then is 0.5 · sqrt(Σ Δ² / N_MELS)
+        return {"mcd": float(np.mean(0.5 * np.sqrt(np.sum(diff ** 2, axis=1) / N_MELS)))}
 
 
 class Pitch(Metric):

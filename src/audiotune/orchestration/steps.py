@@ -322,6 +322,8 @@ def export(config: str, pipeline_run_id: str, output: str, llm: str | None, flow
 
     cfg = load(config, "export_model config")
     target = durable_output(cfg, pipeline_run_id, "export") or output
+    if cfg.evaluate.enabled and llm and flow:  # the evaluate task registers it, with the eval metrics
+        cfg = cfg.model_copy(update={"export": cfg.export.model_copy(update={"registered_model_name": None})})
     result = run_export(cfg, target, llm=llm, flow=flow, tokens=tokens)
     version = result.registered_version
     runs.set_tags(cfg.tracking, cfg.tracking.parent_run_id, {
@@ -330,6 +332,34 @@ def export(config: str, pipeline_run_id: str, output: str, llm: str | None, flow
     })
     return Outcome(metrics=numeric(result.metrics or {}, tuple(result.metrics or {})),
                    metadata={"kind": "audiotune.export", "uri": target,
+                             "registered_version": str(version) if version else ""})
+
+
+# ---------------------------------------------------------------------------------------- evaluate
+
+
+def evaluate(config: str, pipeline_run_id: str, output: str, model: str, workspace: str = "") -> Outcome:
+    """Evaluate the export into ``output`` or the durable location, and register it with the eval metrics.
+
+    The parent MLflow run is tagged with the Eval and the registered version (what ``submit --promote`` reads).
+    An export that cannot speak from text (llm-only, flow-only) is not evaluated: it registered at export.
+    """
+    from audiotune.stages.evaluate import evaluate as run_evaluate
+
+    cfg = load(config, "evaluate_model config")
+    manifest = artifacts.read_manifest(model, artifacts.EXPORT, artifacts.EXPORT_VERSION)
+    if not cfg.evaluate.enabled or not (manifest.get("llm") and manifest.get("flow")):
+        log.info("evaluate: skipped (%s)", "evaluate.enabled is off" if not cfg.evaluate.enabled else
+                 "the export cannot synthesize from text: it has no LLM or no flow")
+        return Outcome(metadata={"kind": "audiotune.eval", "uri": "", "registered_version": ""})
+    target = durable_output(cfg, pipeline_run_id, "eval", workspace) or output
+    result = run_evaluate(cfg, model, target)
+    version = result.registered_version
+    runs.set_tags(cfg.tracking, cfg.tracking.parent_run_id, {
+        "audiotune.eval_uri": target, **({runs.VERSION_TAG: version} if version else {})})
+    return Outcome(metrics={k: float(v) for k, v in result.means().items()},
+                   metadata={"kind": "audiotune.eval", "uri": target,
+                             "eval_set_fingerprint": result.manifest["eval_set_fingerprint"],
                              "registered_version": str(version) if version else ""})
 
 
