@@ -6,6 +6,7 @@
                                                    └─ mode both: train_llm ∥ train_flow
                                                         ├─ joint epochs > 0: train_joint ─► export_model
                                                         └─ otherwise ────────────────────► export_model
+    mode acestep: convert_data ─► encode_acestep ─► train_acestep ─► export_acestep (no tokenize)
     finish_run: the exit handler (ends the MLflow parent run, success or failure)
 
 Every branch ends in the export, then evaluate_model (which registers the model with its eval metrics;
@@ -26,12 +27,15 @@ from audiotune.components import (
     apply_common_settings,
     apply_training_settings,
     convert_data,
+    encode_acestep,
     evaluate_model,
+    export_acestep,
     export_model,
     finish_run,
     link_runs,
     prepare_run,
     tokenize_data,
+    train_acestep,
     train_flow,
     train_joint,
     train_llm,
@@ -104,7 +108,8 @@ def build(cfg: Optional[AudiotuneConfig] = None) -> Any:
             source_format: Source layout (jsonl, acestep, kaldi, text); empty autodetects it.
             base_model_uri: Base causal LM (Hugging Face layout, local or s3://); its tokenizer is used. Empty: none.
             base_flow_uri: Base flow decoder to fine-tune (local or s3://). Empty: train from scratch.
-            mode: What to train: llm, flow or both (then the joint stage when joint_epochs > 0).
+            mode: What to train: llm, flow or both (then the joint stage when joint_epochs > 0), or acestep
+                (ACE-Step 1.5 LoRA: convert, encode, train, export; acestep.base_model in config).
             llm_epochs: Epochs of the llm stage.
             llm_lr: Peak learning rate of the llm stage.
             flow_epochs: Epochs of the flow stage.
@@ -143,44 +148,52 @@ def build(cfg: Optional[AudiotuneConfig] = None) -> Any:
                 source_uri=prep.outputs["source_uri"], source_format=prep.outputs["source_format"],
                 source_fingerprint=prep.outputs["source_fingerprint"], config=prep.outputs["convert_config"],
             ), cluster, "convert", cache=cache)
-            tok = _small(tokenize_data(
-                dataset=data.outputs["dataset"], base_model_uri=prep.outputs["base_model_uri"],
-                config=prep.outputs["tokenize_config"], **ws,
-            ), cluster, "tokenize", cache=cache, model_cache=True)
-            _small(link_runs(config=resolved, convert_run_id=data.outputs["Output"],
-                             tokenize_run_id=tok.outputs["Output"]), cluster, "link MLflow runs")
-            tokens = tok.outputs["tokens"]
+            with dsl.If(prep.outputs["mode"] == "acestep", name="mode-acestep"):
+                enc = encode_acestep(dataset=data.outputs["dataset"], config=resolved, **ws)
+                apply_training_settings(enc.set_display_name("encode acestep"), cluster, gpus, retries, backoff)
+                ace = train_acestep(latents=enc.outputs["latents"], config=resolved, pipeline_run_id=run_id, **ws)
+                apply_training_settings(ace.set_display_name("train acestep"), cluster, gpus, retries, backoff)
+                _small(export_acestep(model=ace.outputs["model"], config=resolved, pipeline_run_id=run_id, **ws),
+                       cluster, "export acestep", model_cache=True)
+            with dsl.Else(name="mode-tts"):
+                tok = _small(tokenize_data(
+                    dataset=data.outputs["dataset"], base_model_uri=prep.outputs["base_model_uri"],
+                    config=prep.outputs["tokenize_config"], **ws,
+                ), cluster, "tokenize", cache=cache, model_cache=True)
+                _small(link_runs(config=resolved, convert_run_id=data.outputs["Output"],
+                                 tokenize_run_id=tok.outputs["Output"]), cluster, "link MLflow runs")
+                tokens = tok.outputs["tokens"]
 
-            def llm_task() -> dsl.PipelineTask:
-                task = train_llm(tokens=tokens, base_model_uri=prep.outputs["llm_base_model_uri"], config=resolved,
-                                 pipeline_run_id=run_id, **ws)
-                return apply_training_settings(task.set_display_name("train llm"), cluster, gpus, retries, backoff)
+                def llm_task() -> dsl.PipelineTask:
+                    task = train_llm(tokens=tokens, base_model_uri=prep.outputs["llm_base_model_uri"], config=resolved,
+                                     pipeline_run_id=run_id, **ws)
+                    return apply_training_settings(task.set_display_name("train llm"), cluster, gpus, retries, backoff)
 
-            def flow_task() -> dsl.PipelineTask:
-                task = train_flow(tokens=tokens, base_flow_uri=prep.outputs["base_flow_uri"], config=resolved,
-                                  pipeline_run_id=run_id, **ws)
-                return apply_training_settings(task.set_display_name("train flow"), cluster, gpus, retries, backoff)
+                def flow_task() -> dsl.PipelineTask:
+                    task = train_flow(tokens=tokens, base_flow_uri=prep.outputs["base_flow_uri"], config=resolved,
+                                      pipeline_run_id=run_id, **ws)
+                    return apply_training_settings(task.set_display_name("train flow"), cluster, gpus, retries, backoff)
 
-            def export_task(**models: Any) -> dsl.PipelineTask:
-                task = export_model(tokens=tokens, config=resolved, pipeline_run_id=run_id, **ws, **models)
-                _small(task, cluster, "export", model_cache=True)
-                scored = evaluate_model(exported=task.outputs["exported"], config=resolved, pipeline_run_id=run_id,
-                                        **ws)
-                return _small(scored, cluster, "evaluate", model_cache=True)
+                def export_task(**models: Any) -> dsl.PipelineTask:
+                    task = export_model(tokens=tokens, config=resolved, pipeline_run_id=run_id, **ws, **models)
+                    _small(task, cluster, "export", model_cache=True)
+                    scored = evaluate_model(exported=task.outputs["exported"], config=resolved, pipeline_run_id=run_id,
+                                            **ws)
+                    return _small(scored, cluster, "evaluate", model_cache=True)
 
-            with dsl.If(prep.outputs["mode"] == "llm", name="mode-llm"):
-                export_task(llm=llm_task().outputs["model"])
-            with dsl.Elif(prep.outputs["mode"] == "flow", name="mode-flow"):
-                export_task(flow=flow_task().outputs["model"])
-            with dsl.Else(name="mode-both"):
-                llm, flow = llm_task(), flow_task()
-                with dsl.If(prep.outputs["run_joint"] == True, name="joint"):  # noqa: E712 - a DSL condition
-                    joint = train_joint(tokens=tokens, llm=llm.outputs["model"], flow=flow.outputs["model"],
-                                        config=resolved, pipeline_run_id=run_id, **ws)
-                    apply_training_settings(joint.set_display_name("train joint"), cluster, gpus, retries, backoff)
-                    export_task(llm=joint.outputs["llm_model"], flow=joint.outputs["flow_model"])
-                with dsl.Else(name="no-joint"):
-                    export_task(llm=llm.outputs["model"], flow=flow.outputs["model"])
+                with dsl.If(prep.outputs["mode"] == "llm", name="mode-llm"):
+                    export_task(llm=llm_task().outputs["model"])
+                with dsl.Elif(prep.outputs["mode"] == "flow", name="mode-flow"):
+                    export_task(flow=flow_task().outputs["model"])
+                with dsl.Else(name="mode-both"):
+                    llm, flow = llm_task(), flow_task()
+                    with dsl.If(prep.outputs["run_joint"] == True, name="joint"):  # noqa: E712 - a DSL condition
+                        joint = train_joint(tokens=tokens, llm=llm.outputs["model"], flow=flow.outputs["model"],
+                                            config=resolved, pipeline_run_id=run_id, **ws)
+                        apply_training_settings(joint.set_display_name("train joint"), cluster, gpus, retries, backoff)
+                        export_task(llm=joint.outputs["llm_model"], flow=joint.outputs["flow_model"])
+                    with dsl.Else(name="no-joint"):
+                        export_task(llm=llm.outputs["model"], flow=flow.outputs["model"])
 
     return finetune
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.acestep_tiny import LATENT_DIM, music_folder, save_pipeline
 from audiotune.config import load_config
+from tests.acestep_tiny import LATENT_DIM, music_folder, save_pipeline
 
 pytest.importorskip("diffusers")
 pytestmark = pytest.mark.usefixtures("one_thread")

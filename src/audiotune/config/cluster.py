@@ -136,9 +136,10 @@ class ClusterSettings(_Section):
 class PipelineConfig(_Section):
     """The Kubeflow pipeline around the stages (``audiotune run --local``, ``compile``, ``submit``)."""
 
-    mode: Literal["llm", "flow", "both"] = Field(
+    mode: Literal["llm", "flow", "both", "acestep"] = Field(
         "llm", description="What to train: the LLM, the flow decoder, or both (then the joint stage when "
-        "joint.train.epochs > 0)."
+        "joint.train.epochs > 0); acestep: a LoRA on ACE-Step 1.5 (convert → encode → train → export, "
+        "acestep.base_model)."
     )
     output_uri: str | None = Field(
         None, description="Durable location (s3:// or a shared path) of training outputs, their checkpoints and the "

@@ -85,7 +85,7 @@ PARAMS: tuple[PipelineParam, ...] = (
     PipelineParam("base_flow_uri", str, ("flow.base_flow",),
                   "Base flow decoder to fine-tune (local or s3://). Empty: train from scratch.",
                   _empty_to_none, _none_to_empty),
-    PipelineParam("mode", str, ("pipeline.mode",), "What to train: llm, flow or both."),
+    PipelineParam("mode", str, ("pipeline.mode",), "What to train: llm, flow, both or acestep."),
     PipelineParam("llm_epochs", float, ("llm.train.epochs",), "Epochs of the llm stage."),
     PipelineParam("llm_lr", float, ("llm.train.lr",), "Peak learning rate of the llm stage."),
     PipelineParam("flow_epochs", float, ("flow.train.epochs",), "Epochs of the flow stage."),
