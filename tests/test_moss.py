@@ -201,16 +201,19 @@ def moss_tokens(llm_tokens, tmp_path_factory) -> Path:
     return out
 
 
-def moss_base_for(tokens: Path, path: Path, channels: int = 3) -> Path:
+def moss_base_for(tokens: Path, path: Path, channels: int = 3, markers_fit: bool = True) -> Path:
     """A tiny AsteroidTTS checkpoint whose text ids are the Tokens' tokenizer (markers included) and whose
-    speech ids follow them, with the tokenizer beside it (as a release ships it)."""
+    speech ids follow them, with the tokenizer beside it (as a release ships it). ``markers_fit=False``: the
+    speech ids are the tokenizer's last ids and the checkpoint has no rows for audiotune's segment markers (as
+    the release, whose tokenizer holds its speech tokens): training grows channel 0."""
     from transformers import AutoTokenizer
 
     from audiotune.artifacts import TOKENS, TOKENS_VERSION, read_manifest
 
     tok = AutoTokenizer.from_pretrained(str(tokens / "tokenizer"))
     codes = int(read_manifest(str(tokens), TOKENS, TOKENS_VERSION)["audio_tokenizer"]["codebook_size"])
-    write_asteroid(path, channels=channels, text_rows=len(tok) + 10, codes=codes, pad_token_id=tok.pad_token_id)
+    text_rows = len(tok) + 10 if markers_fit else len(tok) - codes
+    write_asteroid(path, channels=channels, text_rows=text_rows, codes=codes, pad_token_id=tok.pad_token_id)
     tok.save_pretrained(str(path))
     return path
 
@@ -261,6 +264,30 @@ def test_seed_recipe_trains_and_exports_in_the_asteroid_layout(moss_tokens, tmp_
     assert torch.equal(after["model.language_model.embed_tokens.weight"],
                        before["model.language_model.embed_tokens.weight"])
     load_model(out, None, torch.float32, "eager")  # loads strictly as an AsteroidTTS checkpoint
+
+
+def test_lora_with_new_marker_rows_grows_channel0_and_exports_the_grown_layout(moss_tokens, tmp_path):
+    from transformers import AutoTokenizer
+
+    from audiotune.config import load_config
+    from audiotune.stages.export import export
+    from audiotune.stages.train_llm import train_llm
+
+    base = moss_base_for(moss_tokens, tmp_path / "moss", markers_fit=False)
+    rows = len(AutoTokenizer.from_pretrained(str(base)))
+    train_llm(load_config(None, [*FAST, *SEED_LORA, "llm.train.max_steps=3"]), tokens=str(moss_tokens),
+              output=str(tmp_path / "llm"), base_model=str(base))
+    export(load_config(None, ["tracking.enabled=false", "export.num_samples=0"]), str(tmp_path / "out"),
+           llm=str(tmp_path / "llm"))
+    config = json.loads((tmp_path / "out" / "llm" / "config.json").read_text())
+    grown = config["vocab_size"]
+    assert grown >= rows + 10 and grown % 64 == 0
+    assert config == {**json.loads((base / "config.json").read_text()), "vocab_size": grown}
+    before, after = _native(base), _native(tmp_path / "out" / "llm")
+    for key in ("model.embedding_list.0.weight", "lm_heads.0.weight", "model.language_model.embed_tokens.weight"):
+        assert after[key].shape[0] == grown and torch.equal(after[key][:rows], before[key]), key
+    assert all(after[k].shape == before[k].shape for k in before if "embedding_list.0" not in k
+               and "lm_heads.0" not in k and "embed_tokens" not in k)
 
 
 def test_a_checkpoint_with_another_channel_count_is_refused_naming_both(moss_tokens, tmp_path):
