@@ -2,17 +2,29 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup test demo lint bench clean
+.PHONY: setup test demo lint bench clean espeak-ng
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: setup.cfg constraints.txt
+	@$(MAKE) --no-print-directory espeak-ng
 	python3 -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	# torch first: 2.13.0 is the CPU wheel on these machines; anything else pulls CUDA
 	$(PIP) install torch==2.13.0
 	$(PIP) install -c constraints.txt -e '.[dev]'
 	touch $@
+
+# espeak-ng (a Debian package) speaks the evaluation tests' sentences and the demo corpus: installed where the
+# system package manager allows; otherwise those tests fail saying it is missing (they are never skipped)
+espeak-ng:
+	@if command -v espeak-ng >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		{ apt-get update -qq && apt-get install -y -qq espeak-ng; } || echo "espeak-ng: apt-get failed" >&2; \
+	elif command -v apt-get >/dev/null 2>&1 && sudo -n true 2>/dev/null; then \
+		{ sudo apt-get update -qq && sudo apt-get install -y -qq espeak-ng; } || echo "espeak-ng: apt-get failed" >&2; \
+	elif command -v brew >/dev/null 2>&1; then brew install espeak-ng; \
+	else echo "espeak-ng: not installed (no usable apt-get or brew); install it, or tests/test_evaluate_metrics.py fails" >&2; fi
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -149,4 +149,5 @@ def test_demo_both_with_joint(corpus, workdir, capsys):
     """``make demo``'s pipeline through the CLI: mode both with a short joint stage."""
     overrides = _overrides(corpus, "both")
     cfg = load_config(EXAMPLES / "demo.yaml", overrides)
-    _run_and_check(cfg, ("convert", "tokenize", "llm", "flow", "joint", "export"), by_cli=_ByCli(overrides, capsys))
+    _run_and_check(cfg, ("convert", "tokenize", "llm", "flow", "joint", "export", "evaluate"),
+                   by_cli=_ByCli(overrides, capsys))

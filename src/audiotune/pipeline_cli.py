@@ -93,6 +93,19 @@ def _err(command: str, message: str) -> None:
     print(f"audiotune {command}: {message}", file=sys.stderr)
 
 
+def _eval_card(outputs: dict) -> str | None:
+    """The Eval summary table of a local run's evaluate task, if it evaluated the export."""
+    from audiotune import artifacts
+
+    for name, out in sorted(outputs.items()):
+        for item in out.get("artifacts", {}).get("evaluation", {}).get("artifacts", []) \
+                if name.startswith("evaluate-model") else []:
+            uri = item.get("metadata", {}).get("uri")
+            if uri:
+                return artifacts.read_manifest(uri, artifacts.EVAL, artifacts.EVAL_VERSION).get("card")
+    return None
+
+
 def cmd_run(args: argparse.Namespace, cfg: AudiotuneConfig) -> int:
     """``audiotune run --local CONFIG``."""
     from audiotune import sdk
@@ -102,6 +115,9 @@ def cmd_run(args: argparse.Namespace, cfg: AudiotuneConfig) -> int:
     except sdk.PipelineFailed as err:
         _err("run", f"the pipeline failed: {err}")
         return EXIT_FAILED
+    card = _eval_card(result.outputs)
+    if card:  # the evaluate task's summary table (before the lines below, which stay the last ones)
+        print("\n" + card)
     lines = [
         "",
         "audiotune run: the pipeline finished",
