@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -299,3 +300,53 @@ def test_deepspeed_resume_is_allowed_from_the_runs_own_checkpoints_or_with_trust
     require_trusted("s3://b/runs/llm.checkpoints/checkpoint-4", "s3://b/runs/llm.checkpoints", trust=False)
     with pytest.raises(UntrustedCheckpoint):
         require_trusted("s3://b/runs/llm.checkpoints-x/checkpoint-4", "s3://b/runs/llm.checkpoints", trust=False)
+
+
+# ------------------------------------------------------------------------------ rows dropped by a training stage
+def test_llm_dropping_more_than_max_drop_fraction_fails_with_one_line(llm_tokens, tmp_path):
+    out = tmp_path / "llm"
+    proc = subprocess.run(_train_llm_cli(llm_tokens, out, "tracking.enabled=false", "llm.max_seq_len=80",
+                                         "llm.train.max_steps=2"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    line = _one_line_error(proc.stderr)
+    found = re.search(r"(\d+) of (\d+) rows dropped \(longer than llm\.max_seq_len=80\), [\d.]+% > "
+                      r"llm\.train\.max_drop_fraction=0\.01", line)
+    assert found and 0 < int(found.group(1)) <= int(found.group(2)), line
+    assert f"{llm_tokens} train" in line
+    assert not out.exists() and not Path(f"{out}.checkpoints").exists()  # nothing trained, nothing published
+
+
+def test_flow_dropping_more_than_max_drop_fraction_fails_and_names_the_setting(llm_tokens, tmp_path):
+    from audiotune.config import load_config
+    from audiotune.stages.train_flow import train_flow
+    from audiotune.train.engine import TooManyDropped
+
+    cfg = load_config(None, ["tracking.enabled=false", "run.num_workers=1", "flow.preset=tiny", "flow.num_samples=0",
+                             "flow.max_frames_in_batch=16", "flow.train.max_steps=1"])
+    with pytest.raises(TooManyDropped, match=r"rows dropped \(longer than flow\.max_frames_in_batch=16 mel frames\)"
+                                             r".*flow\.train\.max_drop_fraction=0\.01"):
+        train_flow(cfg, tokens=str(llm_tokens), output=str(tmp_path / "flow"))
+    assert not (tmp_path / "flow").exists()
+
+
+def test_text_windows_fit_the_text_layout_at_max_seq_len_equal_to_context_length(tmp_path):
+    import gzip
+
+    from audiotune.config import load_config
+    from audiotune.stages.convert import convert
+    from audiotune.stages.tokenize import tokenize
+    from audiotune.stages.train_llm import train_llm
+
+    src = tmp_path / "docs.jsonl.gz"
+    with gzip.open(src, "wt", encoding="utf-8") as f:
+        for k in range(6):
+            f.write(json.dumps({"text": f"document {k} says " + "lorem ipsum dolor sit amet " * (3 + 4 * k)}) + "\n")
+    cfg = load_config(None, ["tracking.enabled=false", "run.num_workers=1", "convert.val_fraction=0",
+                             "tokenize.text_tokenizer=char", "tokenize.context_length=32", "tokenize.stride=8",
+                             "llm.init=scratch", "llm.preset=tiny-llama", "llm.mode=full", "llm.layout=text",
+                             "llm.max_seq_len=32", "llm.train.max_steps=1", "llm.train.batch_tokens=2048"])
+    convert(cfg, source=str(src), output=str(tmp_path / "ds"))
+    tokenize(cfg, dataset=str(tmp_path / "ds"), output=str(tmp_path / "tok"))
+    metrics = train_llm(cfg, tokens=str(tmp_path / "tok"), output=str(tmp_path / "llm")).metrics
+    assert metrics["train_sequences"] > 6  # long documents were cut into several windows
+    assert metrics["dropped_overlong"] == 0 and metrics["truncated"] == 0, metrics

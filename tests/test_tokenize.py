@@ -112,9 +112,9 @@ def test_text_only_windows_with_char_tokenizer(tmp_path):
              dataset=str(tmp_path / "ds"), output=str(tmp_path / "tok"))
     rows = _rows(tmp_path / "tok", "train")
     long_doc = [r for r in rows if r["source_id"].endswith("-1")]
-    assert len(long_doc) == 4  # 101 tokens with eos, windows of 32 advancing by 24
-    assert all(r["num_text_tokens"] == 32 for r in long_doc)
-    assert long_doc[0]["text_ids"][24:] == long_doc[1]["text_ids"][:8]
+    assert len(long_doc) == 5  # 101 tokens with eos, windows of 31 (room for the text layout's eos) advancing by 23
+    assert all(r["num_text_tokens"] == 31 for r in long_doc)
+    assert long_doc[0]["text_ids"][23:] == long_doc[1]["text_ids"][:8]
     assert all(r["audio_codes"] is None and r["mel"] is None for r in rows)
 
 

@@ -288,7 +288,7 @@ def test_overlong_sequences_are_dropped_or_truncated_and_counted(tokens, tmp_pat
     base = ["llm.init=scratch", "llm.preset=tiny-qwen2", "llm.mode=full", "llm.layout=tts", "llm.train.max_steps=1"]
     full = train_llm(_cfg(*base), tokens=str(tokens), output=str(tmp_path / "all")).metrics
     assert full["dropped_overlong"] == full["truncated"] == full["val_dropped_overlong"] == 0
-    short = ["llm.max_seq_len=80"]  # shorter than most tts sequences of the corpus
+    short = ["llm.max_seq_len=80", "llm.train.max_drop_fraction=1"]  # shorter than most tts sequences of the corpus
     dropped = train_llm(_cfg(*base, *short, "llm.overlong=drop"), tokens=str(tokens),
                         output=str(tmp_path / "drop")).metrics
     assert 0 < dropped["dropped_overlong"] < dropped["train_sequences"] and dropped["truncated"] == 0

@@ -87,6 +87,11 @@ class TrainSettings(_Section):
     keep_last: int = Field(2, ge=1, description="Checkpoints kept besides the best.")
     log_every: int = Field(10, ge=1, description="Metrics every N optimizer steps.")
     resume: str = Field("auto", description="auto: newest complete checkpoint if any; never; or a checkpoint path.")
+    max_drop_fraction: float = Field(
+        0.01, ge=0, le=1, description="Most of a split's rows the stage may drop (llm: longer than max_seq_len with "
+        "overlong=drop; flow: longer than max_frames_in_batch) before it fails instead of training on the rest. "
+        "Distinct from convert/tokenize's max_bad_fraction, which counts quarantined rows."
+    )
     trust_checkpoint: bool = Field(
         False, description="Allow a DeepSpeed resume from a checkpoint outside this run's own <output>.checkpoints "
         "(train.resume pointing elsewhere). DeepSpeed reads its checkpoint files with pickle "

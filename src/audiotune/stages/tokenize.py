@@ -136,7 +136,10 @@ def _text_rows(row: dict[str, Any], tok, t: TokenizeConfig) -> list[dict[str, An
     if row["task"] != "text":
         return [{**base, "id": row["id"], "text_ids": text_ids, "num_text_tokens": len(text_ids)}]
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    pieces = list(windows(text_ids + eos, t.context_length, t.stride))
+    # the llm stage's text layout ends a window that does not end with eos with one: each window keeps room for
+    # it, so that windows of tokenize.context_length fit llm.max_seq_len=context_length
+    length = t.context_length - 1
+    pieces = list(windows(text_ids + eos, length, min(t.stride, length - 1)))
     return [{**base, "id": row["id"] if len(pieces) == 1 else f"{row['id']}#{k}", "text_ids": w,
              "num_text_tokens": len(w)} for k, w in enumerate(pieces)]
 

@@ -31,7 +31,7 @@ from audiotune import artifacts, publish, storage, tracking
 from audiotune.config import AudiotuneConfig, FlowStageConfig, dump_config
 from audiotune.errors import TrainingError
 from audiotune.train import checkpoints, output_lock
-from audiotune.train.engine import Engine, decay_groups, make_accelerator, resolve_dtype, seed_everything
+from audiotune.train.engine import Engine, check_dropped, decay_groups, make_accelerator, resolve_dtype, seed_everything
 from audiotune.train.flow_batches import FlowBatches, FlowExamples, flow_loss, load_flow_examples
 from audiotune.train.flow_export import export_flow_model, lora_targets, release_summary
 from audiotune.train.plots import loss_curve
@@ -288,6 +288,9 @@ def train_flow(cfg: AudiotuneConfig, tokens: str, output: str, base_flow: str | 
     val_ex, val_stats = load_flow_examples(tokens_dir / "val", n_mels, codebooks, info.num_codebooks)
     train_ex, dropped = _drop_overlong(train_ex, F.max_frames_in_batch, "train")
     val_ex, _ = _drop_overlong(val_ex, F.max_frames_in_batch, "val")
+    check_dropped(f"{tokens} train", len(train_ex) + dropped, dropped,
+                  f"longer than flow.max_frames_in_batch={F.max_frames_in_batch} mel frames",
+                  "flow.train.max_drop_fraction", T.max_drop_fraction, "raise flow.max_frames_in_batch")
     if not len(train_ex):
         raise TrainFlowError(f"{tokens}: no training utterance with a mel and codes within the frame budget "
                              f"({train_stats['rows']} rows; skipped {train_stats['skipped']}; {dropped} too long)")

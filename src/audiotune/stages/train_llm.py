@@ -25,7 +25,7 @@ from audiotune.config import AudiotuneConfig, dump_config
 from audiotune.errors import TrainingError
 from audiotune.models.vocab import AudioVocab, audio_token_settings, vocab_for_tokens
 from audiotune.train import checkpoints, output_lock
-from audiotune.train.engine import Engine, decay_groups, make_accelerator, resolve_dtype, seed_everything
+from audiotune.train.engine import Engine, check_dropped, decay_groups, make_accelerator, resolve_dtype, seed_everything
 from audiotune.train.llm_batches import ExampleBatches, llm_loss
 from audiotune.train.plots import loss_curve
 
@@ -136,6 +136,10 @@ def train_llm(cfg: AudiotuneConfig, tokens: str, output: str, base_model: str | 
     packing = resolve_packing(T.packing, info["attn_implementation"])
     train_ex, train_stats = load_examples(tokens_dir / "train", vocab, L.layout, L.max_seq_len, L.overlong)
     val_ex, val_stats = load_examples(tokens_dir / "val", vocab, L.layout, L.max_seq_len, L.overlong, repeat=False)
+    for split, stats in (("train", train_stats), ("val", val_stats)):
+        check_dropped(f"{tokens} {split}", stats["rows"], stats["dropped_overlong"],
+                      f"longer than llm.max_seq_len={L.max_seq_len}", "llm.train.max_drop_fraction",
+                      T.max_drop_fraction, "raise llm.max_seq_len, set llm.overlong=truncate")
     if not train_ex:
         raise TrainLLMError(f"{tokens}: no training sequences for layout {L.layout!r} ({train_stats})")
     train_data = ExampleBatches(train_ex, vocab, T, cfg.run.seed, acc.process_index, acc.num_processes, packing)

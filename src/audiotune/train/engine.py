@@ -30,7 +30,7 @@ from accelerate.utils import InitProcessGroupKwargs, set_seed
 from transformers import get_scheduler
 
 from audiotune.config import TrainSettings
-from audiotune.errors import AudiotuneError
+from audiotune.errors import AudiotuneError, TrainingError
 from audiotune.train import checkpoints
 from audiotune.train.deepspeed import deepspeed_plugin
 
@@ -39,6 +39,31 @@ log = logging.getLogger(__name__)
 
 class TrainingInterrupted(AudiotuneError):
     """SIGTERM arrived; a checkpoint was written and the run can resume."""
+
+
+class TooManyDropped(TrainingError):
+    """A training stage would drop more of its rows than ``<stage>.train.max_drop_fraction`` allows."""
+
+
+def check_dropped(source: str, rows: int, dropped: int, why: str, setting: str, fraction: float,
+                  advice: str) -> None:
+    """Refuse to train on what is left when more than ``fraction`` of ``rows`` were dropped.
+
+    Args:
+        source: The split read (named in the message).
+        rows: Rows of the split.
+        dropped: Rows the stage dropped.
+        why: Why they were dropped, e.g. ``longer than llm.max_seq_len=256``.
+        setting: The setting's path, e.g. ``llm.train.max_drop_fraction``.
+        fraction: Its value.
+        advice: What to change instead.
+
+    Raises:
+        TooManyDropped: Naming the count, the reason and the setting.
+    """
+    if rows and dropped / rows > fraction:
+        raise TooManyDropped(f"{source}: {dropped} of {rows} rows dropped ({why}), {dropped / rows:.1%} > "
+                             f"{setting}={fraction:g}; {advice}, or raise {setting} to train on the rest")
 
 
 class BatchSource(Protocol):
