@@ -27,6 +27,13 @@ class AudioError(DataError):
         self.detail = detail
 
 
+class UndecodableAudio(AudioError, RuntimeError):
+    """Stored audio bytes (a Dataset row's FLAC) that libsndfile cannot decode, or that hold no samples.
+
+    Also a RuntimeError, as the ``soundfile`` error it replaces, so callers that caught that still do.
+    """
+
+
 def _wav_shortfall(path: str) -> int:
     """Bytes missing from a RIFF/WAVE file's ``data`` chunk (libsndfile silently reads what is there)."""
     size = os.path.getsize(path)
@@ -161,7 +168,17 @@ def decode_flac(data: bytes) -> tuple[np.ndarray, int]:
     """Decode FLAC (or any soundfile format) bytes to float32 mono and its sample rate.
 
     Raises:
-        soundfile.LibsndfileError: the bytes are not audio (a RuntimeError; callers catch that).
+        UndecodableAudio: the bytes are not audio, are cut short or corrupt, or hold no samples (one line,
+            with libsndfile's reason; also a RuntimeError).
     """
-    wav, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise UndecodableAudio(reasons.UNDECODABLE_AUDIO, f"stored audio is a {type(data).__name__}, not bytes")
+    try:
+        wav, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as err:
+        why = getattr(err, "error_string", None) or str(err)  # without libsndfile's "Error opening <BytesIO at 0x..>"
+        raise UndecodableAudio(reasons.UNDECODABLE_AUDIO,
+                               f"stored audio ({len(data)} bytes) cannot be decoded: {why.strip()}") from err
+    if wav.shape[0] == 0:
+        raise UndecodableAudio(reasons.EMPTY_AUDIO, f"stored audio ({len(data)} bytes) holds no samples")
     return _downmix(wav), sr

@@ -105,11 +105,19 @@ class ShardWriter:
         self._bytes = 0
 
 
+def read_shard(path: str | Path, columns: list[str] | None = None) -> list[dict[str, Any]]:
+    """The rows of one local Parquet shard.
+
+    Raises:
+        DataError: The shard cannot be read (not Parquet, cut short, a column missing), naming it.
+    """
+    try:
+        return pq.read_table(path, columns=columns).to_pylist()
+    except (pa.ArrowInvalid, OSError, KeyError) as err:
+        raise DataError(f"{path}: not a readable Parquet shard ({err})") from err
+
+
 def read_rows(directory: str | Path, columns: list[str] | None = None) -> Iterator[dict[str, Any]]:
     """Iterate the rows of every shard of a local split directory, in shard order."""
     for path in sorted(Path(directory).glob("part-*.parquet")):
-        try:
-            table = pq.read_table(path, columns=columns)
-        except (pa.ArrowInvalid, OSError) as err:
-            raise DataError(f"{path}: not a readable Parquet shard ({err})") from err
-        yield from table.to_pylist()
+        yield from read_shard(path, columns)

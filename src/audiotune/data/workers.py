@@ -14,7 +14,7 @@ import multiprocessing
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from multiprocessing.pool import Pool
 
@@ -37,20 +37,28 @@ def _die_with_parent() -> None:
         log.debug("prctl(PR_SET_PDEATHSIG) is not available")
 
 
-def _init_worker() -> None:
+def _init_worker(initializer: Callable[..., None] | None = None, initargs: tuple = ()) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops the pool
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler, inherited through fork
     _die_with_parent()
+    if initializer is not None:
+        initializer(*initargs)
 
 
 @contextmanager
-def worker_pool(processes: int) -> Iterator[Pool]:
+def worker_pool(processes: int, initializer: Callable[..., None] | None = None,
+                initargs: tuple = ()) -> Iterator[Pool]:
     """A process pool that is closed and joined on success, and terminated on any exception or interrupt.
+
+    The one pool of the data stages (convert, tokenize): use it inside :func:`stop_on_signals`.
 
     Args:
         processes: Number of worker processes.
+        initializer: Called in each worker with ``initargs`` once its signals are set (a module-level
+            function: it is pickled by reference).
+        initargs: Arguments of ``initializer``.
     """
-    pool = multiprocessing.get_context().Pool(processes, initializer=_init_worker)
+    pool = multiprocessing.get_context().Pool(processes, initializer=_init_worker, initargs=(initializer, initargs))
     try:
         yield pool
         pool.close()

@@ -14,20 +14,21 @@ import logging
 import random
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
+from multiprocessing.pool import Pool
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from audiotune import artifacts, publish, storage, tracking
 from audiotune.config import AudiotuneConfig, TokenizeConfig, dump_config
-from audiotune.data.audio import decode_flac
-from audiotune.data.schema import ShardWriter, split_of
+from audiotune.data.audio import UndecodableAudio, decode_flac
+from audiotune.data.schema import ShardWriter, read_shard, split_of
 from audiotune.data.sources.base import BadRecord
+from audiotune.data.workers import stop_on_signals, worker_pool
 from audiotune.errors import DataError
 from audiotune.stages.convert import num_workers
 from audiotune.tokenization import features
@@ -60,7 +61,7 @@ def _shards(ds_dir: Path, split: str) -> list[Path]:
 
 def _iter_column_rows(ds_dir: Path, split: str, columns: list[str]) -> Iterator[dict[str, Any]]:
     for shard in _shards(ds_dir, split):
-        yield from pq.read_table(shard, columns=columns).to_pylist()
+        yield from read_shard(shard, columns)
 
 
 def _texts(ds_dir: Path) -> Iterator[str]:
@@ -89,7 +90,13 @@ def _fit_sample(ds_dir: Path, max_seconds: float, seed: int) -> list[tuple[np.nd
         total += row["duration_s"]
     picked = [r for r in _iter_column_rows(ds_dir, "train", ["id", "audio"]) if r["id"] in chosen]
     picked.sort(key=lambda r: chosen[r["id"]])
-    return [decode_flac(r["audio"]) for r in picked]
+    sample = []
+    for r in picked:
+        try:
+            sample.append(decode_flac(r["audio"]))
+        except UndecodableAudio as err:  # the row pass quarantines it, naming shard and row
+            log.warning("row %s left out of the codebook fit: %s", r["id"], err)
+    return sample
 
 
 def _build_audio_tokenizer(t: TokenizeConfig, ds_dir: Path, has_audio: bool, seed: int, tok_dir: Path):
@@ -144,13 +151,20 @@ def _text_rows(row: dict[str, Any], tok, t: TokenizeConfig) -> list[dict[str, An
              "num_text_tokens": len(w)} for k, w in enumerate(pieces)]
 
 
-def _map_audio(rows: list[dict], workers: int, settings: features.FeatureSettings) -> Iterator[Any]:
-    if workers <= 1 or len(rows) < 4:
-        features.init_worker(settings)
+def _audio_pool(stack: ExitStack, workers: int, rows: int, settings: features.FeatureSettings) -> Pool | None:
+    """The stage's worker pool (stopped with the stage, see :mod:`audiotune.data.workers`), or None to work here."""
+    if workers > 1 and rows >= 4:
+        return stack.enter_context(worker_pool(workers, features.init_worker, (settings,)))
+    features.init_worker(settings)
+    return None
+
+
+def _map_audio(rows: list[dict], pool: Pool | None, workers: int) -> Iterator[Any]:
+    """Each row's audio features (or BadRecord), in row order, computed on ``pool`` (None: in this process)."""
+    if pool is None:
         yield from (features.audio_features(r) for r in rows)
         return
-    with ProcessPoolExecutor(workers, initializer=features.init_worker, initargs=(settings,)) as pool:
-        yield from pool.map(features.audio_features, rows, chunksize=max(1, min(8, len(rows) // (workers * 4))))
+    yield from pool.imap(features.audio_features, rows, chunksize=max(1, min(8, len(rows) // (workers * 4))))
 
 
 def tokenize(cfg: AudiotuneConfig, dataset: str | None, output: str, base_model: str | None = None) -> TokenizeResult:
@@ -174,10 +188,11 @@ def tokenize(cfg: AudiotuneConfig, dataset: str | None, output: str, base_model:
     publish.require_missing_or_overwrite(output, t.overwrite, artifacts.TOKENS, [dataset, base_model])
     ds_manifest = artifacts.read_manifest(dataset, artifacts.DATASET, artifacts.DATASET_VERSION) if dataset else None
     workers = num_workers(cfg.run.num_workers)
-    with tempfile.TemporaryDirectory(prefix="audiotune-tokenize-"), \
+    # on SIGTERM / SIGINT every block below unwinds: the pool stops first, then the staging folder goes
+    with stop_on_signals("tokenize"), tempfile.TemporaryDirectory(prefix="audiotune-tokenize-"), \
             tracking.stage_run(cfg.tracking, "tokenize") as tracker, \
             publish.publish_dir(output, overwrite=t.overwrite, kind=artifacts.TOKENS,
-                                inputs=[dataset, base_model]) as staging:
+                                inputs=[dataset, base_model]) as staging, ExitStack() as stack:
         start = time.perf_counter()
         tracker.log_params({"tokenize": t.model_dump(mode="json"), "run": cfg.run.model_dump(mode="json")})
         ds_dir = storage.local_copy(dataset) if dataset else None
@@ -186,7 +201,8 @@ def tokenize(cfg: AudiotuneConfig, dataset: str | None, output: str, base_model:
 
         texts = _texts(ds_dir) if ds_dir else iter(())
         text_tok, text_kind = build_text_tokenizer("base" if moss else t.text_tokenizer, base_model, texts,
-                                                   t.vocab_size, cfg.llm.trust_remote_code)
+                                                   t.vocab_size, cfg.llm.trust_remote_code,
+                                                   (t.max_base_tokenizer_mb, t.max_base_vocab))
         text_tok.save_pretrained(str(tok_dir))
         has_audio = ds_manifest is not None and ds_manifest.get("format") != "text"
         audio_tok = _build_audio_tokenizer(t, ds_dir, has_audio or moss, cfg.run.seed, tok_dir)
@@ -216,16 +232,18 @@ def tokenize(cfg: AudiotuneConfig, dataset: str | None, output: str, base_model:
         total = sum(ds_manifest["splits"][s]["rows"] for s in ("train", "val")) if ds_manifest else 0
         setup_s = time.perf_counter() - start  # tokenizers built and fitted
         log.info("tokenizers ready in %.1f s", setup_s)
+        pool = _audio_pool(stack, workers, total, settings) if ds_dir else None
         with open(staging / "quarantine.jsonl", "w", encoding="utf-8") as quarantine, \
                 tqdm(total=total, desc="tokenize", unit="row", mininterval=2.0) as bar:
             for split in ("train", "val") if ds_dir else ():
                 for shard in _shards(ds_dir, split):
-                    rows = pq.read_table(shard).to_pylist()
-                    for row, feats in zip(rows, _map_audio(rows, workers, settings), strict=True):
+                    rows = read_shard(shard)
+                    for row, feats in zip(rows, _map_audio(rows, pool, workers), strict=True):
                         bar.update(1)
                         texts = _text_rows(row, text_tok, t)
                         bad = feats if isinstance(feats, BadRecord) else texts if isinstance(texts, BadRecord) else None
                         if bad is not None:
+                            bad = dataclasses.replace(bad, detail=f"{split}/{shard.name}: {bad.detail}")
                             report.reasons[bad.reason] += 1
                             quarantine.write(json.dumps(dataclasses.asdict(bad), ensure_ascii=False) + "\n")
                             continue

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import soxr
 
-from audiotune.data.audio import decode_flac
+from audiotune.data.audio import UndecodableAudio, decode_flac
 from audiotune.data.sources.base import BadRecord
 from audiotune.tokenization.audio_tokenizers.base import CodesOutOfRange, RowError
 from audiotune.tokenization.schema import mel_to_bytes
@@ -85,8 +85,8 @@ def audio_features(row: dict[str, Any]) -> dict[str, Any] | BadRecord:
         return out
     try:
         wav, sr = decode_flac(row["audio"])
-    except RuntimeError as err:
-        return _bad(row, "audio", BAD_AUDIO, f"stored audio cannot be decoded ({err})")
+    except UndecodableAudio as err:
+        return _bad(row, "audio", err.reason, err.detail)
     tokenizer = _STATE["audio"]
     mel_x = _STATE["mel"]
     try:
@@ -129,7 +129,10 @@ def audio_features(row: dict[str, Any]) -> dict[str, Any] | BadRecord:
     out["mel"] = mel_to_bytes(mel)
     out["mel_frames"] = int(mel.shape[0])
     if row.get("prompt_audio") is not None and tokenizer is not None and tokenizer.name != "precomputed":
-        pwav, psr = decode_flac(row["prompt_audio"])
+        try:
+            pwav, psr = decode_flac(row["prompt_audio"])
+        except UndecodableAudio as err:
+            return _bad(row, "prompt_audio", err.reason, err.detail)
         prompt_codes = _codes(row, pwav, psr, "prompt")
         if prompt_codes is not None and np.asarray(prompt_codes).shape[-1] > 0:
             out["prompt_codes"] = np.asarray(prompt_codes, dtype=np.int32).reshape(len(prompt_codes), -1).tolist()

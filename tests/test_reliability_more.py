@@ -1,0 +1,181 @@
+"""More reliability faults (issue 14): each test injects one fault or hostile input, then checks the exit code,
+the one-line message, and that nothing was lost or written where it must not be."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from audiotune.cli import main as cli_main
+
+NO_TRACKING = ["--set", "tracking.enabled=false"]
+TOKENIZE_FAST = ["tokenize.audio_tokenizer.codebook_size=16", "tokenize.audio_tokenizer.fit_max_frames=500",
+                 "tokenize.text_tokenizer=char", "tokenize.vocab_size=300"]
+
+
+def _sets(*sets: str) -> list[str]:
+    return [a for s in sets for a in ("--set", s)]
+
+
+def _one_line_error(stderr: str) -> str:
+    """The error line the CLI printed, after checking that no traceback reached stderr."""
+    assert "Traceback" not in stderr, stderr[-4000:]
+    lines = [line for line in stderr.splitlines() if line.startswith("audiotune")]
+    assert len(lines) == 1, stderr[-4000:]
+    return lines[0]
+
+
+def _dataset(root: Path, n: int, seconds: float = 1.0, prompt_row: int | None = None) -> Path:
+    """A Dataset artifact of ``n`` generated utterances, all in train (through the convert stage)."""
+    from tests.helpers import write_audio, write_jsonl
+
+    rows = []
+    for i in range(n):
+        write_audio(root / "src" / f"u{i}.wav", seconds=seconds, sr=16000, seed=i)
+        row = {"id": f"u{i}", "audio": f"u{i}.wav", "text": f"row {i}"}
+        if i == prompt_row:
+            row.update(prompt_audio_path="u0.wav", prompt_text="row 0")
+        rows.append(row)
+    manifest = write_jsonl(root / "src" / "m.jsonl", rows)
+    out = root / "ds"
+    assert cli_main(["convert", "--source", str(manifest), "--output", str(out), *NO_TRACKING,
+                     *_sets("run.num_workers=1", "convert.val_fraction=0", "convert.max_duration_s=600")]) == 0
+    return out
+
+
+def _rewrite_train_shard(ds: Path, edit: Callable[[list[dict]], list[dict]]) -> None:
+    """Replace the rows of a Dataset's train shard by ``edit(rows)``, its manifest rewritten to match."""
+    import pyarrow.parquet as pq
+
+    from audiotune import artifacts
+    from audiotune.data.schema import ShardWriter
+
+    (shard,) = (ds / "train").glob("part-*.parquet")
+    rows = edit(pq.read_table(shard).to_pylist())
+    shard.unlink()
+    writer = ShardWriter(ds / "train", 10_000, 2**30)
+    for row in rows:
+        writer.add(row)
+    writer.flush()
+    manifest = json.loads((ds / "manifest.json").read_text())
+    manifest["splits"]["train"] = {"rows": writer.rows, "shards": writer.shards}
+    fields = {k: v for k, v in manifest.items() if k not in ("kind", "schema_version", "created_at",
+                                                              "audiotune_version")}
+    artifacts.write_manifest(ds, artifacts.DATASET, artifacts.DATASET_VERSION, **fields)
+
+
+def _snapshot(root: Path) -> dict[str, bytes | None]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() if p.is_file() else None for p in root.rglob("*")}
+
+
+# ---------------------------------------------------------------------------- a corrupt FLAC inside a Dataset shard
+@pytest.mark.parametrize("limit", ["0.5", "0.1"], ids=["quarantined", "too-many"])
+def test_a_corrupt_flac_in_a_dataset_shard_is_quarantined_naming_shard_and_row(tmp_path, capsys, limit):
+    ds = _dataset(tmp_path, 6, prompt_row=4)
+
+    def corrupt(rows: list[dict]) -> list[dict]:
+        for row in rows:
+            if row["id"] == "u2":  # cut short: libsndfile loses sync, also while fitting the codebook on it
+                row["audio"] = row["audio"][: len(row["audio"]) // 3]
+            if row["id"] == "u4":  # a prompt that is no audio at all
+                row["prompt_audio"] = b"fLaC" + bytes(300)
+        return rows
+
+    _rewrite_train_shard(ds, corrupt)
+    before = _snapshot(ds)
+    out = tmp_path / "tok"
+    code = cli_main(["tokenize", "--dataset", str(ds), "--output", str(out), *NO_TRACKING,
+                     *_sets(*TOKENIZE_FAST, "run.num_workers=2", f"tokenize.max_bad_fraction={limit}")])
+    captured = capsys.readouterr()
+    assert _snapshot(ds) == before  # the Dataset is read, never written
+    if limit == "0.1":  # 2 of 6 rows: fails naming the count, the reasons and the setting, publishes nothing
+        line = _one_line_error(captured.err)
+        assert code == 1 and "2 of 6 rows were quarantined" in line and "undecodable_audio: 2" in line
+        assert "tokenize.max_bad_fraction=0.1" in line and not out.exists()
+        assert not list(tmp_path.glob(".tok.tmp-*"))
+        return
+    assert code == 0 and "Traceback" not in captured.err and "LibsndfileError" not in captured.err
+    assert json.loads(captured.out.splitlines()[-1])["rows"] == {"train": 4, "val": 0, "quarantined": 2}
+    bad = {q["id"]: q for q in map(json.loads, (out / "quarantine.jsonl").read_text().splitlines())}
+    assert sorted(bad) == ["u2", "u4"]
+    assert (bad["u2"]["field"], bad["u4"]["field"]) == ("audio", "prompt_audio")
+    for row_id, why in (("u2", "flac decoder lost sync"), ("u4", "unimplemented format")):
+        q = bad[row_id]
+        assert q["reason"] == "undecodable_audio" and "\n" not in q["detail"]
+        assert q["detail"].startswith(f"train/part-00000.parquet: {row_id}: stored audio") and why in q["detail"]
+    import pyarrow.parquet as pq
+
+    kept = [r["id"] for p in sorted((out / "train").glob("part-*.parquet")) for r in pq.read_table(p).to_pylist()]
+    assert sorted(kept) == ["u0", "u1", "u3", "u5"]
+
+
+def test_decode_flac_errors_are_one_line_and_still_runtime_errors():
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    from audiotune.data.audio import UndecodableAudio, decode_flac
+    from audiotune.errors import DataError
+
+    no_samples = io.BytesIO()
+    sf.write(no_samples, np.zeros(0, dtype=np.float32), 16000, format="WAV")  # FLAC writes no bytes for none
+    for data, reason in ((b"", "undecodable_audio"), (b"\0" * 64, "undecodable_audio"),
+                         ("not bytes", "undecodable_audio"), (no_samples.getvalue(), "empty_audio")):
+        with pytest.raises(UndecodableAudio) as err:
+            decode_flac(data)
+        assert isinstance(err.value, DataError) and isinstance(err.value, RuntimeError), err.value
+        assert err.value.reason == reason and "\n" not in str(err.value) and "0x" not in str(err.value)
+
+
+# ---------------------------------------------------------------------------- signals stop tokenize's worker pool
+def _children(pid: int) -> set[int]:
+    try:
+        return {int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+    except OSError:
+        return set()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads child processes from /proc (Linux)")
+def test_a_signal_stops_tokenize_and_its_workers_and_publishes_nothing(tmp_path):
+    """SIGTERM (SIGINT takes the same path: data.workers.stop_on_signals, tested with convert)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    ds = _dataset(tmp_path, 1, seconds=60.0)  # one long row, repeated: a few seconds of work for two workers
+    _rewrite_train_shard(ds, lambda rows: [{**rows[0], "id": f"r{i:02d}"} for i in range(24)])
+    before = _snapshot(tmp_path)
+    argv = [sys.executable, "-m", "audiotune.cli", "tokenize", "--dataset", str(ds), "--output",
+            str(tmp_path / "tok"), *NO_TRACKING, *_sets(*TOKENIZE_FAST, "run.num_workers=2")]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    workers: set[int] = set()
+    deadline = time.monotonic() + 90
+    while len(workers) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        workers = _children(proc.pid)
+        time.sleep(0.02)
+    assert len(workers) == 2, "the pool did not start"
+    time.sleep(0.5)  # mid-work
+    signum = 15
+    os.kill(proc.pid, signum)
+    _, err = proc.communicate(timeout=60)
+    line = _one_line_error(err)
+    assert proc.returncode == 128 + signum and "tokenize was stopped by SIG" in line
+    assert "nothing was published" in line
+    deadline = time.monotonic() + 10
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(w) for w in workers), "a pool worker outlived the stage"
+    assert _snapshot(tmp_path) == before  # no Tokens, no staging folder, no lock; the Dataset untouched
+
