@@ -162,10 +162,13 @@ def _cmd_promote(args: argparse.Namespace, cfg: AudiotuneConfig) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace, cfg: AudiotuneConfig) -> int:
+    import contextlib
+
     from audiotune.orchestration import plan
 
     tokens = args.dataset_tokens or (plan.dataset_tokens(args.tokens) if args.tokens else None)
-    plans = plan.plan(cfg, gpu_gib=args.gpu_gib, tokens=tokens, mfu=args.mfu)
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs to stdout; stdout is the plan (--json)
+        plans = plan.plan(cfg, gpu_gib=args.gpu_gib, tokens=tokens, mfu=args.mfu)
     print(json.dumps([p.to_dict() for p in plans], indent=2) if args.json else plan.format_plan(plans), flush=True)
     plan.check(plans)  # PlanRefused: one line on stderr, exit 2
     return EXIT_OK
