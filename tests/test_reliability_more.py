@@ -179,3 +179,27 @@ def test_a_signal_stops_tokenize_and_its_workers_and_publishes_nothing(tmp_path)
     assert not any(_alive(w) for w in workers), "a pool worker outlived the stage"
     assert _snapshot(tmp_path) == before  # no Tokens, no staging folder, no lock; the Dataset untouched
 
+
+# ------------------------------------------------------------------------------- models/ errors under the one root
+def test_model_package_errors_share_the_root_and_the_cli_lists_none_of_them():
+    import inspect
+
+    from audiotune import cli
+    from audiotune.errors import AudiotuneError, DataError, ModelLoadError, TrainingError
+    from audiotune.models.families import ModelError
+    from audiotune.models.flow import FlowConfigError, FlowLoadError, FlowModelError
+    from audiotune.models.flow.native.hyperyaml import ReleaseYamlError
+    from audiotune.models.flow.native.release import ReleaseError
+    from audiotune.models.vocab import StreamError
+    from audiotune.models.vocoder import VocoderError
+
+    for cls in (ModelError, FlowLoadError, FlowConfigError, ReleaseError, ReleaseYamlError, VocoderError):
+        assert issubclass(cls, ModelLoadError), cls
+    assert issubclass(FlowModelError, TrainingError) and issubclass(StreamError, DataError)
+    for cls in (FlowConfigError, ReleaseYamlError, StreamError):  # callers that caught ValueError still do
+        assert issubclass(cls, ValueError), cls
+    fallback = cli._failure_types()
+    assert not [t for t in fallback if issubclass(t, AudiotuneError) or t.__module__.startswith("audiotune")]
+    assert "audiotune.models" not in inspect.getsource(cli._failure_types)
+
+

@@ -315,17 +315,12 @@ def _cmd_config(args: argparse.Namespace, cfg: AudiotuneConfig) -> int:
 def _failure_types() -> tuple[type[BaseException], ...]:
     """Errors outside the :class:`~audiotune.errors.AudiotuneError` tree that still mean 'the work failed'.
 
-    The model packages' own errors (not yet under the root) and the S3 client's; every other project
-    error is an ``AudiotuneError`` and carries its exit code.
+    Only third-party ones (a missing or existing file, the S3 client's): every project error, the model
+    packages' included, is an ``AudiotuneError`` and carries its exit code.
     """
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from audiotune.models.flow import FlowConfigError, FlowLoadError, FlowModelError
-    from audiotune.models.lm import ModelError
-    from audiotune.models.vocoder import VocoderError
-
-    return (ModelError, FlowLoadError, FlowConfigError, FlowModelError, VocoderError,
-            FileExistsError, FileNotFoundError, BotoCoreError, ClientError)
+    return (FileExistsError, FileNotFoundError, BotoCoreError, ClientError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from audiotune.errors import DataError
+
 SEGMENT_TOKENS = [
     "<|audio_start|>", "<|audio_end|>", "<|prompt_start|>", "<|prompt_end|>", "<|instruction|>",
     "<|task_tts|>", "<|task_clone|>", "<|task_edit|>", "<|task_understand|>", "<|task_music|>",
@@ -125,7 +127,7 @@ def build_vocab(tokenizer, codebook_size: int, num_codebooks: int, mode: str = "
 
 
 # -- codes at fixed LM ids, interleaved in one stream (Step-Audio-EditX) --------------------------------
-class StreamError(ValueError):
+class StreamError(DataError, ValueError):
     """A stream of LM ids that does not follow its :class:`CodeStream` (length or id at a position).
 
     Attributes:

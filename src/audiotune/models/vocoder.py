@@ -33,6 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from audiotune.errors import ModelLoadError
+
 log = logging.getLogger(__name__)
 
 GRIFFIN_LIM = "griffin-lim"
@@ -42,7 +44,7 @@ RELEASE_WEIGHTS = "hift.pt"
 LOG_FLOOR = 1e-5
 
 
-class VocoderError(Exception):
+class VocoderError(ModelLoadError):
     """A vocoder spec or checkpoint that cannot be used."""
 
 

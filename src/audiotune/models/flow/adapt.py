@@ -7,12 +7,13 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from audiotune.errors import TrainingError
 from audiotune.models.flow.model import FlowModel
 
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out", "proj_in", "proj_out")
 
 
-class FlowModelError(Exception):
+class FlowModelError(TrainingError):
     """A flow model cannot be adapted as asked (e.g. LoRA target modules that do not exist)."""
 
 

@@ -12,10 +12,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from audiotune.errors import ModelLoadError
+
 SPEAKER_TYPES = ("none", "id", "embedding")
 
 
-class FlowConfigError(ValueError):
+class FlowConfigError(ModelLoadError, ValueError):
     """A flow ``config.json`` that cannot be used (unknown fields, bad values)."""
 
 

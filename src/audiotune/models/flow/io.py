@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from audiotune.errors import ModelLoadError
 from audiotune.models.flow.config import FlowConfig, FlowConfigError
 from audiotune.models.flow.model import FlowModel
 
@@ -24,7 +25,7 @@ FLOW_KIND = "audiotune.flow"  # == audiotune.artifacts.FLOW (models do not impor
 _SHOWN = 20
 
 
-class FlowLoadError(Exception):
+class FlowLoadError(ModelLoadError):
     """A flow checkpoint that cannot be loaded (missing files, bad config, weights that do not fit)."""
 
 

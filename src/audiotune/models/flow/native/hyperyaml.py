@@ -31,11 +31,13 @@ from typing import Any
 
 import yaml
 
+from audiotune.errors import ModelLoadError
+
 DEFAULT_SECTIONS = ("flow", "hift", "feat_extractor", "mel_conf")
 _REF = re.compile(r"<([^<>]+)>")
 
 
-class ReleaseYamlError(ValueError):
+class ReleaseYamlError(ModelLoadError, ValueError):
     """A release yaml that cannot be read as data (bad YAML, a forbidden tag, a dangling ``!ref``)."""
 
 
