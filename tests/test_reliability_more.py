@@ -203,3 +203,43 @@ def test_model_package_errors_share_the_root_and_the_cli_lists_none_of_them():
     assert "audiotune.models" not in inspect.getsource(cli._failure_types)
 
 
+
+# ------------------------------------------------------------------- training and export outputs: kind and inputs
+_STAGES = {  # stage: (argv, the overwrite setting, the kind it writes)
+    "llm": (["train", "llm", "--tokens", "{tokens}", "--output", "{output}", "--set", "llm.init=scratch"],
+            "llm.overwrite", "audiotune.llm"),
+    "flow": (["train", "flow", "--tokens", "{tokens}", "--output", "{output}"], "flow.overwrite", "audiotune.flow"),
+    "joint": (["train", "joint", "--tokens", "{tokens}", "--llm", "{tokens}/l", "--flow", "{tokens}/f", "--output",
+               "{work}/joint", "--llm-output", "{output}", "--flow-output", "{work}/joint/flow", "--set",
+               "joint.train.epochs=1"], "joint.overwrite",
+              "audiotune.llm"),
+    "export": (["export", "--llm", "{tokens}", "--tokens", "{tokens}", "--output", "{output}"], "export.overwrite",
+               "audiotune.export"),
+}
+
+
+@pytest.mark.parametrize("stage", sorted(_STAGES))
+@pytest.mark.parametrize("fault", ["other-kind", "inside-an-input"])
+def test_a_training_or_export_output_is_checked_before_any_work(tmp_path, capsys, stage, fault):
+    argv, overwrite, kind = _STAGES[stage]
+    tokens = tmp_path / "tokens"  # an input that exists but is no artifact: reading it would fail later
+    tokens.mkdir()
+    (tokens / "notes.txt").write_text("input")
+    if fault == "other-kind":
+        output = tmp_path / "out"
+        output.mkdir()
+        (output / "manifest.json").write_text('{"kind": "audiotune.dataset", "schema_version": 1}')
+        (output / "train").mkdir()
+        (output / "train" / "part-00000.parquet").write_bytes(b"rows")
+    else:
+        output = tokens / "out"
+    before = _snapshot(tmp_path)
+    full = [a.format(tokens=tokens, work=tmp_path, output=output) for a in argv]
+    code = cli_main([*full, *NO_TRACKING, "--set", f"{overwrite}=true"])
+    line = _one_line_error(capsys.readouterr().err)
+    assert code == 2, line
+    if fault == "other-kind":  # refused as the wrong kind, before the missing Tokens/LLM is even read
+        assert f"output {output} holds a 'audiotune.dataset' artifact, not a '{kind}' one" in line
+    else:
+        assert f"output {output} is, contains or lies inside the input {tokens}" in line
+    assert _snapshot(tmp_path) == before  # nothing replaced, no lock, staging folder or checkpoint left

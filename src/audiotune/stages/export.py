@@ -73,7 +73,7 @@ def export(cfg: AudiotuneConfig, output: str, llm: str | None = None, flow: str 
     if E.registered_model_name and not cfg.tracking.enabled:
         raise ExportError("export.registered_model_name needs tracking (tracking.enabled=true): the registry is "
                           "MLflow's")
-    publish.require_missing_or_overwrite(output, E.overwrite)
+    publish.require_missing_or_overwrite(output, E.overwrite, artifacts.EXPORT, [llm, flow, tokens])
     llm_manifest = artifacts.read_manifest(llm, artifacts.LLM, artifacts.LLM_VERSION) if llm else None
     flow_manifest = artifacts.read_manifest(flow, artifacts.FLOW, artifacts.FLOW_VERSION) if flow else None
     tokens = tokens or (llm_manifest or {}).get("tokens") or (flow_manifest or {}).get("tokens")
@@ -105,7 +105,8 @@ def export(cfg: AudiotuneConfig, output: str, llm: str | None = None, flow: str 
         (package / "README.md").write_text(model_card(name, {**fields, "audiotune_version": __version__},
                                                       llm_manifest, flow_manifest, data, samples))
         fields["contents"] = sorted([*(p.name for p in package.iterdir()), "manifest.json"])
-        with publish.publish_dir(output, overwrite=E.overwrite) as staging:
+        with publish.publish_dir(output, overwrite=E.overwrite, kind=artifacts.EXPORT,
+                                 inputs=[llm, flow, tokens]) as staging:
             shutil.copytree(package, staging, dirs_exist_ok=True)
             manifest = artifacts.write_manifest(staging, artifacts.EXPORT, artifacts.EXPORT_VERSION, **fields)
         (package / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")  # for the MLflow copy

@@ -266,7 +266,7 @@ def train_flow(cfg: AudiotuneConfig, tokens: str, output: str, base_flow: str | 
 
     F, T = cfg.flow, cfg.flow.train
     base_flow = base_flow or F.base_flow
-    publish.require_missing_or_overwrite(output, F.overwrite)
+    publish.require_missing_or_overwrite(output, F.overwrite, artifacts.FLOW, [tokens, base_flow])
     manifest = artifacts.read_manifest(tokens, artifacts.TOKENS, artifacts.TOKENS_VERSION)
     info = tokens_info(manifest, tokens, F.codebooks)
     resolve_arch(F, base_flow)  # an arch that contradicts the base: refused before anything else
@@ -362,7 +362,8 @@ def train_flow(cfg: AudiotuneConfig, tokens: str, output: str, base_flow: str | 
         result_manifest = None
         if acc.is_main_process:
             tracker.log_metrics(tracking.final_metrics(metrics))
-            with publish.publish_dir(output, overwrite=F.overwrite) as staging:
+            with publish.publish_dir(output, overwrite=F.overwrite, kind=artifacts.FLOW,
+                                     inputs=[tokens, base_flow]) as staging:
                 export = export_flow_model(model.config, state_dict, F, ema, staging)
                 if renderer is not None:
                     for file in renderer.render(export, staging / "samples", "final"):

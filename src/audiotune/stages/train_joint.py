@@ -102,8 +102,8 @@ def train_joint(cfg: AudiotuneConfig, tokens: str, llm: str, flow: str, llm_outp
     J, T, L, F = cfg.joint, cfg.joint.train, cfg.llm, cfg.flow
     if not J.enabled:
         raise TrainJointError("joint.train.epochs is 0, which turns the joint stage off: nothing to train")
-    for out in (llm_output, flow_output):
-        publish.require_missing_or_overwrite(out, J.overwrite)
+    for out, kind, other in ((llm_output, artifacts.LLM, flow_output), (flow_output, artifacts.FLOW, llm_output)):
+        publish.require_missing_or_overwrite(out, J.overwrite, kind, [tokens, llm, flow, other])
     tokens_manifest = artifacts.read_manifest(tokens, artifacts.TOKENS, artifacts.TOKENS_VERSION)
     llm_manifest = artifacts.read_manifest(llm, artifacts.LLM, artifacts.LLM_VERSION)
     flow_manifest = artifacts.read_manifest(flow, artifacts.FLOW, artifacts.FLOW_VERSION)
@@ -202,7 +202,8 @@ def train_joint(cfg: AudiotuneConfig, tokens: str, llm: str, flow: str, llm_outp
             unwrapped = acc.unwrap_model(engine.model)
             llm_state = {k[len("llm."):]: v for k, v in state_dict.items() if k.startswith("llm.")}
             flow_state = {k[len("flow."):]: v for k, v in state_dict.items() if k.startswith("flow.")}
-            with publish.publish_dir(llm_output, overwrite=J.overwrite) as staging:
+            with publish.publish_dir(llm_output, overwrite=J.overwrite, kind=artifacts.LLM,
+                                     inputs=[tokens, llm, flow, flow_output]) as staging:
                 tokenizer = AutoTokenizer.from_pretrained(str(llm_dir), trust_remote_code=False)
                 base_fp = json.loads((llm_dir / "base_fingerprint.json").read_text())
                 write_llm_files(staging, unwrapped.llm, llm_state, llm_manifest["mode"], tokenizer, vocab, base_fp,
@@ -214,7 +215,8 @@ def train_joint(cfg: AudiotuneConfig, tokens: str, llm: str, flow: str, llm_outp
                 manifests["llm"] = artifacts.write_manifest(
                     staging, artifacts.LLM, artifacts.LLM_VERSION,
                     **{**fields, "checkpoints": checkpoints.checkpoints_uri(llm_output), "joint": joint_info})
-            with publish.publish_dir(flow_output, overwrite=J.overwrite) as staging:
+            with publish.publish_dir(flow_output, overwrite=J.overwrite, kind=artifacts.FLOW,
+                                     inputs=[tokens, llm, flow, llm_output]) as staging:
                 export_flow_model(flow_model.config, flow_state, F, ema, staging)
                 for name in ("speakers.json", "speaker_embeddings.safetensors", "mel.json"):
                     source = storage.local_copy(flow) / name

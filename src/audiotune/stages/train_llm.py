@@ -102,7 +102,7 @@ def train_llm(cfg: AudiotuneConfig, tokens: str, output: str, base_model: str | 
     if L.init == "pretrained" and not base_model:
         raise TrainLLMError("llm.init is 'pretrained' but no base model was given (--base-model or llm.base_model); "
                             "use llm.init=scratch to train from a size preset")
-    publish.require_missing_or_overwrite(output, L.overwrite)
+    publish.require_missing_or_overwrite(output, L.overwrite, artifacts.LLM, [tokens, base_model])
     manifest = artifacts.read_manifest(tokens, artifacts.TOKENS, artifacts.TOKENS_VERSION)
     try:  # Tokens of LM ids (tokenize.audio_tokenizer.codebook_offsets) say where the audio ids live
         mode, offset = audio_token_settings(manifest.get("audio_tokenizer"), L.audio_tokens, L.audio_token_offset)
@@ -166,7 +166,8 @@ def train_llm(cfg: AudiotuneConfig, tokens: str, output: str, base_model: str | 
         metrics = _final_metrics(state, train_stats, val_stats)
         if acc.is_main_process:
             tracker.log_metrics(tracking.final_metrics(metrics))
-            with publish.publish_dir(output, overwrite=L.overwrite) as staging:
+            with publish.publish_dir(output, overwrite=L.overwrite, kind=artifacts.LLM,
+                                     inputs=[tokens, base_model]) as staging:
                 write_llm_files(staging, acc.unwrap_model(engine.model), state_dict, L.mode, tokenizer, vocab,
                                 base_fp, metrics, state.history, tracker)
                 result_manifest = artifacts.write_manifest(
