@@ -230,12 +230,12 @@ def test_release_fine_tune_with_the_encoder_frozen_exports_the_upstream_layout(t
 
 
 # ---- LLM: MOSS-TTSD AsteroidTTS heads and round trip -----------------------------------------------------------
-def _moss(folder: Path, attn: str):
+def _moss(folder: Path, attn: str, dtype: torch.dtype = torch.float32):
     """The kit's AsteroidTTS checkpoint through the loader users get (the base-family registry)."""
     from audiotune.models.families import family_for, load_model
 
     assert family_for(folder).name == "moss-asteroid-tts"
-    return load_model(folder, None, torch.float32, attn).eval()
+    return load_model(folder, None, dtype, attn).eval()
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -267,7 +267,9 @@ def test_moss_ttsd_round_trip_is_bit_identical(tmp_path):
     from audiotune.models.families import family_for, save_model
 
     folder = kit_folder("moss-ttsd-v0.7")
-    save_model(_moss(folder, "eager"), tmp_path / "out", family_for(folder))
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:  # loaded in the dtype it is stored in
+        stored = f.get_tensor("lm_heads.0.weight").dtype
+    save_model(_moss(folder, "eager", stored), tmp_path / "out", family_for(folder))
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
     written, original = (json.loads((d / "config.json").read_text()) for d in (tmp_path / "out", folder))
     assert written == original
