@@ -350,3 +350,32 @@ def test_text_windows_fit_the_text_layout_at_max_seq_len_equal_to_context_length
     metrics = train_llm(cfg, tokens=str(tmp_path / "tok"), output=str(tmp_path / "llm")).metrics
     assert metrics["train_sequences"] > 6  # long documents were cut into several windows
     assert metrics["dropped_overlong"] == 0 and metrics["truncated"] == 0, metrics
+
+
+# ------------------------------------------------------------------------------ a base tokenizer too large
+def _tokenize_cli(dataset: Path, base: Path, out: Path, *sets: str) -> list[str]:
+    return [sys.executable, "-m", "audiotune.cli", "tokenize", "--dataset", str(dataset), "--base-model", str(base),
+            "--output", str(out), *[a for s in ["tracking.enabled=false", "run.num_workers=1", *sets]
+                                    for a in ("--set", s)]]
+
+
+@pytest.mark.parametrize("limit, named", [
+    ("tokenize.max_base_tokenizer_mb=0.01",
+     r"tokenizer\.json is [\d.]+ MiB, more than tokenize\.max_base_tokenizer_mb=0\.01"),
+    ("tokenize.max_base_vocab=100",
+     r"its tokenizer has \d+ vocabulary entries, more than tokenize\.max_base_vocab=100"),
+])
+def test_a_base_tokenizer_over_the_limits_is_refused_before_it_is_built(llm_tokens, tmp_path, limit, named):
+    from audiotune.tokenization.text import train_bpe
+
+    base = tmp_path / "base"
+    train_bpe([f"a base vocabulary with many words number {k} and more {k * 7}" for k in range(200)],
+              400).save_pretrained(str(base))
+    assert (base / "tokenizer.json").stat().st_size > 0.01 * 2**20
+    out = tmp_path / "tok"
+    proc = subprocess.run(_tokenize_cli(llm_tokens.parent / "ds", base, out, limit), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    line = _one_line_error(proc.stderr)
+    assert re.search(named, line) and f"base model {base}" in line, line
+    assert not out.exists()

@@ -193,6 +193,14 @@ class TokenizeConfig(_Section):
     )
     shard_max_rows: int = Field(2000, ge=1, description="Maximum rows per Tokens shard.")
     max_bad_fraction: float = Field(0.2, ge=0, le=1, description="Fail when more rows than this are quarantined.")
+    max_base_tokenizer_mb: float = Field(
+        64.0, gt=0, description="Largest tokenizer file (tokenizer.json, vocab.json, merges.txt, tokenizer.model, "
+        "...) a base model may bring, in MiB; a larger one is refused before it is read."
+    )
+    max_base_vocab: int = Field(
+        1_000_000, ge=1, description="Most vocabulary entries (added tokens included) a base model's tokenizer may "
+        "have; more are refused before the tokenizer is built."
+    )
     overwrite: bool = Field(False, description="Replace an existing Tokens artifact at the output URI.")
 
     @model_validator(mode="after")
