@@ -43,6 +43,7 @@ bench: setup
 	$(PY) -m benchmarks.train_llm
 	$(PY) -m benchmarks.train_flow
 	$(PY) -m benchmarks.zero_memory
+	$(PY) -m benchmarks.evaluate
 
 clean:
 	rm -rf demo mlruns
