@@ -243,3 +243,40 @@ def test_a_training_or_export_output_is_checked_before_any_work(tmp_path, capsys
     else:
         assert f"output {output} is, contains or lies inside the input {tokens}" in line
     assert _snapshot(tmp_path) == before  # nothing replaced, no lock, staging folder or checkpoint left
+
+
+# --------------------------------------------------------------- MLflow pre-check: a URI with credentials, from the SDK
+SECRET = "hunter2-s3cr3t"
+
+
+@pytest.mark.parametrize("uri", [f"http://bob:{SECRET}@mlflow", f"https://bob:{SECRET}@127.0.0.1:1/x"],
+                         ids=["no-port", "port"])
+def test_mlflow_precheck_refuses_credentials_in_the_uri_as_the_cli_does(tmp_path, capsys, monkeypatch, uri):
+    from audiotune import sdk, tracking
+    from audiotune.config import load_config
+    from audiotune.credentials import CredentialsInURIError
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert cli_main(["convert", "--source", "c", "--output", "ds"]) == 2
+    cli_line = _one_line_error(capsys.readouterr().err)
+    for call in (lambda: tracking.client_for(load_config(None, []).tracking),
+                 lambda: sdk.promote({"export": {"registered_model_name": "m"}}, "some-run")):
+        with pytest.raises(CredentialsInURIError) as err:
+            call()
+        message = str(err.value)
+        assert err.value.exit_code == 2 and "\n" not in message and SECRET not in message
+        assert message in cli_line and "://***@" in message and "MLFLOW_TRACKING_PASSWORD" in message
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    with pytest.raises(CredentialsInURIError, match=r"^tracking\.uri: http://\*\*\*@mlflow"):
+        tracking.client_for(load_config(None, []).tracking.model_copy(update={"uri": f"http://bob:{SECRET}@mlflow"}))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no mlruns, nothing converted
+
+
+def test_mlflow_precheck_on_a_malformed_uri_is_one_line():
+    from audiotune import tracking
+    from audiotune.config import load_config
+
+    cfg = load_config(None, []).tracking.model_copy(update={"uri": "http://mlflow:notaport"})
+    with pytest.raises(tracking.TrackingError, match="MLflow tracking server http://mlflow:notaport is unreachable"):
+        tracking.client_for(cfg)

@@ -15,6 +15,7 @@ still unsent at the end of the stage is reported in one warning naming that file
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import math
@@ -73,7 +74,17 @@ def _is_default_local(uri: str) -> bool:
 
 
 def _check_reachable(uri: str) -> None:
-    """Fail fast, with the URI in the message, when an HTTP tracking server does not answer."""
+    """Fail fast, with the URI in the message, when an HTTP tracking server does not answer.
+
+    Raises:
+        CredentialsInURIError: The URI carries ``user:password@`` (refused as the command line does, the
+            password never shown), whoever calls (the SDK, a component).
+        TrackingError: The server does not answer, or the URI is malformed.
+    """
+    from audiotune import credentials
+
+    source = "MLFLOW_TRACKING_URI" if uri == os.environ.get("MLFLOW_TRACKING_URI") else "tracking.uri"
+    credentials.refuse({source: uri})
     if not uri.startswith(("http://", "https://")):
         return
     try:
@@ -81,10 +92,10 @@ def _check_reachable(uri: str) -> None:
             pass
     except urllib.error.HTTPError:
         pass  # it answered; authentication or routing is MLflow's business
-    except (urllib.error.URLError, OSError) as err:
-        reason = getattr(err, "reason", err)
-        raise TrackingError(f"MLflow tracking server {uri} is unreachable ({reason}); start it, fix "
-                            "tracking.uri / MLFLOW_TRACKING_URI, or set tracking.enabled=false") from err
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as err:  # InvalidURL: a bad port
+        reason = credentials.redact(str(getattr(err, "reason", err)))
+        raise TrackingError(f"MLflow tracking server {credentials.redact(uri)} is unreachable ({reason}); start it, "
+                            "fix tracking.uri / MLFLOW_TRACKING_URI, or set tracking.enabled=false") from err
 
 
 _HTTP_ENV = ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
