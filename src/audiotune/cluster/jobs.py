@@ -34,42 +34,12 @@ from typing import Any
 
 import yaml
 
+from audiotune.cluster.status import JobStatus, progress_line
 from audiotune.errors import ClusterError
 
 log = logging.getLogger(__name__)
 
 RUN_ID_KEY, TASK_KEY = "audiotune.io/run-id", "audiotune.io/task"
-SUCCEEDED = ("Succeeded", "Complete")  # PyTorchJob's and TrainJob's condition for success
-
-
-@dataclass
-class JobStatus:
-    """A job's state from its conditions: success or ``Failed`` (terminal), else the latest true one."""
-
-    state: str
-    reason: str = ""
-    message: str = ""
-
-    @property
-    def terminal(self) -> bool:
-        return self.state in SUCCEEDED or self.state == "Failed"
-
-
-def conditions_status(job: dict[str, Any], success: str) -> JobStatus:
-    """The state of a job from its ``status.conditions`` (``Pending`` before the controller wrote any);
-    ``success`` is the kind's condition for a job that succeeded."""
-    conditions = [c for c in ((job.get("status") or {}).get("conditions") or [])
-                  if str(c.get("status")) == "True"]
-    for kind in ("Failed", success):
-        for cond in conditions:
-            if cond.get("type") == kind:
-                return JobStatus(kind, cond.get("reason") or "", cond.get("message") or "")
-    if conditions:
-        last = conditions[-1]
-        return JobStatus(last.get("type") or "Unknown", last.get("reason") or "", last.get("message") or "")
-    return JobStatus("Pending")
-
-
 def write_manifest(manifest: dict[str, Any], path: str | Path) -> Path:
     """Write the manifest as YAML (``kubectl apply -f`` ready) for debugging."""
     path = Path(path)
@@ -265,18 +235,6 @@ def _read_job(jobs, name: str, poll_s: float, deadline: float | None) -> dict[st
         delay = min(delay * 2, 30.0)
 
 
-def _progress_line(job: dict[str, Any]) -> str | None:
-    """Trainer v2's ``status.trainerStatus`` (feature gate TrainJobStatus) as one line; None when absent."""
-    ts = (job.get("status") or {}).get("trainerStatus") or {}
-    parts = []
-    if ts.get("progressPercentage") is not None:
-        parts.append(f"{ts['progressPercentage']}%")
-    if ts.get("estimatedRemainingSeconds") is not None:
-        parts.append(f"about {int(ts['estimatedRemainingSeconds']) // 60} min left")
-    parts += [f"{m.get('name')}={m.get('value')}" for m in ts.get("metrics") or [] if m.get("name")]
-    return ", ".join(parts) or None
-
-
 def _wait(jobs, name: str, first: dict[str, Any], deadline: float | None, poll_s: float,
           watch_s: float) -> dict[str, Any]:
     """Follow the job until it succeeds or fails: a watch between reads, a read after every watch window."""
@@ -293,7 +251,7 @@ def _wait(jobs, name: str, first: dict[str, Any], deadline: float | None, poll_s
             log.info("%s %s/%s: %s%s", what, ns, name, status.state, f" ({status.message})" if status.message
                      else "")
             state = status.state
-        line = _progress_line(obj)
+        line = progress_line(obj)
         if line and line != progress:
             log.info("%s %s/%s progress: %s", what, ns, name, line)
             progress = line

@@ -24,12 +24,12 @@ from audiotune.cluster.jobs import (
     JobError,
     JobFailedError,
     JobResult,
-    JobStatus,
     JobTimeoutError,
     follow_job,
     write_manifest,
 )
 from audiotune.cluster.pytorchjob_manifest import JobSpec, build_manifest, job_command, job_name, job_status
+from audiotune.cluster.status import JobStatus
 
 __all__ = ["JobSpec", "JobResult", "JobStatus", "PyTorchJobError", "JobFailedError", "JobTimeoutError",
            "JobConflictError", "JobCancelledError", "build_manifest", "job_command", "job_name", "job_status",

@@ -15,7 +15,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from audiotune.cluster.jobs import RUN_ID_KEY, TASK_KEY, JobStatus, conditions_status, write_manifest  # noqa: F401
+from audiotune.cluster.jobs import RUN_ID_KEY, TASK_KEY, write_manifest  # noqa: F401 - write_manifest re-exported
+from audiotune.cluster.status import JobStatus, conditions_status
 from audiotune.train.launch import torchrun_command
 
 API_VERSION, KIND = "kubeflow.org/v1", "PyTorchJob"

@@ -39,8 +39,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from audiotune.cluster.jobs import JobError, JobResult, JobStatus, conditions_status, follow_job
+from audiotune.cluster.jobs import JobError, JobResult, follow_job
 from audiotune.cluster.pytorchjob_manifest import RUN_ID_KEY, TASK_KEY, JobSpec, _labels, job_name
+from audiotune.cluster.status import JobStatus, conditions_status
 
 __all__ = ["RUNTIME", "MANAGER", "S3_KEYS", "MLFLOW_KEYS", "FORWARDED_ENV", "build_trainjob", "trainjob_command",
            "trainjob_status", "run_trainjob"]
