@@ -7,6 +7,9 @@ so the demo works on any machine. Writes ``manifest.jsonl`` in the
 Step-Audio-EditX layout and ``wavs/<speaker>/<id>.wav``.
 
     python examples/make_corpus.py --out demo/corpus [--speakers 4] [--utts 8] [--backend auto|espeak|synth]
+
+``--music N`` writes instead an ACE-Step style music folder of N short songs (``NAME.wav`` with
+``NAME_prompt.txt`` tags and, for every other song, ``NAME_lyrics.txt``) for ``mode: acestep``.
 """
 
 from __future__ import annotations
@@ -279,6 +282,29 @@ def make_corpus(out_dir: str | Path, n_speakers: int = 4, utts_per_speaker: int 
     return manifest
 
 
+MUSIC_TAGS = ["pop, piano, upbeat", "rock, electric guitar, drums", "ambient, pads, slow", "jazz, bass, swing"]
+MUSIC_LYRICS = ["[verse]\nla la la under the sun\n[chorus]\noh oh oh", "[verse]\nrun run run\n[chorus]\nhey hey"]
+
+
+def make_music(out_dir: str | Path, n_songs: int = 4, seconds: float = 2.0, sample_rate: int = 22050,
+               seed: int = 0) -> Path:
+    """An ACE-Step data folder: stereo chord progressions with a beat, tags, and lyrics for every other song."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    for i in range(n_songs):
+        root = 110.0 * 2 ** (rng.integers(0, 12) / 12)
+        chord = sum(np.sin(2 * np.pi * root * r * t) for r in (1.0, 1.26, 1.5)) / 3
+        beat = np.exp(-30 * ((t * (1.5 + i % 3)) % 1.0)) * rng.standard_normal(len(t)) * 0.2
+        left, right = 0.4 * chord + beat, 0.4 * np.roll(chord, 40) + beat
+        sf.write(out / f"song{i:02d}.wav", np.stack([left, right], axis=1).astype(np.float32), sample_rate)
+        (out / f"song{i:02d}_prompt.txt").write_text(MUSIC_TAGS[i % len(MUSIC_TAGS)])
+        if i % 2 == 0:
+            (out / f"song{i:02d}_lyrics.txt").write_text(MUSIC_LYRICS[(i // 2) % len(MUSIC_LYRICS)])
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: parse the arguments, write the corpus, log the time it took."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -291,9 +317,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="auto: espeak-ng when on PATH, else the built-in synthesizer.")
     parser.add_argument("--no-mandarin", action="store_true", help="No pinyin speaker.")
     parser.add_argument("--edit-fraction", type=float, default=0.25, help="Share of rows that become edit rows.")
+    parser.add_argument("--music", type=int, default=0, metavar="N",
+                        help="Write an ACE-Step music folder of N songs instead of the speech corpus.")
+    parser.add_argument("--seconds", type=float, default=2.0, help="Length of each song (--music).")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     start = time.perf_counter()
+    if args.music:
+        make_music(args.out, n_songs=args.music, seconds=args.seconds, sample_rate=args.sample_rate, seed=args.seed)
+        log.info("done in %.1f s", time.perf_counter() - start)
+        return 0
     make_corpus(args.out, n_speakers=args.speakers, utts_per_speaker=args.utts, sample_rate=args.sample_rate,
                 seed=args.seed, backend=args.backend, mandarin=not args.no_mandarin,
                 edit_fraction=args.edit_fraction)

@@ -145,3 +145,29 @@ def test_acestep_config_round_trips_through_json():
     cfg = _cfg("acestep.lora.r=8", "acestep.fuse=true").acestep
     assert AceStepStageConfig.model_validate_json(cfg.model_dump_json()) == cfg
     assert cfg.lora.target_modules == ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def test_pipeline_mode_acestep_runs_under_kfp_local(base, tmp_path, monkeypatch):
+    """convert → encode → train → export of the corpus maker's music folder, the export loadable by diffusers."""
+    import subprocess
+    import sys
+
+    from audiotune import sdk
+    from audiotune.models.acestep.load import load_pipeline
+    from audiotune.models.acestep.lora import load_into
+
+    songs = tmp_path / "music"
+    subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "examples" / "make_corpus.py"),
+                    "--out", str(songs), "--music", "2", "--seconds", "1", "--sample-rate", "8000"], check=True,
+                   capture_output=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_config(None, [f"convert.source={songs}", "convert.format=acestep", "convert.sample_rate=8000",
+                             "convert.val_fraction=0", "pipeline.mode=acestep", "pipeline.root=kfp",
+                             "pipeline.retries=0", f"acestep.base_model={base}", "acestep.train.max_steps=2",
+                             "acestep.num_samples=0", "acestep.lora.r=4"])
+    run = sdk.run_local(cfg)
+    export = Path(run.export_uri)
+    manifest = json.loads((export / "manifest.json").read_text())
+    assert manifest["kind"] == "audiotune.acestep-export" and manifest["steps"] == 2
+    load_into(load_pipeline(base), export / "lora")

@@ -46,7 +46,7 @@ class LocalRun:
             except (OSError, ValueError):
                 continue
         parent = outputs.get("prepare-run", {}).get("parameterValues", {}).get("parent_run_id") or None
-        exported = [a for name, out in outputs.items() if name.startswith("export-model")
+        exported = [a for name, out in outputs.items() if name.startswith(("export-model", "export-acestep"))
                     for a in out.get("artifacts", {}).get("exported", {}).get("artifacts", [])]
         export_uri = (exported[0].get("metadata", {}).get("uri") or exported[0]["uri"]) if exported else None
         tracking_uri = experiment_id = None
