@@ -140,3 +140,13 @@ def test_unknown_gpu_memory_is_a_clear_refusal_for_plan_and_a_skip_for_submit(mo
         plan.plan(cfg)
     assert plan.preflight(cfg) is None
     assert plan.plan(cfg, gpu_gib=24)[0].fits
+
+
+def test_an_explicit_zero_stage_is_planned_as_given_and_auto_is_named_beside_it(base_3b):
+    cfg = validate(_cfg({"base_model": str(base_3b), "mode": "full",
+                         "train": {"deepspeed": {"zero_stage": 3}, "gradient_checkpointing": True}}))
+    [p] = plan.plan(cfg)
+    assert (p.option, p.auto_option) == ("ZeRO-3", "ZeRO-2") and p.fits
+    assert p.states["gathered_layer"] > 0 and p.need_gib == pytest.approx(
+        p.deepspeed_states_gib + p.activations_gib["with_checkpointing"])
+    assert "zero_stage: auto would pick ZeRO-2" in plan.format_plan([p])

@@ -54,6 +54,7 @@ class StagePlan:
     gpus: int
     gpu_gib: float
     option: str
+    auto_option: str
     auto_reason: str
     states: dict[str, float]
     deepspeed_states_gib: float
@@ -145,12 +146,8 @@ def plan_stage(stage: str, cfg: AudiotuneConfig, gpu_gib: float, tokens: int | N
     section = getattr(cfg, stage)
     size = zero.model_size(stage, cfg)
     settings = section.train.deepspeed
-    auto_reason = ""
-    if settings.zero_stage == "auto":
-        choice = zero.choose(stage, cfg, nproc, gpu_gib, size=size)
-        option, auto_reason = choice.option, choice.reason
-    else:
-        option = _option(settings)
+    choice = zero.choose(stage, cfg, nproc, gpu_gib, size=size)  # what zero_stage: auto picks at launch
+    option = choice.option if settings.zero_stage == "auto" else _option(settings)
     states = state_breakdown(size.total, size.trainable, gpus, option, size.largest)
     ds = deepspeed_state_memory(size.total, size.trainable, gpus, option, size.largest)
     from audiotune.train.memory import model_state_memory
@@ -173,7 +170,8 @@ def plan_stage(stage: str, cfg: AudiotuneConfig, gpu_gib: float, tokens: int | N
     need = state_gib + act_gib
     mode = getattr(section, "mode", "full") if stage == "llm" else ("lora" if size.trainable < size.total else "full")
     plan = StagePlan(stage=stage, mode=mode, params=size.total, trainable=size.trainable, gpus=gpus,
-                     gpu_gib=gpu_gib, option=option.name, auto_reason=auto_reason,
+                     gpu_gib=gpu_gib, option=option.name, auto_option=choice.option.name,
+                     auto_reason=choice.reason,
                      states={k: v / GiB for k, v in states.items()}, deepspeed_states_gib=ds.gpu / GiB,
                      cpu_gib=cpu / GiB, activations_gib=acts, checkpointing=checkpointing, need_gib=need,
                      fits=need <= USABLE * gpu_gib and (settings.zero_stage != "auto" or choice.fits), notes=notes)
@@ -233,7 +231,8 @@ def format_plan(plans: list[StagePlan]) -> str:
     for p in plans:
         lines.append(f"{p.stage} ({p.mode}): {p.params / 1e9:.2f} B parameters, {p.trainable / 1e6:.1f} M trainable; "
                      f"{p.gpus} GPU(s) x {p.gpu_gib:g} GiB; {p.option}"
-                     + (f" (auto: {p.auto_reason})" if p.auto_reason else ""))
+                     + (f" (auto: {p.auto_reason})" if p.option == p.auto_option else
+                        f" (configured; zero_stage: auto would pick {p.auto_option}: {p.auto_reason})"))
         s = p.states
         lines.append(f"  per GPU, GiB: weights {s['weights']:.2f}, gradients {s['gradients']:.2f}, optimizer "
                      f"{s['optimizer']:.2f}" + (f", gathered layer {s['gathered_layer']:.2f}" if s['gathered_layer']
