@@ -7,6 +7,7 @@ loader is checked against the layout itself; the upstream numbers are checked in
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -106,8 +107,8 @@ def test_a_missing_unexpected_or_misshaped_tensor_is_refused_by_name(moss_dir, c
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("speech_pad_token", 3, "speech_pad_token 3 must be a row of speech_vocab_size 17 that no code uses"),
-    ("speech_token_range", [40, 70], "speech_token_range [40, 70] must lie in [0, vocab_size 56)"),
+    ("speech_pad_token", 17, "speech_pad_token 17 must be a row of speech_vocab_size 17"),
+    ("speech_token_range", [40], "speech_token_range must be [start, end], got [40]"),
     ("channels", "8", "channels must be an integer"),
 ])
 def test_bad_config_fields_are_named(moss_dir, field, value, message):
@@ -167,6 +168,10 @@ def test_tokens_with_another_channel_count_or_codebook_size_are_refused_naming_b
         moss_vocab(_vocab(codes=32), spec, moss_dir, "tok/")
     with pytest.raises(MossCheckpointError, match=r"segment markers .* fall inside the speech ids \[40, 56\)"):
         moss_vocab(_vocab(markers_from=45), spec, moss_dir, "tok/")
+    for bad, message in (({"speech_token_range": (40, 70)}, r"speech_token_range \[40, 70\] must lie in \[0, vocab"),
+                         ({"speech_pad_token": 3}, r"speech_pad_token 3 is one of the codes 0..15")):
+        with pytest.raises(MossCheckpointError, match=message):  # loads (upstream accepts it) but cannot train
+            moss_vocab(_vocab(), dataclasses.replace(spec, **bad), moss_dir, "tok/")
 
 
 def test_new_channel0_rows_grow_the_carried_table_and_the_config(moss_dir, tmp_path):

@@ -102,18 +102,25 @@ class MossSpec:
                    speech_vocab_size=integer("speech_vocab_size"), speech_pad_token=integer("speech_pad_token"),
                    speech_token_range=(integer("speech_token_range", rng[0]), integer("speech_token_range", rng[1])),
                    pad_token_id=config.get("pad_token_id"))
-        start, end = spec.speech_token_range
-        if spec.channels < 2:
-            raise MossCheckpointError(f"{file}: channels must be ≥ 2, got {spec.channels}")
-        if not 0 <= start < end <= spec.vocab_size:
-            raise MossCheckpointError(f"{file}: speech_token_range {list(rng)} must lie in [0, vocab_size "
-                                      f"{spec.vocab_size}) and be non-empty")
-        if not spec.codebook_size <= spec.speech_pad_token < spec.speech_vocab_size:
-            raise MossCheckpointError(
-                f"{file}: speech_pad_token {spec.speech_pad_token} must be a row of speech_vocab_size "
-                f"{spec.speech_vocab_size} that no code uses (codes are 0..{spec.codebook_size - 1} by "
-                f"speech_token_range {list(rng)})")
+        if spec.channels < 1:
+            raise MossCheckpointError(f"{file}: channels must be ≥ 1, got {spec.channels}")
+        if not 0 <= spec.speech_pad_token < spec.speech_vocab_size:  # upstream's padding row must exist
+            raise MossCheckpointError(f"{file}: speech_pad_token {spec.speech_pad_token} must be a row of "
+                                      f"speech_vocab_size {spec.speech_vocab_size}")
         return spec
+
+    def check_codes(self, file: str | Path) -> None:
+        """What training on codes needs beyond what loading does: channel 0 holds every code of
+        ``speech_token_range``, and channels 1..C-1 hold the same codes below their pad row."""
+        start, end = self.speech_token_range
+        if not 0 <= start < end <= self.vocab_size:
+            raise MossCheckpointError(f"{file}: speech_token_range [{start}, {end}] must lie in [0, vocab_size "
+                                      f"{self.vocab_size}) and be non-empty")
+        if self.speech_pad_token < self.codebook_size:
+            raise MossCheckpointError(
+                f"{file}: speech_pad_token {self.speech_pad_token} is one of the codes 0..{self.codebook_size - 1} "
+                f"that speech_token_range [{start}, {end}] gives channel 0; channels 1..C-1 need a pad row no code "
+                "uses")
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
@@ -339,6 +346,7 @@ def moss_vocab(vocab: AudioVocab, spec: MossSpec, base: str | Path = "the MOSS c
     Raises:
         MossCheckpointError: Another number of codebooks or codes, or segment markers inside the speech ids.
     """
+    spec.check_codes(Path(base) / "config.json")
     if vocab.num_codebooks != spec.channels:
         raise MossCheckpointError(f"{base} has {spec.channels} channels (config.json channels) but the Tokens "
                                   f"{tokens} hold {vocab.num_codebooks} codebooks per frame "
