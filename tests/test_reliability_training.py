@@ -379,3 +379,85 @@ def test_a_base_tokenizer_over_the_limits_is_refused_before_it_is_built(llm_toke
     line = _one_line_error(proc.stderr)
     assert re.search(named, line) and f"base model {base}" in line, line
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------ artifacts against their manifest
+def _copy_artifact(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_manifest(artifact: Path, edit) -> None:
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    edit(manifest)
+    (artifact / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _first_shard(artifact: Path, split: str) -> Path:
+    return sorted((artifact / split).glob("part-*.parquet"))[0]
+
+
+def _shard_faults():
+    import shutil
+
+    def deleted(a: Path):
+        _first_shard(a, "val").unlink()
+        return r"shard val/part-00000\.parquet listed in its manifest is missing"
+
+    def extra_copy(a: Path):
+        shutil.copy(_first_shard(a, "train"), a / "train" / "part-00099.parquet")
+        return r"shard train/part-00099\.parquet is not listed in its manifest"
+
+    def split_rows_edited(a: Path):
+        _edit_manifest(a, lambda m: m["splits"]["train"].update(rows=m["splits"]["train"]["rows"] + 5))
+        return r"manifest splits\.train\.rows is \d+, but its train shards hold \d+ rows"
+
+    def shard_rows_edited(a: Path):
+        _edit_manifest(a, lambda m: m["shard_files"][0].update(rows=m["shard_files"][0]["rows"] + 1))
+        return r"shard train/part-00000\.parquet holds \d+ rows, its manifest says \d+"
+
+    def content_changed(a: Path):
+        shard = _first_shard(a, "train")
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0xFF  # same size, same footer
+        shard.write_bytes(bytes(data))
+        return r"shard train/part-00000\.parquet does not match the sha256 in its manifest"
+
+    return [deleted, extra_copy, split_rows_edited, shard_rows_edited, content_changed]
+
+
+@pytest.mark.parametrize("fault", _shard_faults(), ids=lambda f: f.__name__)
+def test_a_dataset_that_differs_from_its_manifest_is_refused_naming_the_shard(llm_tokens, tmp_path, capsys, fault):
+    from audiotune.cli import main as cli_main
+
+    dataset = _copy_artifact(llm_tokens.parent / "ds", tmp_path / "ds")
+    assert json.loads((dataset / "manifest.json").read_text())["shard_files"]
+    named = fault(dataset)
+    out = tmp_path / "tok"
+    code = cli_main(["tokenize", "--dataset", str(dataset), "--output", str(out), "--set", "tracking.enabled=false",
+                     "--set", "run.num_workers=1"])
+    assert code == 1
+    line = _one_line_error(capsys.readouterr().err)
+    assert re.search(named, line) and str(dataset) in line, line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("fault", _shard_faults()[:2], ids=lambda f: f.__name__)
+def test_tokens_that_differ_from_their_manifest_are_refused_by_the_training_stages(llm_tokens, tmp_path, capsys,
+                                                                                 fault):
+    from audiotune.cli import main as cli_main
+
+    tokens = _copy_artifact(llm_tokens, tmp_path / "tok")
+    named = fault(tokens)
+    for stage in ("llm", "flow"):
+        out = tmp_path / stage
+        sets = ["tracking.enabled=false", "llm.init=scratch", "llm.preset=tiny-llama", "llm.mode=full",
+                "flow.preset=tiny", "llm.train.max_steps=1", "flow.train.max_steps=1"]
+        code = cli_main(["train", stage, "--tokens", str(tokens), "--output", str(out),
+                         *[a for s in sets for a in ("--set", s)]])
+        assert code == 1, stage
+        line = _one_line_error(capsys.readouterr().err)
+        assert re.search(named, line) and str(tokens) in line, line
+        assert not out.exists()

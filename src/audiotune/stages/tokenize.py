@@ -196,6 +196,8 @@ def tokenize(cfg: AudiotuneConfig, dataset: str | None, output: str, base_model:
         start = time.perf_counter()
         tracker.log_params({"tokenize": t.model_dump(mode="json"), "run": cfg.run.model_dump(mode="json")})
         ds_dir = storage.local_copy(dataset) if dataset else None
+        if ds_dir is not None:
+            artifacts.verify_shards(ds_dir, ds_manifest, dataset)
         tok_dir = staging / "tokenizer"
         tok_dir.mkdir(parents=True)
 

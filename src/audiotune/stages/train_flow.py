@@ -282,6 +282,7 @@ def train_flow(cfg: AudiotuneConfig, tokens: str, output: str, base_flow: str | 
     if acc.is_main_process:
         log.info("train flow: %s -> %s\n%s", tokens, output, dump_config(cfg))
     tokens_dir = storage.local_copy(tokens)
+    artifacts.verify_shards(tokens_dir, manifest, tokens)
 
     n_mels, codebooks = info.mel["n_mels"], F.codebooks
     train_ex, train_stats = load_flow_examples(tokens_dir / "train", n_mels, codebooks, info.num_codebooks)

@@ -114,6 +114,7 @@ def train_joint(cfg: AudiotuneConfig, tokens: str, llm: str, flow: str, llm_outp
         log.info("train joint: %s + %s + %s -> %s, %s\n%s", tokens, llm, flow, llm_output, flow_output,
                  dump_config(cfg))
     tokens_dir, llm_dir = storage.local_copy(tokens), storage.local_copy(llm)
+    artifacts.verify_shards(tokens_dir, tokens_manifest, tokens)
     vocab = AudioVocab.from_dict(llm_manifest["vocab"])
     _check_tokens(tokens, tokens_dir, llm_dir, vocab, tokens_manifest)
     codebooks = (flow_manifest.get("vocab") or {}).get("codebooks", F.codebooks)

@@ -117,6 +117,7 @@ def train_llm(cfg: AudiotuneConfig, tokens: str, output: str, base_model: str | 
     if acc.is_main_process:
         log.info("train llm: %s -> %s\n%s", tokens, output, dump_config(cfg))
     tokens_dir = storage.local_copy(tokens)
+    artifacts.verify_shards(tokens_dir, manifest, tokens)
     tokenizer, vocab, base_text_size = _vocab(tokens_dir, manifest, cfg)
     base_path = str(storage.local_copy(base_model)) if L.init == "pretrained" else None
     if base_path is not None:
