@@ -190,7 +190,7 @@ def _encoder_keys(flow) -> set[str]:
 def test_release_fine_tune_with_the_encoder_frozen_exports_the_upstream_layout(tmp_path: Path) -> None:
     """``audiotune train flow --base-flow <cosyvoice-300m folder>`` with ``flow.freeze_encoder=true`` on Tokens
     built to fit → ``flow.pt`` with exactly the kit's keys and shapes, encoder tensors unchanged, the estimator
-    changed; the export package carries flow.pt + yaml + hift.pt as trained."""
+    changed; a sample rendered with the release's HiFT; the export package carries flow.pt + yaml + hift.pt."""
     import json
 
     from audiotune.cli import main as cli_main
@@ -204,7 +204,8 @@ def test_release_fine_tune_with_the_encoder_frozen_exports_the_upstream_layout(t
     out = tmp_path / "flow"
     sets = ["tracking.enabled=false", "run.num_workers=1", "flow.freeze_encoder=true", "flow.train.max_steps=3",
             "flow.train.lr=1e-2", "flow.train.schedule=constant", "flow.max_frames_in_batch=400",
-            "flow.num_samples=0", "flow.train.eval_every=1000", "flow.train.save_every=1000"]
+            "flow.num_samples=1", f"flow.vocoder={folder}", "flow.train.eval_every=1000",
+            "flow.train.save_every=1000"]
     code = cli_main(["train", "flow", "--tokens", str(tokens), "--output", str(out), "--base-flow", str(folder),
                      *[a for s in sets for a in ("--set", s)]])
     assert code == 0
@@ -219,6 +220,7 @@ def test_release_fine_tune_with_the_encoder_frozen_exports_the_upstream_layout(t
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["arch"] == "cosyvoice-300m" and manifest["init"] == "base_flow"
     assert (out / "hift.pt").read_bytes() == (folder / "hift.pt").read_bytes()
+    assert (out / "samples" / "final-0.wav").is_file()  # upstream's inference path + the release's HiFT
 
     package = tmp_path / "export"
     export(load_config(None, ["tracking.enabled=false"]), output=str(package), flow=str(out))
