@@ -56,6 +56,8 @@ def test_the_stage_writes_an_eval_artifact_of_the_exports_validation_rows(export
         assert s["n"] == 0 or s["low"] <= s["mean"] <= s["high"], name
     assert "| WER ↓ |" in manifest["card"] and "pocketsphinx" in manifest["card"]
     assert (out / "plots" / "histograms.png").is_file() and (out / "transcripts.jsonl").is_file()
+    card = (out / "model_card.md").read_text()  # the export's card with the eval table
+    assert card.count("## Evaluation (2 utterances") == 1 and "## Use it" in card
     assert set(manifest["audio_s_per_cpu_s"]) >= {"synthesis", "dnsmos", "sim", "wer", "mcd", "f0"}
     print(json.dumps(manifest["audio_s_per_cpu_s"]), json.dumps(result.means()))
 
@@ -134,6 +136,8 @@ def test_evaluation_is_recorded_on_the_version_and_gates_promotion(exported, mlf
     assert registry.eval_means(cfg.tracking, name, "1", fingerprint) is not None
     assert "\n" not in outcome.message and "bad_rate" in outcome.message
     assert outcome.promoted == ("is the new champion" in outcome.message)
+    plots = {a.path for a in client.list_artifacts(client.get_model_version(name, "2").run_id, "eval/plots")}
+    assert "eval/plots/champion_vs_challenger.png" in plots and "eval/plots/histograms.png" in plots
     # a gate on a metric nobody measured refuses to decide
     client.set_registered_model_alias(name, "champion", "1")
     refused = registry.promote_gated(cfg.tracking, name, cfg.evaluate.gate.model_copy(update={"metrics": ["wer"]}),

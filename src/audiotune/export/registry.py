@@ -237,6 +237,8 @@ def promote_gated(cfg, name: str, rule, version: str | None = None, alias: str =
                     return Promotion(False, f"{name} version {version} was not compared: {champion_means}; {alias} "
                                      "stays", name, version, champion, None, None)
         decision = decide(challenger_means, champion_means, rule)
+        if champion_means is not None:
+            _log_comparison(client, name, version, challenger_means, champion_means, rule.metrics)
         if decision.promote:
             client.set_registered_model_alias(name, alias, version)
             message = (f"{name} version {version} is the new {alias}"
@@ -269,3 +271,22 @@ def _evaluate_champion(cfg, client, name: str, champion: str, challenger_tags: M
         if math.isfinite(float(value)):
             client.set_model_version_tag(name, champion, f"{_eval_prefix(fingerprint)}{key}", repr(float(value)))
     return dict(means)
+
+
+def _log_comparison(client, name: str, version: str, challenger: Mapping[str, float],
+                    champion: Mapping[str, float], metrics: list[str]) -> None:
+    """The champion-vs-challenger plot, logged to the run that registered the challenger (when there is one)."""
+    import tempfile
+    from pathlib import Path
+
+    from audiotune.evaluation.report import plot_comparison
+
+    run_id = client.get_model_version(name, version).run_id
+    if not run_id:
+        return
+    with tempfile.TemporaryDirectory(prefix="audiotune-gate-") as tmp:
+        path = plot_comparison({k: {"mean": v} for k, v in champion.items()},
+                               {k: {"mean": v} for k, v in challenger.items()}, list(metrics),
+                               Path(tmp) / "champion_vs_challenger.png")
+        if path is not None:
+            client.log_artifact(run_id, str(path), "eval/plots")

@@ -184,6 +184,11 @@ def _publish(cfg: AudiotuneConfig, output: str, model: str, export_manifest: dic
     notes = {m.name: m.note for m in metrics if m.note}
     card = card_table(summary, notes, skipped, items.fingerprint, len(rows))
     (out / "card.md").write_text(card)
+    try:  # the export's own model card with the eval table: what the registered version's card says
+        export_card = storage.read_text(storage.join(model, "README.md"))
+    except OSError:
+        export_card = f"# {export_manifest.get('name') or 'model'}\n"
+    (out / "model_card.md").write_text(export_card.rstrip() + "\n\n" + card)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     throughput = {name: round(t["audio_s"] / t["cpu_s"], 3) for name, t in timing.items() if t["cpu_s"] > 0}
     fields = dict(
@@ -223,7 +228,8 @@ def _track(cfg: AudiotuneConfig, output: str, model: str, export_manifest: dict[
                              "failures": manifest["failures"],
                              "overlap_with_training": manifest["overlap_with_training"]})
         out = work / "eval"
-        for rel in ("manifest.json", "summary.json", "card.md", "utterances.parquet", "transcripts.jsonl"):
+        for rel in ("manifest.json", "summary.json", "card.md", "model_card.md", "utterances.parquet",
+                    "transcripts.jsonl"):
             tracker.log_artifact(out / rel, "eval")
         tracker.log_artifacts(out / "plots", "eval/plots")
         if cfg.evaluate.log_wavs and (out / "wavs").is_dir():
