@@ -139,10 +139,6 @@ class ReleaseFlow(nn.Module):
         """The module whose ``estimator`` attribute LoRA replaces (the CFM decoder)."""
         return self.native.decoder
 
-    def native_state_dict(self) -> dict[str, torch.Tensor]:
-        """The container's own tensors under upstream's keys (what ``flow.pt`` holds)."""
-        return self.native.state_dict()
-
     def _tokens(self, codes: torch.Tensor, code_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``[B, C, T]`` codes → upstream's ``[B, T]`` ids (``[B, T, 2]`` pairs for Step-Audio-EditX)."""
         stream = self.config.code_stream
