@@ -23,7 +23,12 @@ prefix**, as upstream — our own flow leaves the prompt out). Where it differs 
   encoder's output length are cut or zero-padded (frames past a row's mel are out of the loss).
 
 CosyVoice-300M's length regulator interpolates the padded batch to the longest mel, as upstream does;
-that path alone depends (slightly) on what else is in the batch.
+that path alone depends (slightly) on what else is in the batch. The CFG dropout applies in training
+mode only (validation losses see every condition).
+
+Codes: ``[B, 1, T]`` token ids (CosyVoice), ``[B, 2, T]`` pairs, or — with ``config.code_stream`` —
+Step-Audio-EditX's interleaved vq02/vq06 LM ids as its LLM emits them, paired here as upstream
+``_reshape`` does (:func:`audiotune.models.vocab.step_pairs_from_interleaved`).
 """
 
 from __future__ import annotations
