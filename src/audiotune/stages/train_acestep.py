@@ -22,7 +22,7 @@ import torch
 from audiotune import artifacts, publish, storage, tracking
 from audiotune.config import AudiotuneConfig, dump_config
 from audiotune.errors import TrainingError
-from audiotune.train import checkpoints
+from audiotune.train import checkpoints, output_lock
 from audiotune.train.engine import Engine, decay_groups, make_accelerator, resolve_dtype, seed_everything
 from audiotune.train.plots import loss_curve
 
@@ -139,6 +139,7 @@ def train_acestep(cfg: AudiotuneConfig, tokens: str, output: str, base_model: st
     acc = make_accelerator(T, dtype)
     if acc.is_main_process:
         log.info("train acestep: %s -> %s\n%s", tokens, output, dump_config(cfg))
+    lease = output_lock.acquire(acc, [output], "acestep")  # released after publishing
     tokens_dir, base_dir = storage.local_copy(tokens), storage.local_copy(base_model)
     train, val, train_data, val_data = _setup_data(cfg, tokens_dir, acc)
     seed_everything(cfg.run.seed)
@@ -152,7 +153,7 @@ def train_acestep(cfg: AudiotuneConfig, tokens: str, output: str, base_model: st
         return flow_matching_loss(model, batch, mode=mode, mu=a.timestep_mu, sigma=a.timestep_sigma,
                                   cfg_dropout=a.cfg_dropout)
 
-    with tempfile.TemporaryDirectory(prefix="audiotune-acestep-") as tmp, \
+    with lease, tempfile.TemporaryDirectory(prefix="audiotune-acestep-") as tmp, \
             tracking.stage_run(cfg.tracking, "acestep") as tracker:
         tracker.log_params({"acestep": a.model_dump(mode="json"), "run": cfg.run.model_dump(mode="json")})
         tracker.log_params({"data.train_songs": len(train), "data.val_songs": len(val), "model.trainable_parameters":
@@ -173,24 +174,25 @@ def train_acestep(cfg: AudiotuneConfig, tokens: str, output: str, base_model: st
                                               dataset_fingerprint=manifest.get("dataset_fingerprint")))
         engine.maybe_resume()
         state = engine.fit()
+        gathered = acc.get_state_dict(engine.model)  # every process takes part (ZeRO-3 gathers the weights)
         metrics = _final_metrics(state, len(train), len(val), trainable)
         result = None
         if acc.is_main_process:
             tracker.log_metrics(tracking.final_metrics(metrics))
-            result = _publish(cfg, acc.unwrap_model(engine.model), base_dir, output, state, metrics, tracker,
-                              tokens=tokens, base_model=base_model, mode=mode)
+            result = _publish(cfg, acc.unwrap_model(engine.model), gathered, base_dir, output, state, metrics,
+                              tracker, tokens=tokens, base_model=base_model, mode=mode)
         acc.wait_for_everyone()
     return TrainResult(output=output, metrics=metrics, manifest=result)
 
 
-def _publish(cfg: AudiotuneConfig, transformer, base_dir: Path, output: str, state, metrics: dict[str, Any],
-             tracker, **fields: Any) -> dict[str, Any]:
+def _publish(cfg: AudiotuneConfig, transformer, gathered: dict, base_dir: Path, output: str, state,
+             metrics: dict[str, Any], tracker, **fields: Any) -> dict[str, Any]:
     from audiotune.models.acestep.load import load_pipeline
-    from audiotune.models.acestep.lora import fuse_and_save, save_lora
+    from audiotune.models.acestep.lora import fuse_and_save, lora_state, save_lora
 
     a = cfg.acestep
     with publish.publish_dir(output, overwrite=a.overwrite, kind=KIND) as staging:
-        save_lora(transformer, staging / "lora")
+        save_lora(transformer, staging / "lora", lora_state(transformer, gathered))
         if a.fuse:
             fuse_and_save(load_pipeline(base_dir), staging / "lora", staging / "pipeline")
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -41,11 +41,15 @@ def add_lora(transformer, r: int, alpha: float, dropout: float, target_modules: 
     return sum(p.numel() for p in transformer.parameters() if p.requires_grad)
 
 
-def lora_state(transformer) -> dict[str, torch.Tensor]:
-    """The adapter's weights, keyed as diffusers' LoRA loader expects (without the ``transformer.`` prefix)."""
+def lora_state(transformer, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The adapter's weights, keyed as diffusers' LoRA loader expects (without the ``transformer.`` prefix).
+
+    ``state_dict``: the whole model's gathered weights (``accelerator.get_state_dict``; ZeRO-3 partitions them).
+    """
     from peft.utils import get_peft_model_state_dict
 
-    return {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
+    weights = get_peft_model_state_dict(transformer, state_dict=state_dict)
+    return {k: v.detach().float().cpu().contiguous() for k, v in weights.items()}
 
 
 def save_lora(transformer, directory: Path, state: dict[str, torch.Tensor] | None = None) -> Path:
