@@ -46,25 +46,27 @@ def _dataset(root: Path, n: int, seconds: float = 1.0, prompt_row: int | None = 
     return out
 
 
-def _rewrite_train_shard(ds: Path, edit: Callable[[list[dict]], list[dict]]) -> None:
-    """Replace the rows of a Dataset's train shard by ``edit(rows)``, its manifest rewritten to match."""
+def _rewrite_train_shard(art: Path, edit: Callable[[list[dict]], list[dict]]) -> None:
+    """Replace the rows of a Dataset's or Tokens' one train shard by ``edit(rows)``, its manifest rewritten
+    to match (row counts, and shard checksums where this audiotune lists them), as a stage would write it."""
     import pyarrow.parquet as pq
 
     from audiotune import artifacts
     from audiotune.data.schema import ShardWriter
 
-    (shard,) = (ds / "train").glob("part-*.parquet")
-    rows = edit(pq.read_table(shard).to_pylist())
+    (shard,) = (art / "train").glob("part-*.parquet")
+    table = pq.read_table(shard)
+    rows = edit(table.to_pylist())
     shard.unlink()
-    writer = ShardWriter(ds / "train", 10_000, 2**30)
+    writer = ShardWriter(art / "train", 10_000, 2**30, schema=table.schema)
     for row in rows:
         writer.add(row)
     writer.flush()
-    manifest = json.loads((ds / "manifest.json").read_text())
+    manifest = json.loads((art / "manifest.json").read_text())
     manifest["splits"]["train"] = {"rows": writer.rows, "shards": writer.shards}
     fields = {k: v for k, v in manifest.items() if k not in ("kind", "schema_version", "created_at",
-                                                              "audiotune_version")}
-    artifacts.write_manifest(ds, artifacts.DATASET, artifacts.DATASET_VERSION, **fields)
+                                                              "audiotune_version", "shard_files")}
+    artifacts.write_manifest(art, manifest["kind"], manifest["schema_version"], **fields)
 
 
 def _snapshot(root: Path) -> dict[str, bytes | None]:
@@ -280,3 +282,77 @@ def test_mlflow_precheck_on_a_malformed_uri_is_one_line():
     cfg = load_config(None, []).tracking.model_copy(update={"uri": "http://mlflow:notaport"})
     with pytest.raises(tracking.TrackingError, match="MLflow tracking server http://mlflow:notaport is unreachable"):
         tracking.client_for(cfg)
+
+
+# ------------------------------------------------------------------------ codes outside the flow's codebook
+def test_the_flow_stage_refuses_codes_outside_its_codebook_before_training(llm_tokens, tmp_path, capsys):
+    import shutil
+
+    tokens = tmp_path / "tokens"
+    shutil.copytree(llm_tokens, tokens)
+    size = json.loads((tokens / "manifest.json").read_text())["audio_tokenizer"]["codebook_size"]
+    bad_id: list[str] = []
+
+    def foreign(rows: list[dict]) -> list[dict]:  # one row from a tokenizer with a larger codebook
+        row = next(r for r in rows if r["audio_codes"] and len(r["audio_codes"][0]) > 3)
+        row["audio_codes"] = [[*c[:3], size + 7, *c[4:]] for c in row["audio_codes"]]
+        bad_id.append(row["id"])
+        return rows
+
+    _rewrite_train_shard(tokens, foreign)
+    out = tmp_path / "flow"
+    code = cli_main(["train", "flow", "--tokens", str(tokens), "--output", str(out), *NO_TRACKING,
+                     *_sets("flow.preset=tiny", "flow.num_samples=0", "flow.train.max_steps=2")])
+    line = _one_line_error(capsys.readouterr().err)
+    assert code == 1
+    assert (f"train/part-00000.parquet: row {bad_id[0]!r}: code {size + 7} (codebook 0, frame 3) lies outside "
+            f"[0, {size}) of the flow's codebook (flow.preset=tiny)") in line
+    # no flow, no checkpoint (the output lease, taken before the check, is the lock's business: a lease a
+    # stopped run left is taken over by the next)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "flow.lock") == ["tokens"]
+
+
+def test_the_flow_encoder_raises_instead_of_clamping():
+    import torch
+
+    from audiotune.errors import DataError
+    from audiotune.models.flow import PRESETS, FlowModel
+
+    model = FlowModel(PRESETS["tiny"](n_mels=80, codebook_size=8, num_codebooks=1, mel_frames_per_token=2.0))
+    codes = torch.tensor([[[1, 2, 3, 99]], [[1, 8, 0, 0]]])  # item 1: 8 at frame 1; the rest past its length
+    lengths = torch.tensor([3, 2])
+    with pytest.raises(DataError, match=r"code 8 \(batch item 1, codebook 0, frame 1\) lies outside the codebook"):
+        model.encoder(codes, lengths, lengths * 2, 8)
+    assert model.encoder(codes.clamp(max=7), torch.tensor([3, 1]), torch.tensor([6, 2]), 8).shape[-1] == 8
+
+
+def _codes_tokens(root: Path, rows: list[tuple[str, list[list[int]]]]) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (root / "train").mkdir(parents=True)
+    pq.write_table(pa.table({"id": [r[0] for r in rows], "audio_codes": [r[1] for r in rows]}),
+                   root / "train" / "part-00000.parquet")
+    return root
+
+
+def test_release_flows_are_checked_against_their_yaml_vocabulary_and_stream_layout(tmp_path):
+    from types import SimpleNamespace
+
+    from audiotune.data.codes import CodesOutOfRangeError, check_flow_codes
+
+    # a single-codebook release (vocab_size from its yaml) and a dual-codebook one reading pairs of one table
+    single = SimpleNamespace(codebook_size=4096, num_codebooks=1, code_stream=None)
+    pairs = SimpleNamespace(codebook_size=5121, num_codebooks=2, code_stream=None)
+    ok = _codes_tokens(tmp_path / "ok", [("a", [[0, 4095, 7], [5120, 1, 2]]), ("b", [[3, 3], [3, 3]])])
+    assert check_flow_codes(ok, single, "release") == 2 and check_flow_codes(ok, pairs, "release") == 2
+    with pytest.raises(CodesOutOfRangeError, match=r"row 'b': code 4096 \(codebook 0, frame 1\) lies outside "
+                                                   r"\[0, 4096\) of the flow's codebook \(rel\)"):
+        check_flow_codes(_codes_tokens(tmp_path / "big", [("a", [[1, 2]]), ("b", [[1, 4096]])]), single, "rel")
+    # Step-Audio-EditX: the Tokens hold the LLM's interleaved ids; each must be its position's codebook's
+    stream = {"codebook_offsets": [65536, 66560], "codebook_sizes": [1024, 4096], "interleave": [2, 3]}
+    step = SimpleNamespace(codebook_size=5122, num_codebooks=1, code_stream=stream)
+    good = [65536, 65537, 66560, 66561, 66562]
+    assert check_flow_codes(_codes_tokens(tmp_path / "s", [("a", [good * 2])]), step, "step") == 1
+    with pytest.raises(CodesOutOfRangeError, match=r"train/part-00000.parquet: row 'x': .*stream layout \(step\)"):
+        check_flow_codes(_codes_tokens(tmp_path / "t", [("x", [[66560, *good[1:]]])]), step, "step")

@@ -29,6 +29,7 @@ import numpy as np
 
 from audiotune import artifacts, publish, storage, tracking
 from audiotune.config import AudiotuneConfig, FlowStageConfig, dump_config
+from audiotune.data.codes import check_flow_codes
 from audiotune.errors import TrainingError
 from audiotune.train import checkpoints, output_lock
 from audiotune.train.engine import Engine, check_dropped, decay_groups, make_accelerator, resolve_dtype, seed_everything
@@ -299,6 +300,7 @@ def train_flow(cfg: AudiotuneConfig, tokens: str, output: str, base_flow: str | 
 
     seed_everything(cfg.run.seed)
     model = _build_model(F, info, speaker, base_flow)
+    check_flow_codes(tokens_dir, model.config, base_flow or f"flow.preset={F.preset}")  # before training
     if F.freeze_encoder:
         log.info("froze the encoder (%d parameters)", freeze_encoder(model))
     if F.lora.enabled:

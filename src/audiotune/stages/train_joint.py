@@ -24,6 +24,7 @@ from transformers import AutoTokenizer
 
 from audiotune import artifacts, publish, storage, tracking
 from audiotune.config import AudiotuneConfig, dump_config
+from audiotune.data.codes import check_flow_codes
 from audiotune.errors import TrainingError
 from audiotune.models.vocab import AudioVocab
 from audiotune.stages.train_flow import TrainFlowError, check_flow_fits, speaker_spec, tokens_info
@@ -145,6 +146,7 @@ def train_joint(cfg: AudiotuneConfig, tokens: str, llm: str, flow: str, llm_outp
         check_flow_fits(flow_model.config, info, speaker, flow)
     except TrainFlowError as err:
         raise TrainJointError(str(err)) from None
+    check_flow_codes(tokens_dir, flow_model.config, flow)  # every code the flow reads inside its codebook
     load_dtype = torch.bfloat16 if (dtype == "bf16" and llm_manifest.get("mode") == "lora") else torch.float32
     llm_model, _ = load_trained(llm_dir, base_path, load_dtype, trainable=True)
     if F.freeze_encoder:

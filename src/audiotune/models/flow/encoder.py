@@ -14,8 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from audiotune.errors import DataError
 from audiotune.models.flow.config import FlowConfig
 from audiotune.models.flow.modules import ChannelNorm, TransformerBlock, rotary_tables
+
+
+class FlowCodesError(DataError, ValueError):
+    """Codes outside the flow's codebook (the stages check the Tokens before training: see audiotune.data.codes)."""
 
 
 def lengths_to_mask(lengths: torch.Tensor, length: int) -> torch.Tensor:
@@ -100,7 +105,13 @@ class CodeEncoder(nn.Module):
             raise ValueError(f"flow encoder: codes must be [batch, {self.num_codebooks} codebooks, frames], "
                              f"got {tuple(codes.shape)}")
         key_mask = lengths_to_mask(code_lengths, codes.shape[-1])
-        ids = codes.long().clamp(0, self.codebook_size - 1) + self.offsets[None, :, None]
+        ids = codes.long().masked_fill(~key_mask[:, None, :], 0)  # padding may hold anything
+        outside = (ids < 0) | (ids >= self.codebook_size)
+        if bool(outside.any()):  # never clamped: codes of another tokenizer would train silently
+            b, k, t = (int(i) for i in outside.nonzero()[0])
+            raise FlowCodesError(f"flow encoder: code {int(ids[b, k, t])} (batch item {b}, codebook {k}, frame {t}) "
+                                 f"lies outside the codebook [0, {self.codebook_size})")
+        ids = ids + self.offsets[None, :, None]
         x = self.embed(ids).sum(1) * key_mask[..., None]
         rotary = rotary_tables(codes.shape[-1], self.head_dim, x.device, x.dtype)
         for block in self.blocks:
