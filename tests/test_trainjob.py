@@ -303,6 +303,7 @@ def test_a_multinode_task_launches_a_trainjob_with_the_plugins_mlflow_run(kube, 
     monkeypatch.setenv("MLFLOW_RUN_ID", "5f0e1d2c3b4a")
     monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "7")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.ml:5000")
     monkeypatch.setattr(trainjob, "run_trainjob", functools.partial(trainjob.run_trainjob, **FAST))
     kube.next_script = ["Created", "Complete"]
     cfg = validate({"llm": {"init": "scratch", "preset": "qwen2-0.5b", "mode": "full"},
@@ -318,10 +319,17 @@ def test_a_multinode_task_launches_a_trainjob_with_the_plugins_mlflow_run(kube, 
     env = {e["name"]: e for e in written["spec"]["trainer"]["env"]}
     assert env["MLFLOW_RUN_ID"]["value"] == "5f0e1d2c3b4a" and env["MLFLOW_EXPERIMENT_ID"]["value"] == "7"
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "audiotune-s3"
+    assert env["MLFLOW_TRACKING_URI"]["valueFrom"]["secretKeyRef"]["name"] == "audiotune-mlflow"
     assert "s3cr3t-value" not in json.dumps(written)
     command = written["spec"]["trainer"]["command"]
     assert command[:2] == ["sh", "-c"] and "exec python -m torch.distributed.run -m audiotune.cli train llm" \
         in command[2] and "--nnodes" not in command[2]
+    # without an MLflow Secret the plugin's tracking URI is passed on as it is
+    cfg = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"mlflow_secret": None})})
+    training.launch("llm", cfg, {"--tokens": "s3://bucket/tokens"}, "s3://bucket/out/llm", "another-run",
+                    "s3://bucket/out/run", manifest_path=manifest)
+    env = {e["name"]: e for e in yaml.safe_load(manifest.read_text())["spec"]["trainer"]["env"]}
+    assert env["MLFLOW_TRACKING_URI"] == {"name": "MLFLOW_TRACKING_URI", "value": "http://mlflow.ml:5000"}
 
 
 # --- the KFP MLflow plugin --------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from audiotune import artifacts, publish, storage
+from audiotune import artifacts, credentials, publish, storage
 from audiotune.config import AudiotuneConfig
 from audiotune.errors import TrainingError
 from audiotune.orchestration import params
@@ -123,7 +123,9 @@ def run_multinode(stage: str, cfg: AudiotuneConfig, argv: list[str], pipeline_ru
     else:  # the Training Operator sets RANK, MASTER_ADDR, MASTER_PORT; the kubelet expands $(...)
         command = torchrun_command(max(1, gpus), [*argv, "--config", NODE_CONFIG], nnodes=nodes, python="python")
     env = {CONFIG_ENV: config_yaml(cfg, stage, max(1, gpus))}
-    env.update({k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)})  # the KFP MLflow plugin's run
+    forwarded = FORWARDED_ENV if cfg.cluster.mlflow_secret else (*FORWARDED_ENV, "MLFLOW_TRACKING_URI")
+    env.update({k: os.environ[k] for k in forwarded  # the KFP MLflow plugin's run (and server, without a Secret)
+                if os.environ.get(k) and not credentials.is_uri_with_userinfo(os.environ[k])})
     spec = JobSpec.from_settings(
         cfg.cluster, run_id=pipeline_run_id, task=f"train-{stage}", image=CUDA_IMAGE, argv=argv, env=env,
         # each node writes the config from its environment, then runs torchrun
