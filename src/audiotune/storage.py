@@ -1,4 +1,5 @@
-"""Local paths and ``s3://bucket/prefix`` URIs behind one small API, and a download cache.
+"""Local paths and ``s3://bucket/prefix`` URIs behind one small API; the download cache is
+:mod:`audiotune.download_cache`.
 
 S3 goes through boto3 with the standard AWS environment (``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3``,
 ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``, profiles), so MinIO and other
@@ -12,8 +13,6 @@ write outside the destination directory.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import shutil
@@ -115,7 +114,7 @@ def _is_missing(err: Exception) -> bool:
     return code in {"404", "NoSuchKey", "NotFound"}
 
 
-def _head(bucket: str, key: str) -> dict | None:
+def head_object(bucket: str, key: str) -> dict | None:
     """``head_object`` metadata, or None when the object does not exist (other errors propagate)."""
     from botocore.exceptions import ClientError
 
@@ -137,7 +136,8 @@ def _iter_keys(bucket: str, prefix: str) -> Iterator[str]:
             yield obj["Key"]
 
 
-def _dir_prefix(key: str) -> str:
+def dir_prefix(key: str) -> str:
+    """The listing prefix of the objects below ``key`` (``key/``; empty for a whole bucket)."""
     return f"{key}/" if key else ""
 
 
@@ -165,9 +165,9 @@ def exists(uri: str | os.PathLike) -> bool:
     if not is_s3(uri):
         return Path(uri).exists()
     bucket, key = split_s3(str(uri))
-    if _head(bucket, key) is not None:
+    if head_object(bucket, key) is not None:
         return True
-    page = client().list_objects_v2(Bucket=bucket, Prefix=_dir_prefix(key), MaxKeys=1)
+    page = client().list_objects_v2(Bucket=bucket, Prefix=dir_prefix(key), MaxKeys=1)
     return bool(page.get("Contents"))
 
 
@@ -271,7 +271,7 @@ def list_files(uri: str | os.PathLike, check_keys: bool = True) -> list[str]:
             return []
         return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
     bucket, key = split_s3(str(uri))
-    prefix = _dir_prefix(key)
+    prefix = dir_prefix(key)
     rels = sorted(k[len(prefix):] for k in _iter_keys(bucket, prefix) if not k.endswith("/"))
     if check_keys:
         for rel in rels:
@@ -304,14 +304,14 @@ def download(uri: str | os.PathLike, local_path: str | os.PathLike) -> Path:
         return dest
     bucket, key = split_s3(str(uri))
     s3 = client()
-    if _head(bucket, key) is not None:
+    if head_object(bucket, key) is not None:
         dest.parent.mkdir(parents=True, exist_ok=True)
         s3.download_file(bucket, key, str(dest))
         return dest
     files = list_files(uri)
     if not files:
         raise FileNotFoundError(f"{uri} does not exist (no object and no objects below it)")
-    prefix = _dir_prefix(key)
+    prefix = dir_prefix(key)
     targets = {rel: inside(dest, rel, str(uri)) for rel in files}  # every key checked before any write
 
     def fetch(rel: str) -> None:
@@ -338,7 +338,7 @@ def _run_all(fn: Callable[[str], None], items: list[str]) -> None:
 def upload_files(local_dir: Path, uri: str, rels: list[str]) -> None:
     """Upload the files ``rels`` (relative to ``local_dir``) below ``uri``, in parallel with retries."""
     bucket, key = split_s3(uri)
-    prefix = _dir_prefix(key)
+    prefix = dir_prefix(key)
     s3 = client()
 
     def put(rel: str) -> None:
@@ -363,11 +363,11 @@ def upload_dir(local_dir: str | os.PathLike, uri: str | os.PathLike) -> None:
 def delete(uri: str | os.PathLike) -> None:
     """Remove a file or a whole directory / S3 prefix; a missing one is not an error."""
     if not is_s3(uri):
-        _remove_local(Path(uri))
+        remove_local(Path(uri))
         return
     bucket, key = split_s3(str(uri))
-    keys = list(_iter_keys(bucket, _dir_prefix(key)))
-    if key and _head(bucket, key) is not None:
+    keys = list(_iter_keys(bucket, dir_prefix(key)))
+    if key and head_object(bucket, key) is not None:
         keys.append(key)
     _delete_keys(bucket, keys, str(uri))
 
@@ -376,10 +376,10 @@ def delete_files(uri: str, rels: list[str]) -> None:
     """Delete the files ``rels`` (relative paths) below the directory or S3 prefix ``uri``."""
     if not is_s3(uri):
         for rel in rels:
-            _remove_local(Path(uri) / rel)
+            remove_local(Path(uri) / rel)
         return
     bucket, key = split_s3(str(uri).rstrip("/"))
-    _delete_keys(bucket, [_dir_prefix(key) + rel for rel in rels], str(uri))
+    _delete_keys(bucket, [dir_prefix(key) + rel for rel in rels], str(uri))
 
 
 def _delete_keys(bucket: str, keys: list[str], uri: str) -> None:
@@ -394,88 +394,19 @@ def _delete_keys(bucket: str, keys: list[str], uri: str) -> None:
                           f"{first.get('Key')}: {first.get('Message')}")
 
 
-def _remove_local(path: Path) -> None:
+def remove_local(path: Path) -> None:
+    """Remove a local file, link or directory tree, if there."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
         path.unlink()
 
 
-def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "audiotune"
-
-
-def _source_stamp(bucket: str, key: str) -> str | None:
-    """What identifies the current content of an S3 file or prefix, or None when nothing is there.
-
-    An artifact: its ``manifest.json``'s ETag and time (written last, so it changes with every publish).
-    Any other prefix (e.g. a Hugging Face model folder): every object's key, ETag and size. A file: its ETag.
-    """
-    head = _head(bucket, join(key, MANIFEST)) if key else None
-    if head is not None:
-        return json.dumps(["manifest", head["ETag"], str(head["LastModified"])])
-    head = _head(bucket, key) if key else None
-    if head is not None:
-        return json.dumps(["file", head["ETag"], head.get("ContentLength")])
-    paginator = client().get_paginator("list_objects_v2")
-    objects = [(o["Key"], o["ETag"], o["Size"]) for page in paginator.paginate(Bucket=bucket, Prefix=_dir_prefix(key))
-               for o in page.get("Contents", [])]
-    if not objects:
-        return None
-    return json.dumps(["prefix", hashlib.sha256(json.dumps(sorted(objects)).encode()).hexdigest()])
-
-
 def local_copy(uri: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
-    """A local path holding ``uri``: a local path as is, an S3 file or prefix downloaded once into a cache.
+    """A local path holding ``uri``: a local path as is, an S3 file or prefix through the download cache.
 
-    The cache entry is keyed by the URI and reused while the source is unchanged (see
-    :func:`_source_stamp`: an artifact's manifest, or the ETags of every object of a plain prefix such
-    as a base model folder). Processes on one machine (torchrun ranks) share the entry: a file lock
-    makes one of them download while the others wait and then reuse it. A download goes to a temporary
-    name and is renamed into place.
-
-    Args:
-        uri: Local path or S3 URI.
-        cache_dir: Cache root; defaults to ``$XDG_CACHE_HOME/audiotune`` or ``~/.cache/audiotune``.
-
-    Raises:
-        FileNotFoundError: When ``uri`` names neither a file nor a non-empty prefix.
-        UnsafePathError: When a key below the prefix would land outside the cache entry (see
-            :func:`download`); nothing is cached then.
+    See :func:`audiotune.download_cache.local_copy` (arguments, sharing between processes, errors).
     """
-    if not is_s3(uri):
-        return Path(uri)
-    from filelock import FileLock
+    from audiotune.download_cache import local_copy as cached
 
-    uri = str(uri).rstrip("/")
-    bucket, key = split_s3(uri)
-    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
-    name = key.rsplit("/", 1)[-1] or bucket
-    root = _cache_root(cache_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    entry = root / f"{name}-{digest}"
-    stamp_file = root / f".{name}-{digest}.stamp"
-    with FileLock(str(root / f".{name}-{digest}.lock")):
-        for stale in root.glob(f".{name}-{digest}.tmp-*"):  # a killed download's; under the lock none is running
-            log.info("removing %s, left by an interrupted download", stale)
-            _remove_local(stale)
-        stamp = _source_stamp(bucket, key)
-        if stamp is None:
-            raise FileNotFoundError(f"{uri} does not exist (no object, no object below the prefix)")
-        if entry.exists() and stamp_file.exists() and stamp_file.read_text() == stamp:
-            log.debug("cache hit for %s at %s", uri, entry)
-            return entry
-        stamp_file.unlink(missing_ok=True)
-        tmp = root / f".{name}-{digest}.tmp-{uuid.uuid4().hex}"
-        try:
-            download(uri, tmp)
-            _remove_local(entry)
-            os.rename(tmp, entry)
-        finally:
-            _remove_local(tmp)
-        stamp_file.write_text(stamp)
-    log.info("downloaded %s to %s", uri, entry)
-    return entry
+    return cached(uri, cache_dir)
