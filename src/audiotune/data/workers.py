@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
 import sys
 import threading
@@ -23,6 +24,16 @@ from audiotune.errors import Interrupted
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+
+
+def num_workers(requested: int) -> int:
+    """Worker processes: ``requested``, or one per available core when 0."""
+    if requested > 0:
+        return requested
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def _die_with_parent() -> None:

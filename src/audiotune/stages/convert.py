@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import tempfile
 import time
 from contextlib import ExitStack
@@ -31,7 +30,7 @@ from audiotune.data.rows import RowSettings, convert_record
 from audiotune.data.schema import COLUMNS, ShardWriter, split_of
 from audiotune.data.sources import resolve_source
 from audiotune.data.sources.base import BadRecord, SourceError, SourceOptions, SourceRecord
-from audiotune.data.workers import stop_on_signals, worker_pool
+from audiotune.data.workers import num_workers, stop_on_signals, worker_pool
 from audiotune.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -48,16 +47,6 @@ class ConvertResult:
     output: str
     report: dict[str, Any]
     manifest: dict[str, Any]
-
-
-def num_workers(requested: int) -> int:
-    """Worker processes: ``requested``, or one per available core when 0."""
-    if requested > 0:
-        return requested
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def _settings(c: ConvertConfig) -> RowSettings:

@@ -28,9 +28,8 @@ from audiotune.config import AudiotuneConfig, TokenizeConfig, dump_config
 from audiotune.data.audio import UndecodableAudio, decode_flac
 from audiotune.data.schema import ShardWriter, read_shard, split_of
 from audiotune.data.sources.base import BadRecord
-from audiotune.data.workers import stop_on_signals, worker_pool
+from audiotune.data.workers import num_workers, stop_on_signals, worker_pool
 from audiotune.errors import DataError
-from audiotune.stages.convert import num_workers
 from audiotune.tokenization import features
 from audiotune.tokenization.audio_tokenizers.base import CodesOutOfRange
 from audiotune.tokenization.report import TokenizeReport
