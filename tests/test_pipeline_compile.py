@@ -156,12 +156,13 @@ def test_modes_and_joint_are_conditions_on_the_resolved_config(checked_in):
     assert any("prepare-run-run_joint'] == true" in c for c in conditions)
     exits = [t for _, n, t in _tasks(spec) if n == "finish-run"]
     assert exits[0]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
-    # four mutually exclusive branches (llm, flow, both with joint, both without), each ends in an export
+    # four mutually exclusive branches (llm, flow, both with joint, both without), each ends in an export and its
+    # evaluation (which registers the model)
     branches = [{_base(n) for n in comp.get("dag", {}).get("tasks", {})}
                 for c, comp in spec["components"].items() if c.startswith("comp-condition-")]
     assert sorted(sorted(b) for b in branches if "export-model" in b) == [
-        ["export-model"], ["export-model", "train-flow"], ["export-model", "train-joint"],
-        ["export-model", "train-llm"]]
+        ["evaluate-model", "export-model"], ["evaluate-model", "export-model", "train-flow"],
+        ["evaluate-model", "export-model", "train-joint"], ["evaluate-model", "export-model", "train-llm"]]
 
 
 def test_parameters_default_to_the_config_and_are_described(checked_in):
