@@ -47,7 +47,7 @@ def load_pipeline(base_model: str | Path, dtype: str = "fp32", transformer=None)
 
     root = check_folder(base_model)
     extra = {"transformer": transformer} if transformer is not None else {}
-    pipe = AceStepPipeline.from_pretrained(str(root), torch_dtype=DTYPES[dtype], **extra)
+    pipe = AceStepPipeline.from_pretrained(str(root), dtype=DTYPES[dtype], **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -57,4 +57,4 @@ def load_transformer(base_model: str | Path, dtype: str = "fp32"):
     from diffusers import AceStepTransformer1DModel
 
     root = check_folder(base_model)
-    return AceStepTransformer1DModel.from_pretrained(str(root), subfolder="transformer", torch_dtype=DTYPES[dtype])
+    return AceStepTransformer1DModel.from_pretrained(str(root), subfolder="transformer", dtype=DTYPES[dtype])
