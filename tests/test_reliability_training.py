@@ -314,6 +314,7 @@ def test_llm_dropping_more_than_max_drop_fraction_fails_with_one_line(llm_tokens
     assert found and 0 < int(found.group(1)) <= int(found.group(2)), line
     assert f"{llm_tokens} train" in line
     assert not out.exists() and not Path(f"{out}.checkpoints").exists()  # nothing trained, nothing published
+    assert not Path(f"{out}.lock").exists()  # the lease was given back
 
 
 def test_flow_dropping_more_than_max_drop_fraction_fails_and_names_the_setting(llm_tokens, tmp_path):

@@ -23,6 +23,7 @@ import socket
 import threading
 import time
 import uuid
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -99,13 +100,14 @@ class _LocalLease:
             log.info("taking over the lease %s of a run that is gone (%s)", self.path, _describe(previous))
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(_identity(stage, output)) + "\n").encode(), 0)
-        self.fd = fd
+        # given back by release(), or when the lease is garbage (a stage that failed before its `with lease`)
+        # or the interpreter exits, whichever comes first
+        self.release = weakref.finalize(self, _give_back_local, self.path, fd)
 
-    def release(self) -> None:
-        if self.fd is not None:
-            self.path.unlink(missing_ok=True)
-            os.close(self.fd)
-            self.fd = None
+
+def _give_back_local(path: Path, fd: int) -> None:
+    path.unlink(missing_ok=True)  # still ours: nobody else can lock it while we hold it
+    os.close(fd)
 
 
 class _S3Lease:
@@ -119,6 +121,7 @@ class _S3Lease:
         self._stop = threading.Event()
         self._renewer = threading.Thread(target=self._renew, name="output-lease", daemon=True)
         self._renewer.start()
+        self._finalizer = weakref.finalize(self, _give_back_s3, self.uri, self.bucket, self.key, self._stop)
 
     def _put(self, **condition: str) -> str:
         body = json.dumps({**self.identity, "renewed": time.time()}).encode()
@@ -162,13 +165,17 @@ class _S3Lease:
                 log.warning("cannot renew the lease %s (%s); another run may take over this output", self.uri, err)
 
     def release(self) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
+        self._finalizer()
 
-        self._stop.set()
-        try:
-            storage.client().delete_object(Bucket=self.bucket, Key=self.key)
-        except (BotoCoreError, ClientError) as err:
-            log.warning("cannot remove the lease %s (%s); it goes stale in %.0f s", self.uri, err, STALE_S)
+
+def _give_back_s3(uri: str, bucket: str, key: str, stop: threading.Event) -> None:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    stop.set()
+    try:
+        storage.client().delete_object(Bucket=bucket, Key=key)
+    except (BotoCoreError, ClientError) as err:
+        log.warning("cannot remove the lease %s (%s); it goes stale in %.0f s", uri, err, STALE_S)
 
 
 def _status(err: Exception) -> int:
