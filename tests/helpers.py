@@ -110,5 +110,8 @@ def release_tokens(root: Path, folder: Path, n: int = 6, speaker_dim: int | None
                 "speaker_embedding": "onnx", "dataset_fingerprint": "test",
                 "audio_tokenizer": {"type": "precomputed", "num_codebooks": 1, "codebook_size": info.vocab_size,
                                     "token_rate": rate}}
+    from audiotune.artifacts import shard_files
+
+    manifest["shard_files"] = shard_files(root)
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root

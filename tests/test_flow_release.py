@@ -195,8 +195,11 @@ def _with_xvectors(tokens: Path, dest: Path, dim: int = 192) -> Path:
     from safetensors.torch import save_file
 
     save_file({"spk0": torch.randn(dim)}, str(dest / "tokenizer" / "speaker_embeddings.safetensors"))
+    from audiotune.artifacts import shard_files
+
     manifest = json.loads((dest / "manifest.json").read_text())
     manifest["speaker_embedding"] = "onnx"
+    manifest["shard_files"] = shard_files(dest)  # the rewritten shards, as a tokenize run would list them
     (dest / "manifest.json").write_text(json.dumps(manifest))
     return dest
 
@@ -244,6 +247,8 @@ def _step_tokens(root: Path, folder: Path, n: int = 4) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from audiotune.artifacts import shard_files
+
     _, info = load_release(folder)
     rng = np.random.default_rng(0)
     for split, count in (("train", n), ("val", 1)):
@@ -264,7 +269,7 @@ def _step_tokens(root: Path, folder: Path, n: int = 4) -> Path:
         "kind": "audiotune.tokens", "schema_version": 1, "mel": {"format": "cosyvoice-log-mel", **info.mel},
         "speakers": 1, "speaker_embedding": "onnx", "audio_tokenizer": {
             "type": "precomputed", "num_codebooks": 1, "codebook_size": 5120, "token_rate": 125 / 3,
-            "code_stream": stream}}))
+            "code_stream": stream}, "shard_files": shard_files(root)}))
     return root
 
 
