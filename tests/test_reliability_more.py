@@ -156,7 +156,7 @@ def test_a_signal_stops_tokenize_and_its_workers_and_publishes_nothing(tmp_path)
     import sys
     import time
 
-    ds = _dataset(tmp_path, 1, seconds=60.0)  # one long row, repeated: a few seconds of work for two workers
+    ds = _dataset(tmp_path, 1, seconds=15.0)  # one row, repeated: seconds of work for two workers
     _rewrite_train_shard(ds, lambda rows: [{**rows[0], "id": f"r{i:02d}"} for i in range(24)])
     before = _snapshot(tmp_path)
     argv = [sys.executable, "-m", "audiotune.cli", "tokenize", "--dataset", str(ds), "--output",
