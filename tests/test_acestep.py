@@ -171,3 +171,29 @@ def test_pipeline_mode_acestep_runs_under_kfp_local(base, tmp_path, monkeypatch)
     manifest = json.loads((export / "manifest.json").read_text())
     assert manifest["kind"] == "audiotune.acestep-export" and manifest["steps"] == 2
     load_into(load_pipeline(base), export / "lora")
+
+
+def test_objective_matches_the_pipelines_sampler():
+    """The velocity the loss teaches (noise − x0 on x_t = t·noise + (1−t)·x0) takes the pipeline's own scheduler,
+    stepping over the pipeline's schedule from pure noise, exactly to x0; the turbo table is that schedule."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from audiotune.models.acestep.objective import sample_timesteps, turbo_schedule
+    from tests.acestep_tiny import build_pipeline
+
+    pipe = build_pipeline()
+    table = pipe._get_timestep_schedule(num_inference_steps=8, shift=3.0)
+    torch.testing.assert_close(turbo_schedule(), table)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1, shift=1.0)
+    scheduler.set_timesteps(sigmas=table.tolist())
+    torch.manual_seed(0)
+    x0, noise = torch.randn(2, 10, LATENT_DIM), torch.randn(2, 10, LATENT_DIM)
+    x = noise
+    for t in scheduler.timesteps:
+        assert torch.allclose(x, t * noise + (1 - t) * x0, atol=1e-5)  # on the training path at every step
+        x = scheduler.step(noise - x0, t, x, return_dict=False)[0]
+    torch.testing.assert_close(x, x0, rtol=1e-5, atol=1e-5)
+    drawn = sample_timesteps(256, "turbo_schedule", 0.0, 1.0, "cpu")
+    assert set(drawn.tolist()) <= set(table.tolist())
+    logit = sample_timesteps(4096, "logit_normal", -0.4, 1.0, "cpu")
+    assert 0 < logit.min() and logit.max() < 1 and abs(torch.logit(logit).mean() + 0.4) < 0.1
