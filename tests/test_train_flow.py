@@ -122,6 +122,11 @@ def _copy(tokens: Path, dest: Path, manifest_edit=None, drop_mels: bool = False)
             index = table.schema.get_field_index("mel")
             table = table.set_column(index, table.schema.field("mel"), pa.nulls(len(table), pa.binary()))
             pq.write_table(table, shard)
+        from audiotune.artifacts import shard_files
+
+        manifest = json.loads((dest / "manifest.json").read_text())
+        manifest["shard_files"] = shard_files(dest)  # the rewritten shards, as a tokenize run would list them
+        (dest / "manifest.json").write_text(json.dumps(manifest))
     return dest
 
 
