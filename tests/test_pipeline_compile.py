@@ -16,7 +16,8 @@ from audiotune.orchestration import params
 ROOT = Path(__file__).resolve().parents[1]
 COMPILED = ROOT / "pipelines" / "compiled" / "finetune.yaml"
 COMPILED_FROM = ROOT / "pipelines" / "compiled" / "finetune.config.yaml"
-TRAINING = ("train-llm", "train-flow", "train-joint")
+TRAINING = ("train-llm", "train-flow", "train-joint",
+            "encode-acestep", "train-acestep")  # GPU pods: the ACE-Step encode runs the VAE and text encoder
 
 
 def _compile(tmp_path: Path, cfg=None) -> tuple[dict, dict, str]:
