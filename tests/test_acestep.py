@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -197,3 +198,26 @@ def test_objective_matches_the_pipelines_sampler():
     assert set(drawn.tolist()) <= set(table.tolist())
     logit = sample_timesteps(4096, "logit_normal", -0.4, 1.0, "cpu")
     assert 0 < logit.min() and logit.max() < 1 and abs(torch.logit(logit).mean() + 0.4) < 0.1
+
+
+def test_samples_render_through_the_pipeline_with_the_current_lora(latents, base, tmp_path):
+    import soundfile as sf
+
+    from audiotune.models.acestep.latents import LatentSplit
+    from audiotune.models.acestep.load import load_transformer
+    from audiotune.models.acestep.lora import add_lora
+    from audiotune.stages.train_acestep import _Sampler
+
+    transformer = load_transformer(base)
+    add_lora(transformer, 4, 8, 0.0, ["to_q", "to_k", "to_v", "to_out.0"])
+    cfg = _cfg("acestep.num_samples=1", "acestep.sample.duration_s=0.4", "acestep.sample.num_inference_steps=2")
+    sampler = _Sampler(cfg, base, transformer, (LatentSplit(latents / "train"),), "fp32")
+    assert sampler.pipe.transformer is transformer  # the weights being trained, not a copy
+    before = sf.read(sampler.render(tmp_path, "a")[0])[0]
+    with torch.no_grad():
+        for name, p in transformer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    (path,) = sampler.render(tmp_path, "b")
+    after, sr = sf.read(path)
+    assert sr == 1600 and after.shape == before.shape == (640, 2) and not np.allclose(before, after)
