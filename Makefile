@@ -31,8 +31,9 @@ test: setup
 
 demo: setup
 	$(PY) examples/make_corpus.py --out demo/corpus
-	# the whole pipeline under kfp.local: convert, tokenize, llm ∥ flow, joint, export; MLflow in ./mlruns
-	$(VENV)/bin/audiotune run --local examples/demo.yaml
+	# the whole pipeline under kfp.local: convert, tokenize, llm ∥ flow, joint, export, evaluate (its summary is
+	# printed; the model is registered as demo-voice, the eval table in its card); MLflow in ./mlruns
+	$(VENV)/bin/audiotune run --local examples/demo.yaml --set export.registered_model_name=demo-voice
 
 lint: setup
 	$(VENV)/bin/ruff check src tests components pipelines examples benchmarks

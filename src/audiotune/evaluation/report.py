@@ -16,7 +16,7 @@ LABELS = {
     "mcd": "MCD (dB) ↓", "f0_rmse": "F0 RMSE (Hz) ↓", "voicing_error": "voicing error ↓",
     "duration_ratio": "duration / reference", "empty": "empty outputs ↓", "truncated": "truncated outputs ↓",
     "max_length": "max-length outputs ↓", "failed": "synthesis failures ↓", "bad": "empty/truncated/max-length/"
-    "failed ↓", "seconds": "seconds per utterance",
+    "failed ↓", "seconds": "seconds per utterance", "frames": "code frames per utterance",
 }
 HIGHER_IS_BETTER = {"sim", "dnsmos_ovrl", "dnsmos_sig", "dnsmos_bak", "dnsmos_p808"}
 RATES = ("empty", "truncated", "max_length", "failed", "bad")  # 0/1 per utterance: summarised as *_rate
