@@ -1,4 +1,4 @@
-"""The fine-tuning pipeline: the DAG of ARCHITECTURE.md.
+"""The fine-tuning pipeline: the DAG of docs/architecture.md.
 
     prepare_run ─► convert_data ─► tokenize_data ─┬─► link_runs
                                                    ├─ mode llm:  train_llm ──────────► export_model
