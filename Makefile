@@ -37,6 +37,8 @@ demo: setup
 
 lint: setup
 	$(VENV)/bin/ruff check src tests components pipelines examples benchmarks
+	# the layer order of docs/architecture.md (.importlinter)
+	$(VENV)/bin/lint-imports --no-cache
 
 bench: setup
 	$(PY) -m benchmarks.convert
