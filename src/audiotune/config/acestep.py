@@ -45,7 +45,6 @@ class AceStepStageConfig(_Section):
     max_lyric_length: int = Field(2048, ge=8, description="Longest lyric prompt in text-encoder tokens.")
     max_seconds: float = Field(240.0, gt=0, description="Songs longer than this are cropped to their start when "
                                "encoded (ACE-Step trains on up to 240 s).")
-    encode_batch_size: int = Field(1, ge=1, le=64, description="Rows encoded at once (VAE and text encoder).")
     timestep_sampling: Literal["auto", "logit_normal", "turbo_schedule"] = Field(
         "auto", description="How the training timestep t is drawn: logit_normal (sigmoid of N(mu, sigma), base/SFT "
         "checkpoints), turbo_schedule (uniform over the 8-step shift-3 inference schedule of turbo checkpoints), "

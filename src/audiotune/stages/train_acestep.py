@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 KIND = "audiotune.acestep-lora"
 VERSION = 1
-RESUME_FREE = ("base_model", "num_samples", "sample_every", "sample", "fuse", "overwrite", "encode_batch_size")
+RESUME_FREE = ("base_model", "num_samples", "sample_every", "sample", "fuse", "overwrite", "max_seconds",
+               "vocal_language", "max_text_length", "max_lyric_length")  # sampling and encoding settings
 
 
 class TrainAceStepError(TrainingError):
