@@ -3,7 +3,9 @@ exit code, the one-line message, and that nothing was lost or written where it m
 
 from __future__ import annotations
 
+import gc
 import json
+import logging
 import os
 import re
 import socket
@@ -26,6 +28,15 @@ def _train_llm_cli(tokens: Path, out: Path, *sets: str) -> list[str]:
             *[a for s in [*TRAIN_FAST, *sets] for a in ("--set", s)]]
 
 
+def _cli(argv: list[str], capsys, caplog) -> tuple[int, str]:
+    """Run the command line in this process; its exit code, and stderr with the log records."""
+    from audiotune.cli import main as cli_main
+
+    with caplog.at_level(logging.INFO):
+        code = cli_main(argv)
+    return code, capsys.readouterr().err + caplog.text
+
+
 def _no_traceback(stderr: str) -> None:
     assert "Traceback" not in stderr, stderr[-4000:]
 
@@ -40,37 +51,38 @@ def _one_line_error(stderr: str) -> str:
 
 # ------------------------------------------------------------------------------ MLflow outage mid-training
 class OutageProxy:
-    """A TCP proxy in front of a real MLflow server that goes down after ``down_after`` log-batch requests
-    (refusing connections and cutting open ones) and, with ``down_for``, comes back that many seconds later."""
+    """A TCP proxy in front of a real MLflow server that goes down after ``down_after`` log-batch requests: it
+    cuts the open connections and closes every new one at once; with ``back_after`` it forwards again once it
+    has turned that many connections away (the client's retry, then its probes)."""
 
-    def __init__(self, target: str, down_after: int, down_for: float | None = None) -> None:
+    def __init__(self, target: str, down_after: int, back_after: int | None = None) -> None:
         host, port = target.removeprefix("http://").split(":")
         self.target = (host, int(port))
-        self.down_after, self.down_for = down_after, down_for
-        self.batches = 0
+        self.down_after, self.back_after = down_after, back_after
+        self.batches = self.refused = 0
         self.went_down: float | None = None
+        self.came_back: float | None = None
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
-        probe = socket.socket()
-        probe.bind(("127.0.0.1", 0))
-        self.port = probe.getsockname()[1]
-        probe.close()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._listen()
-
-    def _listen(self) -> None:
         self._server = socket.socket()
-        self._server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._server.bind(("127.0.0.1", self.port))
+        self._server.bind(("127.0.0.1", 0))
         self._server.listen(16)
-        threading.Thread(target=self._accept, args=(self._server,), daemon=True).start()
+        self.url = f"http://127.0.0.1:{self._server.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
 
-    def _accept(self, server: socket.socket) -> None:
+    @property
+    def is_down(self) -> bool:
+        return self.went_down is not None and self.came_back is None
+
+    def _accept(self) -> None:
         while True:
-            try:
-                client, _ = server.accept()
-            except OSError:
-                return
+            client, _ = self._server.accept()
+            if self.is_down:
+                self.refused += 1
+                client.close()
+                if self.back_after is not None and self.refused >= self.back_after:
+                    self.came_back = time.monotonic()
+                continue
             upstream = socket.create_connection(self.target)
             with self._lock:
                 self._conns += [client, upstream]
@@ -97,31 +109,22 @@ class OutageProxy:
 
     def down(self) -> None:
         with self._lock:
-            if self.went_down is not None:
-                return
             self.went_down = time.monotonic()
-            try:
-                self._server.shutdown(socket.SHUT_RDWR)  # wakes the accept() and stops listening
-            except OSError:
-                pass
-            self._server.close()
             for sock in self._conns:
                 try:
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
             self._conns.clear()
-        if self.down_for is not None:
-            threading.Timer(self.down_for, self._listen).start()
 
 
-def _outage_run(tokens: Path, tmp_path: Path, proxy: OutageProxy, steps: int, experiment: str = "outage"
-                ) -> tuple[subprocess.CompletedProcess, Path]:
+def _outage_run(tokens: Path, tmp_path: Path, proxy: OutageProxy, steps: int, capsys, caplog,
+                experiment: str = "outage") -> tuple[int, str, Path]:
     spool = tmp_path / "unsent"
     cmd = _train_llm_cli(tokens, tmp_path / "llm", f"llm.train.max_steps={steps}", f"tracking.uri={proxy.url}",
                          f"tracking.experiment={experiment}", f"tracking.spool_dir={spool}",
                          "tracking.retry_every_s=0.2", "tracking.request_timeout_s=5")
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path), spool
+    return (*_cli(cmd[3:], capsys, caplog), spool)
 
 
 def _spooled_steps(spool: Path) -> set[int]:
@@ -133,11 +136,11 @@ def _spooled_steps(spool: Path) -> set[int]:
 
 
 def test_mlflow_down_for_good_mid_training_finishes_and_keeps_the_metrics_in_a_file(llm_tokens, mlflow_server,
-                                                                                    tmp_path):
+                                                                                    tmp_path, capsys, caplog):
     proxy = OutageProxy(mlflow_server, down_after=4)  # params (1-2 batches), then the first steps' metrics
-    proc, spool = _outage_run(llm_tokens, tmp_path, proxy, steps=12)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    _no_traceback(proc.stderr)
+    code, stderr, spool = _outage_run(llm_tokens, tmp_path, proxy, 12, capsys, caplog)
+    assert code == 0, stderr[-4000:]
+    _no_traceback(stderr)
     assert proxy.went_down is not None
     assert time.monotonic() - proxy.went_down < 120  # no stall of minutes in retries
     # nothing lost: the model is published, every step after the outage is in the spool file, the report names it
@@ -147,19 +150,19 @@ def test_mlflow_down_for_good_mid_training_finishes_and_keeps_the_metrics_in_a_f
     assert [h["step"] for h in history if "loss" in h] == list(range(1, 13))
     kept = _spooled_steps(spool)
     assert kept and max(kept) == 12 and kept == set(range(min(kept), 13)), kept
-    report = [line for line in proc.stderr.splitlines() if "did not answer by the end of the stage" in line]
-    assert len(report) == 1 and str(spool) in report[0], proc.stderr[-4000:]
+    report = [line for line in stderr.splitlines() if "did not answer by the end of the stage" in line]
+    assert len(report) == 1 and str(spool) in report[0], stderr[-4000:]
 
 
-def test_mlflow_back_after_an_outage_receives_every_step(llm_tokens, mlflow_server, tmp_path):
+def test_mlflow_back_after_an_outage_receives_every_step(llm_tokens, mlflow_server, tmp_path, capsys, caplog):
     from mlflow import MlflowClient
 
-    proxy = OutageProxy(mlflow_server, down_after=4, down_for=4.0)
+    proxy = OutageProxy(mlflow_server, down_after=4, back_after=2)
     experiment = f"outage-{uuid.uuid4().hex[:8]}"
-    proc, spool = _outage_run(llm_tokens, tmp_path, proxy, steps=12, experiment=experiment)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    _no_traceback(proc.stderr)
-    assert proxy.went_down is not None and "answers again" in proc.stderr, proc.stderr[-4000:]
+    code, stderr, spool = _outage_run(llm_tokens, tmp_path, proxy, 12, capsys, caplog, experiment=experiment)
+    assert code == 0, stderr[-4000:]
+    _no_traceback(stderr)
+    assert proxy.came_back is not None and "answers again" in stderr, stderr[-4000:]
     assert not list(spool.glob("*.jsonl"))  # all sent: nothing left behind
     client = MlflowClient(mlflow_server)
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
@@ -178,7 +181,8 @@ def _wait_for_text(path: Path, proc: subprocess.Popen, text: str, timeout: float
         time.sleep(0.1)
 
 
-def test_second_run_on_the_same_output_fails_at_once_and_a_dead_runs_lease_is_taken_over(llm_tokens, tmp_path):
+def test_second_run_on_the_same_output_fails_at_once_and_a_dead_runs_lease_is_taken_over(llm_tokens, tmp_path,
+                                                                                         capsys, caplog):
     import signal
 
     out = tmp_path / "llm"
@@ -190,21 +194,22 @@ def test_second_run_on_the_same_output_fails_at_once_and_a_dead_runs_lease_is_ta
         _wait_for_text(first_log, first, "step 1/500")
         lease = json.loads(Path(f"{out}.lock").read_text())
         assert lease["pid"] == first.pid and lease["stage"] == "llm"
-        second = subprocess.run(_train_llm_cli(llm_tokens, out, "tracking.enabled=false", "llm.train.max_steps=2"),
-                                capture_output=True, text=True, timeout=300)
+        # a second process (this one) with the same output
+        code, stderr = _cli(_train_llm_cli(llm_tokens, out, "tracking.enabled=false", "llm.train.max_steps=2")[3:],
+                            capsys, caplog)
         assert first.poll() is None  # the first run is untouched
-        assert second.returncode == 2, second.stderr[-4000:]
-        line = _one_line_error(second.stderr)
+        assert code == 2, stderr[-4000:]
+        line = _one_line_error(stderr)
         assert f"output {out} is in use by another run" in line and f"pid {first.pid}" in line, line
-        assert "training" not in second.stderr and "step 1/" not in second.stderr  # it failed before any work
+        assert "training" not in stderr and "step 1/" not in stderr  # it failed before any work
     finally:
         os.kill(first.pid, signal.SIGKILL)
         first.wait(timeout=60)
     # the lease of the killed run is stale: the next run takes it over, trains, publishes and gives it back
-    third = subprocess.run(_train_llm_cli(llm_tokens, out, "tracking.enabled=false", "llm.train.max_steps=2"),
-                           capture_output=True, text=True, timeout=300)
-    assert third.returncode == 0, third.stderr[-4000:]
-    assert "taking over the lease" in third.stderr and f"pid {first.pid}" in third.stderr
+    code, stderr = _cli(_train_llm_cli(llm_tokens, out, "tracking.enabled=false", "llm.train.max_steps=2")[3:],
+                        capsys, caplog)
+    assert code == 0, stderr[-4000:]
+    assert "taking over the lease" in stderr and f"pid {first.pid}" in stderr
     assert json.loads((out / "manifest.json").read_text())["steps"] == 2
     assert not Path(f"{out}.lock").exists()
 
@@ -303,17 +308,18 @@ def test_deepspeed_resume_is_allowed_from_the_runs_own_checkpoints_or_with_trust
 
 
 # ------------------------------------------------------------------------------ rows dropped by a training stage
-def test_llm_dropping_more_than_max_drop_fraction_fails_with_one_line(llm_tokens, tmp_path):
+def test_llm_dropping_more_than_max_drop_fraction_fails_with_one_line(llm_tokens, tmp_path, capsys, caplog):
     out = tmp_path / "llm"
-    proc = subprocess.run(_train_llm_cli(llm_tokens, out, "tracking.enabled=false", "llm.max_seq_len=80",
-                                         "llm.train.max_steps=2"), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1, proc.stderr[-4000:]
-    line = _one_line_error(proc.stderr)
+    code, stderr = _cli(_train_llm_cli(llm_tokens, out, "tracking.enabled=false", "llm.max_seq_len=80",
+                                       "llm.train.max_steps=2")[3:], capsys, caplog)
+    assert code == 1, stderr[-4000:]
+    line = _one_line_error(stderr)
     found = re.search(r"(\d+) of (\d+) rows dropped \(longer than llm\.max_seq_len=80\), [\d.]+% > "
                       r"llm\.train\.max_drop_fraction=0\.01", line)
     assert found and 0 < int(found.group(1)) <= int(found.group(2)), line
     assert f"{llm_tokens} train" in line
     assert not out.exists() and not Path(f"{out}.checkpoints").exists()  # nothing trained, nothing published
+    gc.collect()  # in this process the lease goes with the failed stage's frame (a CLI process: at its exit)
     assert not Path(f"{out}.lock").exists()  # the lease was given back
 
 
@@ -366,7 +372,8 @@ def _tokenize_cli(dataset: Path, base: Path, out: Path, *sets: str) -> list[str]
     ("tokenize.max_base_vocab=100",
      r"its tokenizer has \d+ vocabulary entries, more than tokenize\.max_base_vocab=100"),
 ])
-def test_a_base_tokenizer_over_the_limits_is_refused_before_it_is_built(llm_tokens, tmp_path, limit, named):
+def test_a_base_tokenizer_over_the_limits_is_refused_before_it_is_built(llm_tokens, tmp_path, capsys, caplog, limit,
+                                                                        named):
     from audiotune.tokenization.text import train_bpe
 
     base = tmp_path / "base"
@@ -374,10 +381,9 @@ def test_a_base_tokenizer_over_the_limits_is_refused_before_it_is_built(llm_toke
               400).save_pretrained(str(base))
     assert (base / "tokenizer.json").stat().st_size > 0.01 * 2**20
     out = tmp_path / "tok"
-    proc = subprocess.run(_tokenize_cli(llm_tokens.parent / "ds", base, out, limit), capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 1, proc.stderr[-4000:]
-    line = _one_line_error(proc.stderr)
+    code, stderr = _cli(_tokenize_cli(llm_tokens.parent / "ds", base, out, limit)[3:], capsys, caplog)
+    assert code == 1, stderr[-4000:]
+    line = _one_line_error(stderr)
     assert re.search(named, line) and f"base model {base}" in line, line
     assert not out.exists()
 
