@@ -154,6 +154,10 @@ class PipelineConfig(_Section):
         True, description="Reuse the convert and tokenize outputs of an earlier run when the source data (by "
         "fingerprint) and their settings are unchanged. Training and export always run."
     )
+    data_parallelism: int = Field(
+        0, ge=0, le=256, description="Convert fan-out: work units converted at once, one pod each (plan, "
+        "ParallelFor, merge; see docs/scaling.md). 0: one convert task, as before."
+    )
     retries: int = Field(2, ge=0, le=10, description="Retries of a failed training task (it resumes from its "
                          "newest checkpoint).")
     retry_backoff_s: int = Field(60, ge=0, description="Seconds before the first retry; doubled for each next one.")

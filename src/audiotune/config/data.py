@@ -38,6 +38,21 @@ class ConvertConfig(_Section):
     text_field: str = Field("text", description="Field holding the document in text JSONL sources.")
     repeat_count: int = Field(1, ge=1, description="ACE-Step: how often each row counts in training.")
     overwrite: bool = Field(False, description="Replace an existing Dataset at the output URI.")
+    unit_max_bytes: int = Field(
+        2 * 2**30, ge=1, description="Fan-out (pipeline): most bytes of source audio in one work unit."
+    )
+    unit_max_rows: int = Field(20000, ge=1, description="Fan-out (pipeline): most rows in one work unit.")
+    max_units: int = Field(
+        500, ge=1, description="Fan-out (pipeline): most work units; the unit bounds are raised evenly to fit."
+    )
+    max_local_disk_bytes: int = Field(
+        2 * 2**30, ge=0, description="Fan-out: most bytes of streamed S3 audio a unit task holds on local disk at "
+        "once (0: no cap); an object larger than this is an error."
+    )
+    plan_uri: str | None = Field(
+        None, description="Fan-out: durable folder (s3:// or shared) of the plan; the plan found there is the "
+        "previous one, whose intact units keep their ids (so the KFP cache holds). Unset: a new plan each run."
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> "ConvertConfig":

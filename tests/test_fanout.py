@@ -1,0 +1,148 @@
+"""The convert fan-out: plan → units → merge equals the one-task convert; units stable under added files;
+streaming from S3 under a local-disk cap."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from audiotune import artifacts, storage
+from audiotune.config import load_config
+from audiotune.data import plan as plan_mod
+from audiotune.data.merge import MergeError
+from audiotune.stages import convert_units
+from audiotune.stages.convert import convert
+from tests.helpers import good_corpus, write_jsonl
+
+UNITS = ["convert.unit_max_rows=4", "convert.max_units=50"]
+
+
+def _cfg(*overrides: str):
+    return load_config(None, ["tracking.enabled=false", "run.num_workers=1", "convert.val_fraction=0.25",
+                              *UNITS, *overrides])
+
+
+def _rows(dataset: Path) -> dict[str, list[dict]]:
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    artifacts.verify_shards(dataset, manifest, str(dataset))
+    out = {}
+    for split in ("train", "val"):
+        out[split] = [r for p in sorted((dataset / split).glob("part-*.parquet"))
+                      for r in pq.read_table(p).to_pylist()]
+    return out
+
+
+def _corpus_with_bad_rows(root: Path, n: int) -> Path:
+    manifest = good_corpus(root, n)
+    lines = manifest.read_text().splitlines()
+    lines.insert(3, json.dumps({"id": "missing", "audio": "wavs/nope.wav", "text": "x"}))
+    lines.insert(5, "not json")
+    lines.append(lines[0])  # a duplicate id
+    return write_jsonl(manifest, lines)
+
+
+def test_merged_units_equal_the_one_task_dataset(tmp_path):
+    src = _corpus_with_bad_rows(tmp_path / "src", 14)
+    cfg = _cfg()
+    single = convert(cfg, source=str(src), output=str(tmp_path / "single"))
+    fanned = convert_units.convert_fanout(cfg, str(tmp_path / "fanned"), source=str(src),
+                                          workdir=str(tmp_path / "work"))
+    assert len(fanned.manifest["units"]) >= 3
+    a, b = _rows(tmp_path / "single"), _rows(tmp_path / "fanned")
+    for split in ("train", "val"):
+        assert [r["id"] for r in a[split]] == [r["id"] for r in b[split]]
+        assert a[split] == b[split]  # every column, the FLAC bytes included
+    assert len(a["val"]) > 0
+    ra, rb = single.report, fanned.report
+    for key in ("rows", "hours", "tasks", "speakers", "quarantine_reasons", "quarantine_reason_fields",
+                "duration_histogram", "bad_fraction"):
+        assert ra[key] == rb[key], key
+    qa = sorted(json.loads(x)["reason"] for x in (tmp_path / "single" / "quarantine.jsonl").read_text().splitlines())
+    qb = sorted(json.loads(x)["reason"] for x in (tmp_path / "fanned" / "quarantine.jsonl").read_text().splitlines())
+    assert qa == qb and len(qa) == 3
+    assert fanned.manifest["splits"]["train"]["rows"] == single.manifest["splits"]["train"]["rows"]
+
+
+def test_added_files_land_in_a_new_unit_and_old_ids_stay(tmp_path):
+    root = tmp_path / "src"
+    good_corpus(root, 10)
+    plan_uri = str(tmp_path / "kept-plan")
+    cfg = _cfg(f"convert.plan_uri={plan_uri}")
+    first = convert_units.plan(cfg, str(tmp_path / "p1"), source=str(root / "manifest.jsonl"))
+    old = [u["id"] for u in first["units"]]
+    assert len(old) == 3  # 4 + 4 + 2 rows
+    lines = (root / "manifest.jsonl").read_text().splitlines()
+    extra = good_corpus(tmp_path / "more", 3, start=10)  # utt00010..12, their audio beside the others
+    for wav in (tmp_path / "more" / "wavs").iterdir():
+        (root / "wavs" / wav.name).write_bytes(wav.read_bytes())
+    write_jsonl(root / "manifest.jsonl", lines + extra.read_text().splitlines())
+    second = convert_units.plan(cfg, str(tmp_path / "p2"), source=str(root / "manifest.jsonl"))
+    new = [u["id"] for u in second["units"]]
+    assert new[:3] == old and len(new) == 4
+    assert plan_mod.read_unit(str(tmp_path / "p2"), new[3])[0]["record"]["id"] == "utt00010"
+    # without the previous plan the same rows pack greedily: the partial unit changes
+    fresh = convert_units.plan(_cfg(), str(tmp_path / "p3"), source=str(root / "manifest.jsonl"))
+    assert [u["id"] for u in fresh["units"]][:2] == old[:2]
+    assert [u["id"] for u in fresh["units"]][2] != old[2]
+
+
+def test_unit_ids_follow_content(tmp_path):
+    good_corpus(tmp_path / "a", 6)
+    good_corpus(tmp_path / "b", 6)
+    ids = [[u["id"] for u in convert_units.plan(_cfg(), str(tmp_path / f"p{k}"), str(tmp_path / k /
+                                                "manifest.jsonl"))["units"]] for k in ("a", "b")]
+    assert ids[0] != ids[1]  # the same rows elsewhere: other audio stamps (mtime), other ids
+    again = convert_units.plan(_cfg(), str(tmp_path / "pa2"), str(tmp_path / "a" / "manifest.jsonl"))
+    assert [u["id"] for u in again["units"]] == ids[0]
+
+
+def test_max_units_raises_the_unit_bounds(tmp_path):
+    src = good_corpus(tmp_path / "src", 10)
+    planned = convert_units.plan(_cfg("convert.unit_max_rows=1", "convert.max_units=3"), str(tmp_path / "p"),
+                                 str(src))
+    assert [u["rows"] for u in planned["units"]] == [4, 4, 2]
+
+
+def test_merge_names_a_missing_unit(tmp_path):
+    src = good_corpus(tmp_path / "src", 9)
+    cfg = _cfg()
+    planned = convert_units.plan(cfg, str(tmp_path / "plan"), str(src))
+    first = planned["units"][0]["id"]
+    convert_units.convert_unit(cfg, str(tmp_path / "plan"), first, str(tmp_path / "part0"))
+    with pytest.raises(MergeError, match="has no converted part"):
+        convert_units.merge(cfg, str(tmp_path / "plan"), [str(tmp_path / "part0")], str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_streams_from_s3_under_the_disk_cap(tmp_path, s3_env):
+    root = tmp_path / "src"
+    good_corpus(root, 8)
+    storage.upload_dir(root, f"{s3_env}/corpus")
+    corpus_bytes = sum(p.stat().st_size for p in (root / "wavs").iterdir())
+    cap = 3 * max(p.stat().st_size for p in (root / "wavs").iterdir())
+    assert cap < corpus_bytes
+    cfg = _cfg(f"convert.max_local_disk_bytes={cap}", "convert.unit_max_rows=100")
+    planned = convert_units.plan(cfg, str(tmp_path / "plan"), f"{s3_env}/corpus/manifest.jsonl")
+    assert len(planned["units"]) == 1 and planned["source_bytes"] == corpus_bytes
+    part = convert_units.convert_unit(cfg, str(tmp_path / "plan"), planned["units"][0]["id"], str(tmp_path / "part"))
+    figures = part["figures"]
+    assert 0 < figures["peak_spool_bytes"] <= cap
+    assert figures["s3_bytes_read"] == corpus_bytes  # each audio object read once, nothing else
+    assert part["report"]["rows"]["train"] + part["report"]["rows"]["val"] == 8
+    local = convert(cfg, source=str(root / "manifest.jsonl"), output=str(tmp_path / "single"))
+    merged = convert_units.merge(cfg, str(tmp_path / "plan"), [str(tmp_path / "part")], str(tmp_path / "merged"))
+    assert _rows(tmp_path / "single") == _rows(tmp_path / "merged")
+    assert merged.report["rows"] == local.report["rows"]
+
+
+def test_an_object_above_the_cap_is_quarantined_or_refused(tmp_path, s3_env):
+    root = tmp_path / "src"
+    good_corpus(root, 2)
+    storage.upload_dir(root, f"{s3_env}/c")
+    cfg = _cfg("convert.max_local_disk_bytes=100")
+    planned = convert_units.plan(cfg, str(tmp_path / "plan"), f"{s3_env}/c/manifest.jsonl")
+    with pytest.raises(Exception, match="max_local_disk_bytes=100"):
+        convert_units.convert_unit(cfg, str(tmp_path / "plan"), planned["units"][0]["id"], str(tmp_path / "part"))
