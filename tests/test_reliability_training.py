@@ -468,3 +468,15 @@ def test_tokens_that_differ_from_their_manifest_are_refused_by_the_training_stag
         line = _one_line_error(capsys.readouterr().err)
         assert re.search(named, line) and str(tokens) in line, line
         assert not out.exists()
+
+
+def test_the_llm_stage_bounds_its_base_tokenizer_too(llm_tokens, llm_base, tmp_path, capsys, caplog):
+    out = tmp_path / "llm"
+    argv = ["train", "llm", "--tokens", str(llm_tokens), "--base-model", str(llm_base), "--output", str(out),
+            *[a for s in ("tracking.enabled=false", "tokenize.max_base_vocab=50", "llm.train.max_steps=1")
+              for a in ("--set", s)]]
+    code, stderr = _cli(argv, capsys, caplog)
+    assert code == 1, stderr[-4000:]
+    line = _one_line_error(stderr)
+    assert re.search(r"vocabulary entries, more than tokenize\.max_base_vocab=50", line) and str(llm_base) in line
+    assert not out.exists()

@@ -30,7 +30,7 @@ from audiotune.models.vocab import AudioVocab
 from audiotune.stages.train_flow import TrainFlowError, check_flow_fits, speaker_spec, tokens_info
 from audiotune.stages.train_llm import write_llm_files
 from audiotune.train import checkpoints, output_lock
-from audiotune.train.engine import Engine, decay_groups, make_accelerator, resolve_dtype, seed_everything
+from audiotune.train.engine import Engine, check_dropped, decay_groups, make_accelerator, resolve_dtype, seed_everything
 from audiotune.train.flow_export import export_flow_model, lora_targets
 from audiotune.train.joint_batches import JointBatches, JointLoss, JointModel, pair_examples
 from audiotune.train.plots import loss_curve
@@ -127,12 +127,16 @@ def train_joint(cfg: AudiotuneConfig, tokens: str, llm: str, flow: str, llm_outp
 
     # data: the LLM's examples and the flow's of the same rows
     layout, max_len = llm_manifest["config"]["layout"], llm_manifest["config"]["max_seq_len"]
-    llm_train, _ = load_examples(tokens_dir / "train", vocab, layout, max_len, "drop", repeat=False)
+    llm_train, llm_stats = load_examples(tokens_dir / "train", vocab, layout, max_len, "drop", repeat=False)
     llm_val, _ = load_examples(tokens_dir / "val", vocab, layout, max_len, "drop", repeat=False)
     flow_train, _ = load_flow_examples(tokens_dir / "train", info.mel["n_mels"], codebooks, info.num_codebooks)
     flow_val, _ = load_flow_examples(tokens_dir / "val", info.mel["n_mels"], codebooks, info.num_codebooks)
     pairs, pair_stats = pair_examples(llm_train, flow_train, F.max_frames_in_batch)
     val_pairs, _ = pair_examples(llm_val, flow_val, F.max_frames_in_batch)
+    check_dropped(f"{tokens} train", llm_stats["rows"], llm_stats["dropped_overlong"] + pair_stats["too_long_for_flow"],
+                  f"longer than the llm artifact's max_seq_len={max_len} or flow.max_frames_in_batch="
+                  f"{F.max_frames_in_batch}", "joint.train.max_drop_fraction", T.max_drop_fraction,
+                  "raise flow.max_frames_in_batch or train the llm with a longer max_seq_len")
     if not pairs:
         raise TrainJointError(f"{tokens}: no row has both an LLM sequence (layout {layout!r}) and a flow example "
                               f"({pair_stats})")

@@ -24,6 +24,7 @@ from audiotune import artifacts, publish, storage, tracking
 from audiotune.config import AudiotuneConfig, dump_config
 from audiotune.errors import TrainingError
 from audiotune.models.vocab import AudioVocab, audio_token_settings, vocab_for_tokens
+from audiotune.tokenization.text import check_base_tokenizer
 from audiotune.train import checkpoints, output_lock
 from audiotune.train.engine import Engine, check_dropped, decay_groups, make_accelerator, resolve_dtype, seed_everything
 from audiotune.train.llm_batches import ExampleBatches, llm_loss
@@ -122,6 +123,8 @@ def train_llm(cfg: AudiotuneConfig, tokens: str, output: str, base_model: str | 
     base_path = str(storage.local_copy(base_model)) if L.init == "pretrained" else None
     if base_path is not None:
         check_base_dir(Path(base_path))
+        check_base_tokenizer(Path(base_path), base_model, cfg.tokenize.max_base_tokenizer_mb,
+                             cfg.tokenize.max_base_vocab)
         _check_tokenizer(tokens, manifest, tokenizer, base_path, L.trust_remote_code)
         vocab = _fit_vocab(vocab, Path(base_path), tokens)
 
