@@ -8,6 +8,7 @@
                                                         └─ otherwise ────────────────────► export_model
     mode acestep: convert_data ─► encode_acestep ─► train_acestep ─► export_acestep (no tokenize)
     finish_run: the exit handler (ends the MLflow parent run, success or failure)
+    pipeline.data_parallelism > 0: convert_data is plan_data ─► ParallelFor(convert_unit) ─► merge_data (same Dataset)
 
 Every branch ends in the export, then evaluate_model (which registers the model with its eval metrics;
 see components/evaluate.py); exactly one branch runs. :func:`build` makes the pipeline for a
@@ -27,12 +28,15 @@ from audiotune.components import (
     apply_common_settings,
     apply_training_settings,
     convert_data,
+    convert_unit,
     encode_acestep,
     evaluate_model,
     export_acestep,
     export_model,
     finish_run,
     link_runs,
+    merge_data,
+    plan_data,
     prepare_run,
     tokenize_data,
     train_acestep,
@@ -55,6 +59,25 @@ def _small(task: dsl.PipelineTask, cluster: Any, name: str, cache: bool = False,
     """A task on the CPU image: credentials, labels, caching as given (on only for convert and tokenize)."""
     apply_common_settings(task, cluster, model_cache=model_cache)
     return task.set_display_name(name).set_caching_options(enable_caching=cache)
+
+
+def convert_fanout(cfg: AudiotuneConfig, cluster: Any, cache: bool, source_uri: Any, source_format: Any,
+                   source_fingerprint: Any, conf: Any) -> dsl.PipelineTask:
+    """The convert stage over work units: plan_data, convert_unit per unit (``pipeline.data_parallelism`` at
+    once, each retried alone, each cached on its unit id), merge_data. The merge task's outputs are
+    convert_data's (``dataset``, ``Output``). With ``convert.plan_uri`` the unit tasks read the durable plan (not
+    the plan artifact), so their cache keys hold across runs. The other arguments are convert_data's inputs."""
+    planned = _small(plan_data(source_uri=source_uri, source_format=source_format,
+                               source_fingerprint=source_fingerprint, config=conf), cluster, "plan data", cache=cache)
+    durable = {} if cfg.convert.plan_uri else {"plan": planned.outputs["plan"]}
+    with dsl.ParallelFor(planned.outputs["Output"], parallelism=cfg.pipeline.data_parallelism,
+                         name="data-units") as unit_id:
+        unit = _small(convert_unit(unit_id=unit_id, config=conf, **durable),
+                      cluster, "convert unit", cache=cache)
+        unit.set_retry(num_retries=cfg.pipeline.retries, backoff_duration=f"{cfg.pipeline.retry_backoff_s}s",
+                       backoff_factor=2.0, backoff_max_duration="3600s")
+    return _small(merge_data(plan=planned.outputs["plan"], parts=dsl.Collected(unit.outputs["part"]), config=conf),
+                  cluster, "merge data")
 
 
 def build(cfg: Optional[AudiotuneConfig] = None) -> Any:
@@ -144,10 +167,14 @@ def build(cfg: Optional[AudiotuneConfig] = None) -> Any:
             ), cluster, "prepare run")
             resolved = prep.outputs["config"]
 
-            data = _small(convert_data(
-                source_uri=prep.outputs["source_uri"], source_format=prep.outputs["source_format"],
-                source_fingerprint=prep.outputs["source_fingerprint"], config=prep.outputs["convert_config"],
-            ), cluster, "convert", cache=cache)
+            if cfg.pipeline.data_parallelism:  # plan ─► ParallelFor(convert_unit) ─► merge: same Dataset
+                data = convert_fanout(cfg, cluster, cache, prep.outputs["source_uri"], prep.outputs["source_format"],
+                                      prep.outputs["source_fingerprint"], prep.outputs["convert_config"])
+            else:
+                data = _small(convert_data(
+                    source_uri=prep.outputs["source_uri"], source_format=prep.outputs["source_format"],
+                    source_fingerprint=prep.outputs["source_fingerprint"], config=prep.outputs["convert_config"],
+                ), cluster, "convert", cache=cache)
             with dsl.If(prep.outputs["mode"] == "acestep", name="mode-acestep"):
                 enc = encode_acestep(dataset=data.outputs["dataset"], config=resolved, **ws)
                 apply_training_settings(enc.set_display_name("encode acestep"), cluster, gpus, retries, backoff)

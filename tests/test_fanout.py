@@ -1,8 +1,6 @@
 """The convert fan-out: plan → units → merge equals the one-task convert; units stable under added files;
 streaming from S3 under a local-disk cap."""
 
-from __future__ import annotations
-
 import json
 from pathlib import Path
 
@@ -146,3 +144,41 @@ def test_an_object_above_the_cap_is_quarantined_or_refused(tmp_path, s3_env):
     planned = convert_units.plan(cfg, str(tmp_path / "plan"), f"{s3_env}/c/manifest.jsonl")
     with pytest.raises(Exception, match="max_local_disk_bytes=100"):
         convert_units.convert_unit(cfg, str(tmp_path / "plan"), planned["units"][0]["id"], str(tmp_path / "part"))
+
+
+def test_kfp_local_fanout_merges_and_reruns_only_the_new_unit(tmp_path):
+    """The real DAG (plan_data → ParallelFor(convert_unit) → merge_data) under kfp.local, twice: the second
+    run, with added rows, converts only their new unit; the other units are cache hits."""
+    from audiotune.pipelines.finetune import convert_fanout
+    from kfp import dsl, local
+
+    from audiotune.orchestration.steps import to_json
+
+    root = tmp_path / "src"
+    good_corpus(root, 7)
+    cfg = _cfg("convert.unit_max_rows=3", f"convert.plan_uri={tmp_path / 'plan'}", "pipeline.data_parallelism=2")
+    conf = to_json(cfg, ("run", "tracking", "convert"))
+
+    @dsl.pipeline(name="fanout")
+    def fanout(source_uri: str, fingerprint: str):
+        convert_fanout(cfg, cfg.cluster, True, source_uri, "", fingerprint, conf)
+
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"),
+               raise_on_error=True, enable_caching=True)
+    fanout(source_uri=str(root / "manifest.jsonl"), fingerprint="v1")
+    (first,) = (tmp_path / "kfp").glob("fanout-*")
+    assert len(list(first.glob("for-loop-*"))) == 3
+    convert(cfg, source=str(root / "manifest.jsonl"), output=str(tmp_path / "single"))
+    assert _rows(first / "merge-data" / "dataset") == _rows(tmp_path / "single")
+
+    lines = (root / "manifest.jsonl").read_text().splitlines()
+    extra = good_corpus(tmp_path / "more", 2, start=7)
+    for wav in (tmp_path / "more" / "wavs").iterdir():
+        (root / "wavs" / wav.name).write_bytes(wav.read_bytes())
+    write_jsonl(root / "manifest.jsonl", lines + extra.read_text().splitlines())
+    fanout(source_uri=str(root / "manifest.jsonl"), fingerprint="v2")
+    (second,) = [p for p in (tmp_path / "kfp").glob("fanout-*") if p != first]
+    ran = sorted(p.name for p in second.glob("for-loop-*/convert-unit"))
+    assert len(ran) == 1, ran  # the three old units came from the cache
+    merged = _rows(second / "merge-data" / "dataset")
+    assert sum(len(v) for v in merged.values()) == 9
