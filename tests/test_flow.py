@@ -82,6 +82,16 @@ def test_model_is_padding_invariant():
     assert torch.all(v[2:, :, n:] == 0)
 
 
+@pytest.mark.parametrize("index", [3, -1])
+def test_a_speaker_index_outside_the_table_is_an_error_naming_it(index):
+    from audiotune.models.flow.model import FlowSpeakerError
+
+    model = _tiny()  # 3 speakers
+    with pytest.raises(FlowSpeakerError, match=rf"speaker_index {index} .*\[0, 3\)"):
+        model.speaker(2, "cpu", torch.float32, torch.tensor([0, index]))
+    assert model.speaker(1, "cpu", torch.float32, torch.tensor([2])).shape == (1, N_MELS)
+
+
 @pytest.mark.parametrize("speaker", ["none", "id", "embedding"])
 def test_sampling_shapes_with_and_without_prompt_and_cfg(speaker):
     spec = {"none": SpeakerSpec(), "id": SpeakerSpec("id", 3),

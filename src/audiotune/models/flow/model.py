@@ -29,8 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from audiotune.models.flow.config import FlowConfig, base_config, tiny_config
-from audiotune.models.flow.encoder import CodeEncoder, lengths_to_mask
+from audiotune.models.flow.encoder import CodeEncoder, FlowCodesError, lengths_to_mask
 from audiotune.models.flow.estimator import ConditionalUNet1D
+
+
+class FlowSpeakerError(FlowCodesError):
+    """A speaker index outside the flow's speaker table (the stages map unknown speakers to 0, ``<unk>``)."""
 
 
 class SpeakerConditioning(nn.Module):
@@ -51,7 +55,13 @@ class SpeakerConditioning(nn.Module):
         if self.type == "id":
             if speaker_index is None:
                 raise ValueError("this flow is conditioned on a speaker id: pass speaker_index [B]")
-            return self.table(speaker_index.long().clamp(0, self.table.num_embeddings - 1))
+            index = speaker_index.long()
+            rows = self.table.num_embeddings
+            bad = (index < 0) | (index >= rows)
+            if bool(bad.any()):
+                raise FlowSpeakerError(f"speaker_index {int(index[bad][0])} is outside this flow's speaker table "
+                                       f"[0, {rows}) (unknown speakers are index 0, <unk>)")
+            return self.table(index)
         if self.type == "embedding":
             if speaker_embedding is None:
                 raise ValueError("this flow is conditioned on a speaker embedding: pass speaker_embedding [B, D]")
