@@ -195,12 +195,14 @@ def test_auto_picks_what_the_scaling_plan_says(tmp_path, caplog, mode, gpus, nod
 
     cfg = _auto(tmp_path, mode, gpus, nodes)
     with caplog.at_level(logging.INFO, logger="audiotune.orchestration.zero"):
-        choice = zero.resolve("llm", cfg, gpus, gpu_gib=gpu_gib)
+        resolved, choice = zero.with_zero("llm", cfg, gpus, gpu_gib=gpu_gib)
     assert choice.option == expected and choice.fits
-    ds = cfg.llm.train.deepspeed
+    ds = resolved.llm.train.deepspeed
     assert (ds.zero_stage, ds.offload_optimizer, ds.offload_params) == tuple(expected.settings().values())
     assert f"zero_stage=auto: {expected.name}" in caplog.text and f"on {gpus * nodes} GPU(s)" in caplog.text
-    assert zero.resolve("llm", cfg, gpus, gpu_gib=gpu_gib) is None  # resolved once; now it is explicit
+    assert cfg.llm.train.deepspeed.zero_stage == "auto"  # a copy: the shared config is not changed
+    again, none = zero.with_zero("llm", resolved, gpus, gpu_gib=gpu_gib)  # resolved once; now it is explicit
+    assert none is None and again is resolved
 
 
 def test_an_explicit_zero_stage_wins_and_auto_needs_a_known_gpu(tmp_path):
@@ -209,10 +211,10 @@ def test_an_explicit_zero_stage_wins_and_auto_needs_a_known_gpu(tmp_path):
 
     cfg = _auto(tmp_path, "full", 8)
     cfg.llm.train.deepspeed.zero_stage = 0
-    assert zero.resolve("llm", cfg, 8, gpu_gib=12) is None and cfg.llm.train.deepspeed.zero_stage == 0
+    assert zero.with_zero("llm", cfg, 8, gpu_gib=12) == (cfg, None) and cfg.llm.train.deepspeed.zero_stage == 0
     # a PyTorchJob's GPUs are not in the launching pod: their memory comes from cluster.gpu_type
     cfg = _auto(tmp_path, "full", 8, nodes=2)
-    assert zero.resolve("llm", cfg, 8).option == ZERO2
+    assert zero.with_zero("llm", cfg, 8)[1].option == ZERO2
     assert zero.gpu_memory_gib("NVIDIA-A100-SXM4-40GB") == 40 and zero.gpu_memory_gib("NVIDIA-L4") == 24
     unknown = validate({"llm": {"train": {"deepspeed": {"zero_stage": "auto"}}},
                         "cluster": {"num_nodes": 2, "gpus_per_node": 8, "gpu_type": "Some-GPU"},
@@ -220,12 +222,13 @@ def test_an_explicit_zero_stage_wins_and_auto_needs_a_known_gpu(tmp_path):
     with pytest.raises(ConfigError, match=r"llm\.train\.deepspeed\.zero_stage=auto .*cluster\.gpu_type"):
         zero.check(unknown)
     with pytest.raises(zero.SizingError, match="memory of a GPU is unknown"):
-        zero.resolve("llm", unknown, 8)
+        zero.with_zero("llm", unknown, 8)
     # no GPU in a one-node run: one CPU process, no ZeRO
     cpu = validate({"llm": {"train": {"deepspeed": {"zero_stage": "auto"}}}, "cluster": {"gpus_per_node": 0}})
-    assert zero.resolve("llm", cpu, 1).option == DDP and cpu.llm.train.deepspeed.zero_stage == 0
+    cpu, choice = zero.with_zero("llm", cpu, 1)
+    assert choice.option == DDP and cpu.llm.train.deepspeed.zero_stage == 0
     with pytest.raises(zero.SizingError, match="config.json"):
-        zero.resolve("llm", _auto(tmp_path, "full", 8, base_model=str(tmp_path / "missing")), 8, gpu_gib=80)
+        zero.with_zero("llm", _auto(tmp_path, "full", 8, base_model=str(tmp_path / "missing")), 8, gpu_gib=80)
 
 
 def test_auto_keeps_a_flow_with_ema_off_zero3(tmp_path):
@@ -237,9 +240,9 @@ def test_auto_keeps_a_flow_with_ema_off_zero3(tmp_path):
                                   "train": {"deepspeed": {"zero_stage": "auto"}}}, "cluster": {"gpus_per_node": 8}})
 
     # ~100M parameters on 8 GPUs of 0.4 GiB: ZeRO-2 does not fit, ZeRO-3 does, but an EMA needs whole weights
-    assert zero.resolve("flow", flow(False), 8, gpu_gib=0.4).option == ZERO3
-    cfg = flow(True)
-    assert zero.resolve("flow", cfg, 8, gpu_gib=0.4).option == ZERO2_OFFLOAD
+    assert zero.with_zero("flow", flow(False), 8, gpu_gib=0.4)[1].option == ZERO3
+    cfg, choice = zero.with_zero("flow", flow(True), 8, gpu_gib=0.4)
+    assert choice.option == ZERO2_OFFLOAD
     validate(cfg.model_dump(mode="json"))  # the resolved config is still a valid one
 
 

@@ -71,7 +71,8 @@ def _cmd_train(args: argparse.Namespace, cfg: AudiotuneConfig) -> int:
     from audiotune.train.engine import TrainingInterrupted
 
     try:  # zero_stage auto by hand: the same choice as the pipeline's launcher makes (no GPU: no ZeRO)
-        zero.resolve(args.stage, cfg, nproc=int(os.environ.get("LOCAL_WORLD_SIZE", section.train.nproc_per_node)))
+        cfg, _ = zero.with_zero(args.stage, cfg,
+                                nproc=int(os.environ.get("LOCAL_WORLD_SIZE", section.train.nproc_per_node)))
     except zero.SizingError as err:
         print(f"audiotune train {args.stage}: {err}", file=sys.stderr)
         return EXIT_USAGE

@@ -24,7 +24,9 @@ from audiotune.orchestration.fingerprint import source_fingerprint
 log = logging.getLogger(__name__)
 
 CONVERT_SECTIONS = ("run", "tracking", "convert")
-TOKENIZE_SECTIONS = ("run", "tracking", "tokenize")
+# a "section.field" entry ships one field of another section: the tokenize stage splits a MOSS-TTSD import into
+# train/val with convert.val_fraction, so it travels to (and keys the cache of) the tokenize task
+TOKENIZE_SECTIONS = ("run", "tracking", "tokenize", "convert.val_fraction")
 
 
 class StepError(AudiotuneError, RuntimeError):
@@ -96,10 +98,20 @@ def numeric(data: dict[str, Any], keys: tuple[str, ...], prefix: str = "") -> di
 
 def to_json(cfg: AudiotuneConfig, sections: tuple[str, ...] | None = None) -> str:
     """A config as the JSON that travels between tasks: the fields it sets (so that re-validating it gives the
-    same config, unset fields included), keys sorted (a stable cache key), optionally only some sections."""
+    same config, unset fields included), keys sorted (a stable cache key), optionally only some sections
+    (``"section.field"``: that one field of a section)."""
     data = params.set_fields(cfg)
     if sections is not None:
-        data = {name: data[name] for name in sections if name in data}
+        picked: dict[str, Any] = {}
+        for name in sections:
+            section, _, field = name.partition(".")
+            if section not in data:
+                continue
+            if not field:
+                picked[section] = data[section]
+            elif field in data[section]:
+                picked.setdefault(section, {})[field] = data[section][field]
+        data = picked
         if "tracking" in data:
             data["tracking"].pop("parent_run_id", None)  # not an input of a cached task: see runs.py
     return json.dumps(data, sort_keys=True)
@@ -248,8 +260,8 @@ def _train(stage: str, cfg: AudiotuneConfig, pipeline_run_id: str, inputs: dict[
         log.info("%s already published by an earlier attempt of this task: reusing it", ", ".join(durable.values()))
         write_note(manifest, launcher="none", reused=sorted(durable.values()))
     else:
-        if any(storage.exists(t) for t in durable.values()):
-            getattr(cfg, stage).overwrite = True  # half-published by a failed attempt (S3)
+        if any(storage.exists(t) for t in durable.values()):  # half-published by a failed attempt (S3)
+            cfg = cfg.model_copy(update={stage: getattr(cfg, stage).model_copy(update={"overwrite": True})})
         extra = {opt: target for opt, (target, _) in outputs.items() if opt != "--output"}
         try:
             launch(stage, cfg, {**inputs, **extra}, output, pipeline_run_id,

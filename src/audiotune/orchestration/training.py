@@ -161,7 +161,7 @@ def launch(stage: str, cfg: AudiotuneConfig, inputs: dict[str, str], output: str
                           "the output in one place; set pipeline.output_uri to an s3:// location")
     nproc = max(1, cfg.cluster.gpus_per_node) if multinode else processes(cfg.cluster.gpus_per_node)
     try:
-        zero.resolve(stage, cfg, nproc)
+        cfg, _ = zero.with_zero(stage, cfg, nproc)
     except zero.SizingError as err:
         raise LaunchError(str(err)) from None
     argv = ["train", stage]

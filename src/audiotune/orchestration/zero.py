@@ -1,13 +1,13 @@
 """``train.deepspeed.zero_stage: auto``: the ZeRO settings of a training stage, picked where it is launched.
 
-The launcher (:func:`audiotune.orchestration.training.launch`) calls :func:`resolve` before it starts torchrun or a
+The launcher (:func:`audiotune.orchestration.training.launch`) calls :func:`with_zero` before it starts torchrun or a
 multi-node job. For a stage whose ``zero_stage`` is ``auto`` it counts the model's parameters without allocating them
 (the base model's ``config.json``, or the ``llm.preset`` / ``flow.preset``, built on the meta device; LoRA adapters
 through PEFT), takes the GPUs of the run (``cluster.num_nodes`` × the processes per node) and the memory of one GPU
 (the GPU this pod sees; for a multi-node job, whose GPUs are elsewhere, the size in ``cluster.gpu_type``), and lets
 :func:`audiotune.train.memory.choose_zero_config` pick the stage and offloading. The choice and its reason are
-logged, and the stage's ``train.deepspeed`` is set to it, so the training processes get plain numbers. An explicit
-``zero_stage`` (0-3) is used as given.
+logged, and the launch config (a copy) has the stage's ``train.deepspeed`` set to it, so the training processes
+get plain numbers. An explicit ``zero_stage`` (0-3) is used as given.
 
 The counts are estimates of model states: audio-token rows added to the vocabulary are left out, and a flow counts
 as fully trainable. The first real run's ``peak_memory_mb`` is the figure to trust.
@@ -185,17 +185,22 @@ def _visible_gpu_gib() -> float | None:
     return torch.cuda.get_device_properties(0).total_memory / GiB
 
 
-def resolve(stage: str, cfg: AudiotuneConfig, nproc: int, gpu_gib: float | None = None) -> ZeroChoice | None:
-    """Replace ``zero_stage: auto`` of ``stage`` by the ZeRO settings that fit (:func:`choose`); None when it is
-    explicit. ``<stage>.train.deepspeed`` of ``cfg`` is set to the choice.
+def with_zero(stage: str, cfg: AudiotuneConfig, nproc: int,
+              gpu_gib: float | None = None) -> tuple[AudiotuneConfig, ZeroChoice | None]:
+    """``cfg`` with ``zero_stage: auto`` of ``stage`` replaced by the ZeRO settings that fit (:func:`choose`), as a
+    copy (``cfg`` is not changed), and the choice; ``cfg`` itself and None when the stage's ZeRO stage is explicit.
 
     Raises:
         SizingError: The model or the GPU memory cannot be found.
     """
-    train = getattr(cfg, stage).train
-    if train.deepspeed.zero_stage != "auto":
-        return None
-    return _set(stage, train, choose(stage, cfg, nproc, gpu_gib))
+    section = getattr(cfg, stage)
+    if section.train.deepspeed.zero_stage != "auto":
+        return cfg, None
+    choice = choose(stage, cfg, nproc, gpu_gib)
+    if not choice.fits:
+        log.warning("%s: nothing fits; training with the most memory-saving option, %s", stage, choice.option.name)
+    train = section.train.model_copy(update={"deepspeed": DeepSpeedSettings(**choice.option.settings())})
+    return cfg.model_copy(update={stage: section.model_copy(update={"train": train})}), choice
 
 
 def choose(stage: str, cfg: AudiotuneConfig, nproc: int, gpu_gib: float | None = None,
@@ -237,8 +242,3 @@ def choose(stage: str, cfg: AudiotuneConfig, nproc: int, gpu_gib: float | None =
     return choice
 
 
-def _set(stage: str, train, choice: ZeroChoice) -> ZeroChoice:
-    train.deepspeed = DeepSpeedSettings(**choice.option.settings())
-    if not choice.fits:
-        log.warning("%s: nothing fits; training with the most memory-saving option, %s", stage, choice.option.name)
-    return choice
