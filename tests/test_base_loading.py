@@ -181,7 +181,7 @@ def test_remote_code_trains_with_the_flag_hashes_its_files_and_export_refuses_ch
 
 
 # ------------------------------------------------------------------------------------- Kimi-Audio, registry
-def test_kimi_audio_is_refused_even_with_remote_code_trusted(llm_tokens, tmp_path):
+def test_kimi_audio_is_recognised_and_runs_only_with_remote_code_trusted(llm_tokens, tmp_path):
     kimi = save_tiny_base(llm_tokens, tmp_path / "kimi")
     _rewrite(kimi, config={"model_type": "kimi_audio", "architectures": ["MoonshotKimiaForCausalLM"],
                            "auto_map": {"AutoModelForCausalLM": "modeling_moonshot_kimia.MoonshotKimiaForCausalLM"}})
@@ -191,9 +191,11 @@ def test_kimi_audio_is_refused_even_with_remote_code_trusted(llm_tokens, tmp_pat
     save_file(tensors, str(heads / "model.safetensors"), metadata={"format": "pt"})
     for folder in (kimi, heads):
         assert family_for(folder).name == "kimi-audio"
-        with pytest.raises(ModelError, match=r"Kimi-Audio .*two-stream model \(Whisper features in; a text head "
-                                             r"and an audio head, mimo_output, out\)"):
-            load_base(folder, torch.float32, "sdpa", LLMStageConfig(trust_remote_code=True))
+        with pytest.raises(RemoteCodeNotTrusted, match=r"Kimi-Audio \(MoonshotKimiaForCausalLM\).*"
+                                                       r"llm\.trust_remote_code=true"):
+            load_base(folder, torch.float32, "sdpa")  # trained through its own code: tests/test_kimi.py
+    with pytest.raises(ModelError, match="config.json names no code for AutoModelForCausalLM"):
+        load_base(heads, torch.float32, "sdpa", LLMStageConfig(trust_remote_code=True))
 
 
 def test_one_registry_decides_how_every_base_loads(llm_tokens, tmp_path, monkeypatch):

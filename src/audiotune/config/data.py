@@ -186,6 +186,17 @@ class SpeakerConfig(_Section):
     onnx_path: str | None = Field(None, description="onnx: path or s3:// URI of the speaker model.")
 
 
+class WhisperFeaturesConfig(_Section):
+    """Whisper log-mel features of each row's audio, cached for models fed continuous Whisper features
+    (Kimi-Audio; audiotune.tokenization.whisper_features)."""
+
+    enabled: bool = Field(False, description="Compute and store the Whisper log-mel (columns whisper_mel, "
+                          "whisper_frames) of every row with audio.")
+    n_mels: int = Field(128, ge=1, description="Mel bins (128 for Whisper large-v3, Kimi-Audio's encoder).")
+    chunk_s: int = Field(30, ge=1, description="Window length in seconds the encoder sees (30 for Whisper: "
+                         "2 × max_source_positions frames at 100 frames/s).")
+
+
 class TokenizeConfig(_Section):
     """The tokenize stage: Dataset → Tokens (text ids, audio codes, mels, speaker features)."""
 
@@ -202,6 +213,9 @@ class TokenizeConfig(_Section):
         default_factory=AudioTokenizerConfig, description="Discrete audio tokenizer."
     )
     mel: MelConfig = Field(default_factory=MelConfig, description="Target mel features for the flow.")
+    whisper: WhisperFeaturesConfig = Field(
+        default_factory=WhisperFeaturesConfig, description="Whisper log-mel features (Kimi-Audio's continuous input)."
+    )
     speaker: SpeakerConfig = Field(default_factory=SpeakerConfig, description="Speaker embeddings.")
     align_tolerance: int = Field(
         3, ge=0, description="Mel frames a row may differ from tokens × ratio before it is quarantined."

@@ -27,6 +27,10 @@ class LoraSettings(_Section):
     train_new_tokens: bool = Field(
         True, description="Train the embedding and output rows of tokens added to the base vocabulary."
     )
+    audio_adaptor: bool = Field(
+        False, description="Kimi-Audio: also put LoRA on its audio adaptor (vq_adaptor, Whisper features → hidden "
+        "size); off, it stays frozen like the Whisper encoder, which is never adapted."
+    )
 
 
 class DeepSpeedSettings(_Section):

@@ -139,7 +139,7 @@ def save_merged(model: torch.nn.Module, base_path: Path, out: Path, max_shard_si
 
 
 def _runs_own_code(model: torch.nn.Module) -> bool:
-    backbone = model.backbone if isinstance(model, MultiCodebookLM) else model
+    backbone = model.backbone if isinstance(model, MultiCodebookLM) else getattr(model, "lm", model)  # Kimi: .lm
     return type(backbone).__module__.startswith("transformers_modules")
 
 

@@ -32,8 +32,8 @@ A family is any object with these members::
 
 Built in: ``hf-causal-lm`` (any causal LM transformers knows), ``remote-code`` (a base whose code ships
 with its weights: ``auto_map`` in config.json, e.g. Step-Audio-EditX's ``Step1ForCausalLM``; loaded only
-with ``llm.trust_remote_code``) and ``kimi-audio`` (recognised and refused: its two-stream model is not
-supported yet).
+with ``llm.trust_remote_code``); ``moss-asteroid-tts`` (:mod:`audiotune.models.moss`) and ``kimi-audio``
+(:mod:`audiotune.models.kimi`: its own code, two streams in, Whisper features, two heads out) are plugins.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from audiotune.models.fingerprint import remote_code_files
 
 log = logging.getLogger(__name__)
 
-PLUGIN_MODULES = ("audiotune.models.moss",)  # modules that register families of their own
+PLUGIN_MODULES = ("audiotune.models.moss", "audiotune.models.kimi")  # modules that register families of their own
 _SHOWN = 5  # names listed per kind of problem
 
 
@@ -260,26 +260,6 @@ def _supported_attention(path: Path, ref: str, attn: str) -> str:
     return chosen
 
 
-class KimiAudio:
-    """Kimi-Audio (MoonshotKimiaForCausalLM): recognised and refused, trust_remote_code or not."""
-
-    name, priority = "kimi-audio", 100
-
-    def detect(self, config: dict[str, Any], path: Path) -> bool:
-        if "MoonshotKimiaForCausalLM" in (config.get("architectures") or []) or \
-                config.get("model_type") == "kimi_audio":
-            return True
-        return any("mimo_output" in key for key in _weight_names(path))
-
-    def load(self, path: Path, settings: Any, dtype: torch.dtype, attn: str) -> nn.Module:
-        raise ModelError(f"base model {path} is Kimi-Audio (MoonshotKimiaForCausalLM), a two-stream model "
-                         "(Whisper features in; a text head and an audio head, mimo_output, out) that audiotune "
-                         "does not support yet; trained as a plain causal LM it would lose its audio stream")
-
-    def save(self, model: nn.Module, directory: Path, max_shard_size: str = "5GB") -> None:
-        raise ModelError("Kimi-Audio models are not supported")
-
-
 def _weight_names(path: Path) -> list[str]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -348,5 +328,5 @@ def save_model(model: nn.Module, directory: str | Path, family: BaseFamily,
     family.save(model, Path(directory), max_shard_size=max_shard_size)
 
 
-for _family in (HFCausalLM(), RemoteCode(), KimiAudio()):
+for _family in (HFCausalLM(), RemoteCode()):
     register(_family)

@@ -264,6 +264,8 @@ def apply_lora(model: nn.Module, lora, new_ids: list[int]) -> nn.Module:
     """
     from peft import get_peft_model
 
+    if hasattr(model, "apply_lora"):  # a family's model that places its own adapters (Kimi-Audio)
+        return model.apply_lora(lora, new_ids)
     if isinstance(model, MultiCodebookLM):
         model.backbone = apply_lora(model.backbone, lora, new_ids)
         for p in model.extra_parameters():  # new tables train fully; a family's pretrained ones stay frozen

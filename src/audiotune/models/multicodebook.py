@@ -176,6 +176,8 @@ def attach_adapter(model: nn.Module, artifact: str | Path, trainable: bool = Fal
     from peft import PeftModel
 
     artifact = Path(artifact)
+    if hasattr(model, "attach_adapter"):  # a family's model that places its own adapters (Kimi-Audio)
+        return model.attach_adapter(artifact, trainable)
     saved_tables = (artifact / CODEBOOKS_CONFIG).exists()
     if not isinstance(model, MultiCodebookLM):
         model = PeftModel.from_pretrained(model, str(artifact), is_trainable=trainable)
@@ -190,6 +192,8 @@ def attach_adapter(model: nn.Module, artifact: str | Path, trainable: bool = Fal
 
 def merge_adapter(model: nn.Module) -> nn.Module:
     """``merge_and_unload`` of a PEFT model, or of a :class:`MultiCodebookLM`'s PEFT backbone."""
+    if hasattr(model, "merge_adapter"):  # a family's model that places its own adapters (Kimi-Audio)
+        return model.merge_adapter()
     if isinstance(model, MultiCodebookLM):
         model.backbone = model.backbone.merge_and_unload()
         return model

@@ -223,12 +223,15 @@ def tokenize(cfg: AudiotuneConfig, dataset: str | None, output: str, base_model:
         settings = features.FeatureSettings(
             tokenizer_dir=str(tok_dir), speaker_model=speaker_model, align_tolerance=t.align_tolerance,
             codes_field=t.audio_tokenizer.codes_field, vocab_size=t.audio_tokenizer.vocab_size,
+            whisper=t.whisper.model_dump(exclude={"enabled"}) if t.whisper.enabled else None,
         )
+        if t.whisper.enabled:
+            (tok_dir / "whisper.json").write_text(json.dumps(settings.whisper, indent=2) + "\n")
 
         report = TokenizeReport(audio_tok.num_codebooks if audio_tok else 0,
                                 audio_tok.codebook_size if audio_tok else None)
         writers = {s: ShardWriter(staging / s, t.shard_max_rows, 256 * 2**20, schema=TOKENS_SCHEMA,
-                                  uncompressed=("mel",)) for s in ("train", "val")}
+                                  uncompressed=("mel", "whisper_mel")) for s in ("train", "val")}
         embeddings: list[tuple[str, np.ndarray]] = []
         total = sum(ds_manifest["splits"][s]["rows"] for s in ("train", "val")) if ds_manifest else 0
         setup_s = time.perf_counter() - start  # tokenizers built and fitted

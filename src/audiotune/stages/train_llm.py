@@ -137,18 +137,21 @@ def train_llm(cfg: AudiotuneConfig, tokens: str, output: str, base_model: str | 
     trainable, total = count_parameters(model)
     log.info("parameters: %d trainable of %d", trainable, total)
 
-    packing = resolve_packing(T.packing, info["attn_implementation"])
-    train_ex, train_stats = load_examples(tokens_dir / "train", vocab, L.layout, L.max_seq_len, L.overlong)
-    val_ex, val_stats = load_examples(tokens_dir / "val", vocab, L.layout, L.max_seq_len, L.overlong, repeat=False)
+    own_examples = getattr(model, "load_examples", None)  # a model fed more than ids (Kimi-Audio) lays out its own
+    packing = False if own_examples else resolve_packing(T.packing, info["attn_implementation"])
+    load = own_examples or load_examples
+    train_ex, train_stats = load(tokens_dir / "train", vocab, L.layout, L.max_seq_len, L.overlong)
+    val_ex, val_stats = load(tokens_dir / "val", vocab, L.layout, L.max_seq_len, L.overlong, repeat=False)
     for split, stats in (("train", train_stats), ("val", val_stats)):
         check_dropped(f"{tokens} {split}", stats["rows"], stats["dropped_overlong"],
                       f"longer than llm.max_seq_len={L.max_seq_len}", "llm.train.max_drop_fraction",
                       T.max_drop_fraction, "raise llm.max_seq_len, set llm.overlong=truncate")
     if not train_ex:
         raise TrainLLMError(f"{tokens}: no training sequences for layout {L.layout!r} ({train_stats})")
-    train_data = ExampleBatches(train_ex, vocab, T, cfg.run.seed, acc.process_index, acc.num_processes, packing)
-    val_data = ExampleBatches(val_ex, vocab, T, cfg.run.seed, acc.process_index, acc.num_processes, packing,
-                              shuffle=False) if val_ex else None
+    batches = getattr(model, "batches_class", ExampleBatches)
+    train_data = batches(train_ex, vocab, T, cfg.run.seed, acc.process_index, acc.num_processes, packing)
+    val_data = batches(val_ex, vocab, T, cfg.run.seed, acc.process_index, acc.num_processes, packing,
+                       shuffle=False) if val_ex else None
 
     with lease, tempfile.TemporaryDirectory(prefix="audiotune-llm-") as tmp, \
             tracking.stage_run(cfg.tracking, "llm") as tracker:
@@ -160,7 +163,8 @@ def train_llm(cfg: AudiotuneConfig, tokens: str, output: str, base_model: str | 
         engine = Engine(
             train=T, accelerator=acc, model=model,
             param_groups=decay_groups(list(model.named_parameters()), T.lr, T.weight_decay, "llm"),
-            loss_fn=llm_loss, train_data=train_data, val_data=val_data, output=output, tracker=tracker,
+            loss_fn=getattr(model, "loss_fn", llm_loss), train_data=train_data, val_data=val_data, output=output,
+            tracker=tracker,
             work_dir=Path(tmp), seed=cfg.run.seed, identity=_identity(cfg, manifest, base_fp),
         )
         engine.maybe_resume()

@@ -40,6 +40,7 @@ class FeatureSettings:
     align_tolerance: int
     codes_field: str
     vocab_size: int | None
+    whisper: dict | None = None  # WhisperMelSettings.to_dict() when tokenize.whisper is enabled
 
 
 _STATE: dict[str, Any] = {}
@@ -59,6 +60,12 @@ def init_worker(settings: FeatureSettings) -> None:
     _STATE["audio"] = load_audio_tokenizer(tok_dir / "audio") if (tok_dir / "audio").exists() else None
     _STATE["mel"] = MelExtractor.from_dict(json.loads((tok_dir / "mel.json").read_text()))
     _STATE["speaker"] = OnnxSpeakerEmbedder(settings.speaker_model) if settings.speaker_model else None
+    _STATE["whisper"] = None
+    if settings.whisper:
+        from audiotune.tokenization.whisper_features import WhisperMelSettings, feature_extractor
+
+        whisper = WhisperMelSettings.from_dict(settings.whisper)
+        _STATE["whisper"] = (whisper, feature_extractor(whisper))
 
 
 def _bad(row: dict, field: str, reason: str, detail: str) -> BadRecord:
@@ -128,6 +135,11 @@ def audio_features(row: dict[str, Any]) -> dict[str, Any] | BadRecord:
             mel = np.concatenate([mel, np.repeat(mel[-1:], expected - mel.shape[0], axis=0)])
     out["mel"] = mel_to_bytes(mel)
     out["mel_frames"] = int(mel.shape[0])
+    if _STATE.get("whisper") is not None:
+        from audiotune.tokenization.whisper_features import whisper_log_mel
+
+        whisper_mel = whisper_log_mel(wav, sr, *_STATE["whisper"])
+        out["whisper_mel"], out["whisper_frames"] = mel_to_bytes(whisper_mel), int(whisper_mel.shape[0])
     if row.get("prompt_audio") is not None and tokenizer is not None and tokenizer.name != "precomputed":
         try:
             pwav, psr = decode_flac(row["prompt_audio"])

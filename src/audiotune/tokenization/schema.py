@@ -27,6 +27,8 @@ TOKENS_SCHEMA = pa.schema(
         pa.field("prompt_codes", pa.list_(pa.list_(pa.int32()))),
         pa.field("mel", pa.binary()),
         pa.field("mel_frames", pa.int32()),
+        pa.field("whisper_mel", pa.binary()),  # tokenize.whisper: Whisper log-mel (Kimi-Audio), float32 bytes
+        pa.field("whisper_frames", pa.int32()),
         pa.field("speaker_embedding", pa.list_(pa.float32())),
         pa.field("num_text_tokens", pa.int32()),
         pa.field("num_audio_frames", pa.int32()),
