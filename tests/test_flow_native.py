@@ -21,7 +21,6 @@ from audiotune.models.flow.native.flows import (
     REGULATOR,
     STEP_AUDIO_EDITX,
     build_flow,
-    step_pairs_from_interleaved,
 )
 from audiotune.models.flow.native.hyperyaml import New
 from audiotune.models.flow.native.regulator import InterpolateRegulator, mel_frames
@@ -207,15 +206,6 @@ def test_regulator_inference_sizes_prompt_and_target_separately() -> None:
         assert out.shape == (1, 17 + mel_frames(target_tokens, 25), 8) and total == out.shape[1]
     out, _ = reg.inference(torch.zeros(1, 0, 8), torch.randn(1, 6, 8), 0, 20, 25)
     assert out.shape == (1, 20, 8)
-
-
-def test_step_pairs_from_interleaved() -> None:
-    ids = [1, 2, 1030, 1031, 1032, 3, 4, 1040, 1041, 1042]
-    assert step_pairs_from_interleaved(ids).tolist() == [
-        [1, 1031], [2, 1032], [1024, 1033], [3, 1041], [4, 1042], [1024, 1043]]
-    # an incomplete group is completed with upstream's tail (0, 0, 0, 1024, 1024, 1024)[-missing:]
-    assert step_pairs_from_interleaved(torch.tensor([7, 8, 1030])).tolist() == [[7, 1031], [8, 1025], [1024, 1025]]
-    assert step_pairs_from_interleaved([7]).tolist() == [[7, 1025], [0, 1025], [1024, 1025]]
 
 
 # ---- containers --------------------------------------------------------------------------------------------------

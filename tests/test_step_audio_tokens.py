@@ -60,15 +60,20 @@ def test_step_pairs_follow_upstream_reshape():
     assert rel.tolist() == step_pairs_from_interleaved(ids, OFFSETS, SIZES, INTERLEAVE).tolist()
 
 
-def test_one_arithmetic_with_the_step_flow():
-    """The flow's own converter (relative ids, upstream's constants) agrees with the general one."""
-    flows = pytest.importorskip("audiotune.models.flow.native.flows")
-    rng = np.random.default_rng(1)
-    for length in (5, 23, 24, 40, 41, 42):
-        ids = STEP.interleave_codes([rng.integers(0, 1024, 40), rng.integers(0, 4096, 60)])[:length]
-        ours = step_pairs_from_interleaved(ids, OFFSETS, SIZES, INTERLEAVE)
-        theirs = flows.step_pairs_from_interleaved((ids - 65536).tolist())
-        assert ours.tolist() == theirs.tolist(), length
+def test_step_pairs_of_relative_ids_match_hand_worked_upstream_reshape():
+    """Upstream ``_reshape`` takes ids minus 65536 (vq02 in [0, 1024), vq06 in [1024, 5120)): groups
+    ``a b x y z`` -> ``(a, x+1) (b, y+1) (1024, z+1)``; a partial group gets ``(0, 0, 0, 1024, 1024, 1024)[-missing:]``.
+    The flow (models/flow/native/adapter.py) pairs through this one function with the Tokens' numbers."""
+    rel = [0, 1024]
+
+    def pairs(ids):
+        return step_pairs_from_interleaved(ids, rel, SIZES, INTERLEAVE).tolist()
+
+    assert pairs([1, 2, 1030, 1031, 1032, 3, 4, 1040, 1041, 1042]) == [
+        [1, 1031], [2, 1032], [1024, 1033], [3, 1041], [4, 1042], [1024, 1043]]
+    assert pairs([7, 8, 1030]) == [[7, 1031], [8, 1025], [1024, 1025]]
+    assert pairs([7]) == [[7, 1025], [0, 1025], [1024, 1025]]
+    assert pairs([1023, 0, 5119, 1024, 2047]) == [[1023, 5120], [0, 1025], [1024, 2048]]
 
 
 @pytest.mark.parametrize("ids, out_of_range, message", [

@@ -23,7 +23,7 @@ shorter ones are zero-padded, and frames past a row's mel length are masked out 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -50,34 +50,6 @@ COSYVOICE2 = "cosyvoice.flow.flow.CausalMaskedDiffWithXvec"
 STEP_AUDIO_EDITX = "stepvocoder.cosyvoice2.flow.flow.CausalMaskedDiffWithXvec"
 REGULATOR = "cosyvoice.flow.length_regulator.InterpolateRegulator"
 DUAL_CODEBOOK = "stepvocoder.cosyvoice2.embedding.dual_codebook.DualCodebookEmbedding"
-
-# Step-Audio-EditX's interleaved LLM stream: groups of 2 vq02 ids then 3 vq06 ids.
-STEP_VQ02_PAD = 1024
-STEP_VQ06_SHIFT = 1025 - 1024
-STEP_TAIL_PAD = (0, 0, 0, STEP_VQ02_PAD, STEP_VQ02_PAD, STEP_VQ02_PAD)
-
-
-def step_pairs_from_interleaved(ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
-    """Step-Audio-EditX's interleaved speech ids → the ``[T, 2]`` pair stream its flow takes.
-
-    As upstream ``_reshape``: the stream is completed to a multiple of 5 with the tail of
-    ``(0, 0, 0, 1024, 1024, 1024)``; each group ``a b c d e`` gives the pairs ``(a, c')``, ``(b, d')``,
-    ``(1024, e')`` where ``x' = x + 1`` (vq06 ids move past the vq02 pad).
-
-    Args:
-        ids: One utterance's ids as the LLM emits them (list or 1-D tensor).
-
-    Returns:
-        int64 ``[3·groups, 2]``.
-    """
-    seq = [int(i) for i in (ids.reshape(-1).tolist() if isinstance(ids, torch.Tensor) else ids)]
-    if len(seq) % 5:
-        seq += list(STEP_TAIL_PAD[-(5 - len(seq) % 5):])
-    groups = torch.tensor(seq, dtype=torch.long).view(-1, 5)
-    vq02 = torch.cat([groups[:, :2], torch.full_like(groups[:, :1], STEP_VQ02_PAD)], dim=1).reshape(-1)
-    vq06 = (groups[:, 2:] + STEP_VQ06_SHIFT).reshape(-1)
-    return torch.stack([vq02, vq06], dim=1)
-
 
 def prompt_prefix_cond(feat: torch.Tensor, feat_len: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """``[B, T, C]``: per row, with probability ½ its first ``U{0..⌊0.3·len⌋}`` mel frames, else zeros.
