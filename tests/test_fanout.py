@@ -115,14 +115,15 @@ def test_merge_names_a_missing_unit(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_streams_from_s3_under_the_disk_cap(tmp_path, s3_env):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_streams_from_s3_under_the_disk_cap(tmp_path, s3_env, workers):
     root = tmp_path / "src"
     good_corpus(root, 8)
     storage.upload_dir(root, f"{s3_env}/corpus")
     corpus_bytes = sum(p.stat().st_size for p in (root / "wavs").iterdir())
     cap = 3 * max(p.stat().st_size for p in (root / "wavs").iterdir())
     assert cap < corpus_bytes
-    cfg = _cfg(f"convert.max_local_disk_bytes={cap}", "convert.unit_max_rows=100")
+    cfg = _cfg(f"convert.max_local_disk_bytes={cap}", "convert.unit_max_rows=100", f"run.num_workers={workers}")
     planned = convert_units.plan(cfg, str(tmp_path / "plan"), f"{s3_env}/corpus/manifest.jsonl")
     assert len(planned["units"]) == 1 and planned["source_bytes"] == corpus_bytes
     part = convert_units.convert_unit(cfg, str(tmp_path / "plan"), planned["units"][0]["id"], str(tmp_path / "part"))
@@ -182,3 +183,32 @@ def test_kfp_local_fanout_merges_and_reruns_only_the_new_unit(tmp_path):
     assert len(ran) == 1, ran  # the three old units came from the cache
     merged = _rows(second / "merge-data" / "dataset")
     assert sum(len(v) for v in merged.values()) == 9
+
+
+def test_a_failed_unit_is_redone_alone(tmp_path, s3_env):
+    """An object changed after planning fails its unit only (naming the object); once it is back, re-running that
+    unit alone completes the merge."""
+    from audiotune.data.stream import StreamError
+
+    root = tmp_path / "src"
+    good_corpus(root, 9)
+    storage.upload_dir(root, f"{s3_env}/c")
+    cfg = _cfg("convert.unit_max_rows=3")
+    plan_dir = str(tmp_path / "plan")
+    units = [u["id"] for u in convert_units.plan(cfg, plan_dir, f"{s3_env}/c/manifest.jsonl")["units"]]
+    assert len(units) == 3
+    victim = f"{s3_env}/c/wavs/utt00004.wav"
+    original = storage.read_bytes(victim)
+    storage.write_bytes(victim, original[:-100])
+    parts = [str(tmp_path / "parts" / u) for u in units]
+    for unit, part in zip(units, parts, strict=True):
+        if unit == units[1]:
+            with pytest.raises(StreamError, match="utt00004.wav: changed or removed since the plan"):
+                convert_units.convert_unit(cfg, plan_dir, unit, part)
+        else:
+            convert_units.convert_unit(cfg, plan_dir, unit, part)
+    assert not Path(parts[1]).exists()
+    storage.write_bytes(victim, original)
+    convert_units.convert_unit(cfg, plan_dir, units[1], parts[1])
+    merged = convert_units.merge(cfg, plan_dir, parts, str(tmp_path / "out"))
+    assert merged.report["rows"]["train"] + merged.report["rows"]["val"] == 9

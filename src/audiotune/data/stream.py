@@ -108,22 +108,39 @@ class DiskBudget:
             self._cond.notify_all()
 
 
-def fetch(uri: str, size: int, dest: Path, chunk: int = CHUNK_BYTES) -> int:
+def fetch(uri: str, size: int, dest: Path, etag: str = "", chunk: int = CHUNK_BYTES) -> int:
     """Copy one S3 object of ``size`` bytes to ``dest`` by ranged GETs of ``chunk`` bytes.
+
+    Args:
+        uri: The object.
+        size: Its size when planned.
+        dest: The local file written.
+        etag: Its ETag when planned; every GET is conditional on it (``IfMatch``). Empty: not checked.
+        chunk: Bytes per GET.
 
     Returns:
         The bytes read from S3.
 
     Raises:
-        StreamError: The object is shorter or longer than planned (changed since the plan).
+        StreamError: The object changed since the plan (another ETag or size, or it is gone).
     """
+    from botocore.exceptions import ClientError
+
     bucket, key = storage.split_s3(uri)
     s3 = storage.client()
     read = 0
+    condition = {"IfMatch": f'"{etag}"'} if etag else {}
     with open(dest, "wb") as f:
         while read < size:
             end = min(size, read + chunk) - 1
-            body = s3.get_object(Bucket=bucket, Key=key, Range=f"bytes={read}-{end}")["Body"].read()
+            try:
+                reply = s3.get_object(Bucket=bucket, Key=key, Range=f"bytes={read}-{end}", **condition)
+            except ClientError as err:
+                code = str(err.response.get("Error", {}).get("Code", ""))
+                if code in {"PreconditionFailed", "412", "InvalidRange", "416", "NoSuchKey", "404"}:
+                    raise StreamError(f"{uri}: changed or removed since the plan ({code}); re-plan") from None
+                raise
+            body = reply["Body"].read()
             if not body:
                 break
             f.write(body)
@@ -149,8 +166,9 @@ class Spool:
         self._n = 0
         self._lock = threading.Lock()
 
-    def open(self, uri: str, size: int) -> tuple[str, int]:
-        """A local path holding ``uri`` (local paths are returned as they are) and the bytes it reserved."""
+    def open(self, uri: str, size: int, etag: str = "") -> tuple[str, int]:
+        """A local path holding ``uri`` (local paths are returned as they are) and the bytes it reserved;
+        ``etag``: see :func:`fetch`."""
         if not storage.is_s3(uri):
             return uri, 0
         self.budget.take(size, uri)
@@ -158,7 +176,7 @@ class Spool:
             self._n += 1
             dest = self.directory / f"{self._n:08d}{os.path.splitext(uri)[1]}"
         try:
-            got = fetch(uri, size, dest)
+            got = fetch(uri, size, dest, etag)
         except BaseException:
             dest.unlink(missing_ok=True)
             self.budget.give(size)

@@ -104,7 +104,7 @@ def _spooled(entries: list[dict], spool: Spool, held: collections.deque, ahead: 
             taken = []
             for field, size in entry["sizes"].items():
                 if size >= 0:
-                    local, reserved = spool.open(record[field], size)
+                    local, reserved = spool.open(record[field], size, entry["stamps"].get(field, ""))
                     taken.append((local, reserved, record[field]))
                     record[field] = local
             return SourceRecord(**record), taken
