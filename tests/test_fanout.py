@@ -212,3 +212,27 @@ def test_a_failed_unit_is_redone_alone(tmp_path, s3_env):
     convert_units.convert_unit(cfg, plan_dir, units[1], parts[1])
     merged = convert_units.merge(cfg, plan_dir, parts, str(tmp_path / "out"))
     assert merged.report["rows"]["train"] + merged.report["rows"]["val"] == 9
+
+
+def test_the_fanout_compiles_into_the_pipeline(tmp_path):
+    """pipeline.data_parallelism > 0: plan-data → a ParallelFor (its parallelism limit) of convert-unit (retried,
+    cached) → merge-data (collected parts), which feeds tokenize; 0 keeps the one convert-data task."""
+    import yaml
+
+    from audiotune import sdk
+
+    path = sdk.compile(tmp_path / "f.yaml", load_config(None, ["pipeline.data_parallelism=3",
+                                                                "convert.plan_uri=s3://b/plan"]))
+    spec = next(yaml.safe_load_all(Path(path).read_text()))
+    tasks = {n: t for c in spec["components"].values() for n, t in c.get("dag", {}).get("tasks", {}).items()}
+    assert "convert-data" not in tasks and {"plan-data", "merge-data", "convert-unit"} <= set(tasks)
+    loop = next(t for n, t in tasks.items() if n.startswith("for-loop"))
+    assert loop["iteratorPolicy"] == {"parallelismLimit": 3}
+    assert loop["parameterIterator"]["items"]["inputParameter"].endswith("plan-data-Output")
+    unit = tasks["convert-unit"]
+    assert unit["cachingOptions"] == {"enableCache": True} and unit["retryPolicy"]["maxRetryCount"] == 2
+    assert "plan" not in unit.get("inputs", {}).get("artifacts", {})  # the durable plan: cache keys hold
+    parts = tasks["merge-data"]["inputs"]["artifacts"]["parts"]
+    assert parts["taskOutputArtifact"]["producerTask"].startswith("for-loop")
+    tokenize = tasks["tokenize-data"]["inputs"]["artifacts"]["dataset"]
+    assert "merge-data" in json.dumps(tokenize) or "pipelinechannel--merge-data-dataset" in json.dumps(tokenize)
