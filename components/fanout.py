@@ -84,7 +84,7 @@ def merge_data(
         metrics: Rows kept and quarantined, hours, S3 bytes read, peak disk and RSS of a unit.
 
     Returns:
-        An empty MLflow run id (the fan-out logs no stage run; link_runs skips it).
+        The id of the merge's MLflow run (the convert stage's run, nested under the pipeline's run by link_runs).
     """
     from audiotune.orchestration import data_fanout, steps
 

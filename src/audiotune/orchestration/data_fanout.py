@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 from audiotune import artifacts
+from audiotune.orchestration import runs
 from audiotune.orchestration.steps import Outcome, StepError, load, numeric
 
 log = logging.getLogger(__name__)
@@ -46,9 +47,11 @@ def merge(config: str, plan_dir: str, parts: list[str], output: str) -> Outcome:
     from audiotune.stages import convert_units
 
     cfg = load(config, "merge_data config")
+    cfg.tracking.run_name = runs.unique_run_name("convert")
     result = convert_units.merge(cfg, plan_dir, parts, output)
     return Outcome(
         metrics=numeric(result.report, ("rows", "bad_fraction", "hours", "throughput")),
         metadata={"kind": artifacts.DATASET, "fingerprint": result.manifest.get("fingerprint"),
                   "source": result.manifest.get("source"), "units": len(result.manifest["units"])},
+        run_id=runs.claim(cfg.tracking, cfg.tracking.run_name, "convert") or "",
     )

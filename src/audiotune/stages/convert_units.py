@@ -27,7 +27,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
 
-from audiotune import artifacts, publish, storage
+from audiotune import artifacts, publish, storage, tracking
 from audiotune.config import AudiotuneConfig, dump_config
 from audiotune.data import merge as merge_mod
 from audiotune.data import plan as plan_mod
@@ -200,8 +200,10 @@ def merge(cfg: AudiotuneConfig, plan_dir: str, parts: list[str], output: str) ->
     for uri in parts:
         folder = storage.local_copy(uri)
         local[merge_mod.read_part(folder)["unit"]] = folder
-    with publish.publish_dir(output, overwrite=c.overwrite, kind=artifacts.DATASET,
-                             inputs=[source, c.val_source]) as staging:
+    with tracking.stage_run(cfg.tracking, "convert") as tracker, \
+            publish.publish_dir(output, overwrite=c.overwrite, kind=artifacts.DATASET,
+                                inputs=[source, c.val_source]) as staging:
+        tracker.log_params({"convert": c.model_dump(mode="json"), "run": cfg.run.model_dump(mode="json")})
         merged = merge_mod.merge_parts(planned, merge_mod.order_parts(planned, local), staging)
         report = merged["report"]
         figures = merged["figures"]
@@ -212,6 +214,13 @@ def merge(cfg: AudiotuneConfig, plan_dir: str, parts: list[str], output: str) ->
                       "peak_rss_bytes": max(f["peak_rss_bytes"] for f in figures.values())}
         report_dict = report.write(staging, source=source, format=planned["format"], sample_rate=c.sample_rate,
                                    throughput=throughput)
+        rows = report_dict["rows"]
+        tracker.log_metrics({"rows_input": rows["input"], "rows_train": rows["train"], "rows_val": rows["val"],
+                             "rows_quarantined": rows["quarantined"], "bad_fraction": report_dict["bad_fraction"],
+                             "hours_train": report_dict["hours"]["train"], "hours_val": report_dict["hours"]["val"],
+                             "units": len(figures), "s3_bytes_read": throughput["s3_bytes_read"]})
+        for name in ("report.json", "duration_histogram.png", "quarantine.jsonl"):
+            tracker.log_artifact(staging / name)
         if report.bad_fraction > c.max_bad_fraction:
             kept_aside = _keep_rejects(output, staging)
             raise ConvertError(
@@ -226,6 +235,7 @@ def merge(cfg: AudiotuneConfig, plan_dir: str, parts: list[str], output: str) ->
             fingerprint=merged["fingerprint"], units=[u["id"] for u in planned["units"]],
             config=c.model_dump(mode="json"),
         )
+        tracker.set_tags({"dataset_fingerprint": manifest["fingerprint"]})
     log.info("published dataset %s from %d units", output, len(parts))
     return ConvertResult(output=output, report=report_dict, manifest=manifest)
 
