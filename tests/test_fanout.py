@@ -236,3 +236,19 @@ def test_the_fanout_compiles_into_the_pipeline(tmp_path):
     assert parts["taskOutputArtifact"]["producerTask"].startswith("for-loop")
     tokenize = tasks["tokenize-data"]["inputs"]["artifacts"]["dataset"]
     assert "merge-data" in json.dumps(tokenize) or "pipelinechannel--merge-data-dataset" in json.dumps(tokenize)
+
+
+def test_an_acestep_folder_on_s3_is_found_by_its_listed_audio(tmp_path, s3_env):
+    from tests.helpers import write_audio
+
+    root = tmp_path / "songs"
+    for i in range(4):
+        write_audio(root / f"song{i}.wav", seconds=1.0, seed=i)
+        (root / f"song{i}_prompt.txt").write_text(f"pop, take {i}")
+    storage.upload_dir(root, f"{s3_env}/songs")
+    cfg = _cfg("convert.unit_max_rows=2")
+    fanned = convert_units.convert_fanout(cfg, str(tmp_path / "fanned"), source=f"{s3_env}/songs")
+    single = convert(cfg, source=str(root), output=str(tmp_path / "single"))
+    assert fanned.manifest["format"] == "acestep" and len(fanned.manifest["units"]) == 2
+    assert _rows(tmp_path / "fanned") == _rows(tmp_path / "single")
+    assert fanned.report["rows"] == single.report["rows"]

@@ -60,8 +60,8 @@ class SourceIndex:
 
 
 def index_source(uri: str, workdir: Path) -> SourceIndex:
-    """List ``uri`` page by page; for S3 copy its non-audio files under ``workdir`` and leave an empty
-    placeholder per audio object (so that readers which look for audio files find them).
+    """List ``uri`` page by page; for S3 copy its non-audio files under ``workdir`` (audio is only listed; see
+    :func:`add_placeholders` for the layouts that look for audio files).
 
     A single file (a manifest) is read with its folder: its audio paths are relative to that folder.
     """
@@ -78,15 +78,25 @@ def index_source(uri: str, workdir: Path) -> SourceIndex:
     for obj in list_objects(root_uri):
         listing[obj.rel] = obj
         target = storage.inside(local, obj.rel, root_uri)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if is_audio(obj.rel):
-            target.touch()
-        else:
+        if not is_audio(obj.rel):
+            target.parent.mkdir(parents=True, exist_ok=True)
             storage.download(storage.join(root_uri, obj.rel), target)
             copied += obj.size
     log.info("%s: listed %d files, copied %d bytes of index files", root_uri, len(listing), copied)
     read_path = local / uri.rstrip("/").rpartition("/")[2] if single else local
     return SourceIndex(root_uri, local, read_path, listing)
+
+
+def add_placeholders(index: SourceIndex) -> None:
+    """An empty local file per listed audio object of an S3 source, for layouts found by their audio files
+    (ACE-Step folders); a manifest or ``wav.scp`` names its audio and needs none."""
+    if not storage.is_s3(index.root_uri):
+        return
+    for rel in index.listing:
+        if is_audio(rel):
+            target = storage.inside(index.local_root, rel, index.root_uri)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.touch()
 
 
 def make_entry(item: SourceRecord | BadRecord, index: SourceIndex, target: str) -> dict[str, Any]:

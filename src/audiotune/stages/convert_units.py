@@ -76,7 +76,7 @@ def plan(cfg: AudiotuneConfig, plan_dir: str, source: str | None = None, fmt: st
             if not storage.is_s3(uri) and not Path(uri).exists():
                 raise SourceError(f"source {uri} does not exist")
             index = plan_mod.index_source(uri, Path(tmp) / target)
-            name, read_path = resolve_source(index.read_path, fmt)
+            name, read_path = _resolve(index, fmt)
             fmt_name = fmt_name or name
             for item in _dedupe(_utf8_only(get_reader(name).read(read_path, options)), seen):
                 entry = plan_mod.make_entry(item, index, target)
@@ -91,6 +91,22 @@ def plan(cfg: AudiotuneConfig, plan_dir: str, source: str | None = None, fmt: st
     if c.plan_uri and storage.join(c.plan_uri, "") != storage.join(plan_dir, ""):
         plan_mod.write_plan(c.plan_uri, units, (b["bad"] for b in bad), **fields)
     return written
+
+
+def _resolve(index: plan_mod.SourceIndex, fmt: str | None) -> tuple[str, Path]:
+    """The format and read path of an indexed source; ACE-Step folders (found by their audio) get placeholders."""
+    if fmt == "acestep":
+        plan_mod.add_placeholders(index)
+    try:
+        name, read_path = resolve_source(index.read_path, fmt)
+    except SourceError:
+        if fmt is not None or not storage.is_s3(index.root_uri):
+            raise
+        plan_mod.add_placeholders(index)
+        name, read_path = resolve_source(index.read_path, fmt)
+    if name == "acestep":
+        plan_mod.add_placeholders(index)
+    return name, read_path
 
 
 def _spooled(entries: list[dict], spool: Spool, held: collections.deque, ahead: int) -> Iterator[SourceRecord]:
