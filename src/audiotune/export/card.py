@@ -7,6 +7,47 @@ from typing import Any
 
 METRIC_NAMES = {"final_loss": "training loss (last steps)", "val_loss": "validation loss (final)",
                 "best_val_loss": "validation loss (best)", "tokens_per_s": "throughput (tokens/s)"}
+# the figures the joint stage writes over in the manifests it carries forward (stages/train_joint.py); the others
+# stay those of the model's own stage (llm or flow)
+JOINT_METRICS = ("val_loss",)
+
+
+def _figures(part: dict[str, Any], stage: str, skip: tuple[str, ...] = ()) -> list[tuple[str, Any]]:
+    """The manifest's figures, each labelled with the stage that measured it."""
+    metrics = part.get("metrics") or {}
+    rows = []
+    for key, label in METRIC_NAMES.items():
+        if key in metrics and key not in skip:
+            source = "joint" if part.get("joint") and key in JOINT_METRICS else stage
+            rows.append((f"{label}, {source} stage", _fmt(metrics[key])))
+    return rows
+
+
+def verification_record(verification: dict[str, Any] | None, llm: dict[str, Any] | None,
+                        flow: dict[str, Any] | None) -> dict[str, Any]:
+    """What export verified, for ``verification.json``: the merge check, or why nothing was merged.
+
+    Args:
+        verification: The merge check (:class:`audiotune.export.merge.Verification` as a dict), or None.
+        llm: The LLM artifact's manifest, or None.
+        flow: The Flow artifact's manifest, or None.
+    """
+    checked = []
+    if flow:
+        checked.append("the flow loads strictly (no missing, unexpected or mis-shaped weights) and carries no "
+                       "LoRA layer")
+    if verification:
+        checked.append("LoRA merge: logits of base + adapter and of the merged model agree within the tolerance"
+                       + ("; the merged model reloaded from disk agrees too"
+                          if verification.get("reload_max_abs_diff") is not None else ""))
+        return {"merged": True, "checked": checked, "merge": verification}
+    if llm:
+        checked.append("the LLM loads as saved")
+        reason = (f"the LLM was trained as a {llm.get('mode')} model (not a LoRA adapter): its weights are "
+                  "exported as trained, there is no adapter to merge")
+    else:
+        reason = "no LLM in this export (flow only): there is no adapter to merge"
+    return {"merged": False, "reason": reason, "checked": checked}
 
 
 def _table(rows: list[tuple[str, Any]]) -> str:
@@ -33,7 +74,8 @@ def model_card(name: str, manifest: dict[str, Any], llm: dict[str, Any] | None, 
         data: Data summary (Tokens / Dataset report figures).
         samples: ``{"file", "text", "seconds"}`` of every sample.
     """
-    parts = [f"# {name}", "", "Fine-tuned with [audiotune](https://github.com/audiotune/audiotune): "
+    version = manifest.get("audiotune_version")
+    parts = [f"# {name}", "", f"Fine-tuned with audiotune{f' {version}' if version else ''}: "
              + ", ".join(p for p, m in (("an audio-token LLM", llm), ("a flow-matching mel decoder", flow)) if m)
              + ".", ""]
     if llm:
@@ -46,7 +88,7 @@ def model_card(name: str, manifest: dict[str, Any], llm: dict[str, Any] | None, 
             ("audio codes", f"{llm['vocab']['num_codebooks']} × {llm['vocab']['codebook_size']} at id "
                             f"{llm['vocab']['audio_offset']}"),
             ("steps", llm.get("steps")),
-            *[(METRIC_NAMES[k], _fmt(v)) for k, v in (llm.get("metrics") or {}).items() if k in METRIC_NAMES],
+            *_figures(llm, "llm"),
             ("joint stage", f"{llm['joint']['steps']} steps" if llm.get("joint") else None),
             ("own code (llm.trust_remote_code)", ", ".join(
                 f"`{name}` (sha256 {digest})" for name, digest in sorted(
@@ -59,12 +101,13 @@ def model_card(name: str, manifest: dict[str, Any], llm: dict[str, Any] | None, 
                     f"{flow['mel'].get('hop_length')}"),
             ("speaker conditioning", (flow.get("speaker") or {}).get("type")),
             ("EMA", (flow.get("ema") or {}).get("enabled")), ("steps", flow.get("steps")),
-            *[(METRIC_NAMES[k], _fmt(v)) for k, v in (flow.get("metrics") or {}).items()
-              if k in METRIC_NAMES and k != "tokens_per_s"],
+            *_figures(flow, "flow", skip=("tokens_per_s",)),
         ]), ""]
     if data:
         parts += ["## Data", "", _table([(k.replace("_", " "), _fmt(v)) for k, v in data.items()]), ""]
     verification = manifest.get("verification")
+    if not verification and llm:
+        parts += ["## Merge check", "", verification_record(None, llm, flow)["reason"].capitalize() + ".", ""]
     if verification:
         parts += ["## Merge check", "", "Logits of base + adapter and of the merged model on "
                   f"{verification['probe_sequences']} validation sequences ({verification['probe_tokens']} tokens, "

@@ -99,8 +99,10 @@ def export(cfg: AudiotuneConfig, output: str, llm: str | None = None, flow: str 
             verification=verification.to_dict() if verification else None, samples=samples, data=data,
             metrics=metrics, registered_model_name=E.registered_model_name,
         )
-        (package / "verification.json").write_text(json.dumps(fields["verification"], indent=2) + "\n")
-        from audiotune.export.card import model_card
+        from audiotune.export.card import model_card, verification_record
+
+        record = verification_record(fields["verification"], llm_manifest, flow_manifest)
+        (package / "verification.json").write_text(json.dumps(record, indent=2) + "\n")
 
         (package / "README.md").write_text(model_card(name, {**fields, "audiotune_version": __version__},
                                                       llm_manifest, flow_manifest, data, samples))
