@@ -252,3 +252,13 @@ def test_an_acestep_folder_on_s3_is_found_by_its_listed_audio(tmp_path, s3_env):
     assert fanned.manifest["format"] == "acestep" and len(fanned.manifest["units"]) == 2
     assert _rows(tmp_path / "fanned") == _rows(tmp_path / "single")
     assert fanned.report["rows"] == single.report["rows"]
+
+
+@pytest.mark.parametrize("name", ["plan_data", "convert_unit", "merge_data"])
+def test_fanout_components_are_thin_documented_and_on_the_cpu_image(name):
+    from audiotune import components
+    from audiotune.images import CPU_IMAGE
+    from tests.test_components import test_thin_and_documented
+
+    test_thin_and_documented(name)
+    assert getattr(components, name).component_spec.implementation.container.image == CPU_IMAGE
