@@ -1,4 +1,14 @@
-"""DeepSpeed ZeRO configuration: generated from the stage settings, or a user's JSON checked against them."""
+"""DeepSpeed ZeRO configuration: generated from the stage settings, or a user's JSON checked against them.
+
+The optimizer is declared in the config (``"optimizer": {"type": "AdamW", ...}``), so DeepSpeed builds its own:
+FusedAdam on GPUs, DeepSpeedCPUAdam when ``offload_optimizer`` moves the optimizer states to CPU memory (the CUDA
+image compiles both ops at build time: ``DS_BUILD_FUSED_ADAM=1 DS_BUILD_CPU_ADAM=1``). On a machine without a GPU
+and without offload (CI's 2-process ZeRO runs) the block asks DeepSpeed for its ``torch_adam`` variant: the CPU
+FusedAdam op is not in the pip wheel and its JIT build took 554 s on the 2-core CI machine (under load; measured
+here), longer than the runs it would serve. The engine hands accelerate a ``DummyOptim`` carrying the parameter
+groups (each group keeps its own ``lr`` and ``weight_decay``). DeepSpeed's guards stay on: neither
+``zero_allow_untested_optimizer`` nor ``zero_force_ds_cpu_optimizer`` is overridden.
+"""
 
 from __future__ import annotations
 
@@ -40,10 +50,33 @@ def generate(train: TrainSettings, dtype: str) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": 1,
         "bf16": {"enabled": dtype == "bf16"},
         "fp16": {"enabled": dtype == "fp16"},
-        "zero_allow_untested_optimizer": True,
-        "zero_force_ds_cpu_optimizer": False,
+        "optimizer": optimizer_block(train, gpu=_has_gpu()),
         "wall_clock_breakdown": False,
     }
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def optimizer_block(train: TrainSettings, gpu: bool = True) -> dict[str, Any]:
+    """DeepSpeed's AdamW with the stage's settings: DeepSpeed picks FusedAdam, or with offload DeepSpeedCPUAdam.
+
+    ``lr`` and ``weight_decay`` are the defaults; the parameter groups the engine passes override them per group
+    (no decay on biases and norms, the joint stage's per-model rates).
+
+    Args:
+        train: The stage's training settings.
+        gpu: Whether the processes train on GPUs; without one and without offload DeepSpeed is asked for its
+            ``torch_adam`` variant (see the module docstring).
+    """
+    params: dict[str, Any] = {"lr": train.lr, "betas": list(train.betas), "eps": 1e-8,
+                              "weight_decay": train.weight_decay}
+    if not gpu and not train.deepspeed.offload_optimizer:
+        params["torch_adam"] = True
+    return {"type": "AdamW", "params": params}
 
 
 def _get(cfg: dict[str, Any], dotted: str) -> Any:
@@ -68,6 +101,7 @@ def check_user_config(user: dict[str, Any], train: TrainSettings, dtype: str, or
     """Refuse a user JSON whose keys contradict the stage settings, naming every disagreeing key.
 
     Keys the JSON leaves out (or sets to ``auto``) are filled from the settings: batch sizes, clipping, the
+    optimizer (DeepSpeed's AdamW, :func:`optimizer_block`; a JSON that declares its own keeps it), the
     bf16/fp16 blocks (from ``train.dtype``: accelerate would otherwise leave bf16 off and train in fp32), and
     under ZeRO-3 ``zero_optimization.stage3_gather_16bit_weights_on_model_save`` (the stage saves the full
     weights at the end; DeepSpeed refuses to without it).
@@ -100,7 +134,7 @@ def check_user_config(user: dict[str, Any], train: TrainSettings, dtype: str, or
     if problems:
         raise DeepSpeedConfigError(f"{origin} disagrees with the stage settings: " + "; ".join(problems))
     merged = dict(user)
-    for key in ("gradient_accumulation_steps", "gradient_clipping", "train_micro_batch_size_per_gpu"):
+    for key in ("gradient_accumulation_steps", "gradient_clipping", "train_micro_batch_size_per_gpu", "optimizer"):
         if merged.get(key) in (None, "auto"):
             merged[key] = expected[key]
     for block in ("bf16", "fp16"):

@@ -209,11 +209,18 @@ class Engine:
         self._saved: tuple[int, str] | None = None  # (step, uri) of the last checkpoint written
         self.steps_per_epoch = max(1, math.ceil(len(train_data.batches(0)) / train.grad_accum))
         self.total_steps = train.max_steps or max(1, math.ceil(train.epochs * self.steps_per_epoch))
-        optimizer = build_optimizer(param_groups, train)
-        scheduler = build_scheduler(optimizer, train, self.total_steps)
-        self.model, self.optimizer = accelerator.prepare(model, optimizer)
-        self.scheduler = scheduler
-        self.base_lrs = [g["lr"] for g in optimizer.param_groups]
+        if accelerator.state.deepspeed_plugin is not None:
+            # DeepSpeed builds its own optimizer from the config's "optimizer" block (train/deepspeed.py)
+            from accelerate.utils import DummyOptim
+
+            dummy = DummyOptim(param_groups, lr=train.lr, weight_decay=train.weight_decay)
+            self.model, self.optimizer = accelerator.prepare(model, dummy)
+            self.scheduler = build_scheduler(self.optimizer, train, self.total_steps)
+        else:
+            optimizer = build_optimizer(param_groups, train)
+            self.scheduler = build_scheduler(optimizer, train, self.total_steps)
+            self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         bf16 = resolve_dtype(train.dtype) == "bf16" and accelerator.state.deepspeed_plugin is None
         self.autocast = (torch.autocast(device_type=accelerator.device.type, dtype=torch.bfloat16) if bf16
                          else contextlib.nullcontext())
