@@ -17,12 +17,11 @@ import logging
 import os
 import shutil
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from audiotune import credentials
 from audiotune.errors import UnsafePathError
@@ -31,10 +30,11 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 _WORKERS = 8
-_UPLOAD_ATTEMPTS = 3
+# botocore's retry policy for every S3 request (uploads included): connection errors, throttling and 5xx are retried
+# with backoff (``adaptive`` adds client-side rate limiting); permanent errors (AccessDenied, NoSuchBucket, ...) are not
+_S3_RETRIES = {"total_max_attempts": 8, "mode": "adaptive"}
 _DELETE_BATCH = 1000
 
-_T = TypeVar("_T")
 _clients: dict[tuple[str | None, ...], Any] = {}
 _clients_lock = threading.Lock()
 
@@ -98,7 +98,7 @@ def client() -> Any:
         from botocore.config import Config
 
         s3_options = {"addressing_style": "path"} if key[0] else {}
-        config = Config(retries={"max_attempts": 5, "mode": "adaptive"}, s3=s3_options)
+        config = Config(retries=dict(_S3_RETRIES), s3=s3_options)
         made = boto3.session.Session().client("s3", config=config)
         _clients[key] = made
         log.debug("S3 client for endpoint %s", key[0] or "AWS default")
@@ -140,23 +140,6 @@ def dir_prefix(key: str) -> str:
     """The listing prefix of the objects below ``key`` (``key/``; empty for a whole bucket)."""
     return f"{key}/" if key else ""
 
-
-def _retry(what: str, fn: Callable[[], _T]) -> _T:
-    """Run an upload, retrying transient failures (on top of botocore's own per-request retries)."""
-    from boto3.exceptions import S3UploadFailedError
-    from botocore.exceptions import ConnectionClosedError, EndpointConnectionError, ReadTimeoutError
-
-    transient = (S3UploadFailedError, ConnectionClosedError, EndpointConnectionError, ReadTimeoutError)
-    for attempt in range(1, _UPLOAD_ATTEMPTS + 1):
-        try:
-            return fn()
-        except transient as err:
-            if attempt == _UPLOAD_ATTEMPTS:
-                raise
-            delay = 0.5 * 2 ** (attempt - 1)
-            log.warning("%s failed (%s); retrying in %.1fs", what, err, delay)
-            time.sleep(delay)
-    raise AssertionError("unreachable")
 
 
 
@@ -336,13 +319,14 @@ def _run_all(fn: Callable[[str], None], items: list[str]) -> None:
 
 
 def upload_files(local_dir: Path, uri: str, rels: list[str]) -> None:
-    """Upload the files ``rels`` (relative to ``local_dir``) below ``uri``, in parallel with retries."""
+    """Upload the files ``rels`` (relative to ``local_dir``) below ``uri``, in parallel; each request is retried by
+    botocore's retry policy (transient failures only, see ``_S3_RETRIES``)."""
     bucket, key = split_s3(uri)
     prefix = dir_prefix(key)
     s3 = client()
 
     def put(rel: str) -> None:
-        _retry(f"upload of {rel} to {uri}", lambda: s3.upload_file(str(local_dir / rel), bucket, prefix + rel))
+        s3.upload_file(str(local_dir / rel), bucket, prefix + rel)
 
     _run_all(put, rels)
 
