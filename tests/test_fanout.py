@@ -262,3 +262,15 @@ def test_fanout_components_are_thin_documented_and_on_the_cpu_image(name):
 
     test_thin_and_documented(name)
     assert getattr(components, name).component_spec.implementation.container.image == CPU_IMAGE
+
+
+def test_a_changed_file_changes_only_its_unit(tmp_path):
+    root = tmp_path / "src"
+    src = good_corpus(root, 9)
+    cfg = _cfg("convert.unit_max_rows=3", f"convert.plan_uri={tmp_path / 'kept'}")
+    old = [u["id"] for u in convert_units.plan(cfg, str(tmp_path / "p1"), str(src))["units"]]
+    from tests.helpers import write_audio
+
+    write_audio(root / "wavs" / "utt00004.wav", seconds=0.9, seed=99)  # in the second unit
+    new = [u["id"] for u in convert_units.plan(cfg, str(tmp_path / "p2"), str(src))["units"]]
+    assert new[0] == old[0] and new[2] == old[2] and new[1] != old[1]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -25,6 +26,14 @@ log = logging.getLogger(__name__)
 
 class MergeError(DataError):
     """Parts that do not make up the plan (a unit missing, one twice, one from another plan)."""
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link to an (immutable) part's shard where the file system allows it, else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 def read_part(directory: Path) -> dict[str, Any]:
@@ -102,7 +111,7 @@ def merge_parts(plan: dict[str, Any], parts: list[tuple[str, Path]], staging: Pa
                 (staging / split).mkdir(exist_ok=True)
                 for shard in info["splits"][split]["shards"]:
                     name = f"part-{len(splits[split]['shards']):05d}.parquet"
-                    shutil.copyfile(Path(folder) / split / shard["file"], staging / split / name)
+                    _link_or_copy(Path(folder) / split / shard["file"], staging / split / name)
                     splits[split]["shards"].append({"file": name, "rows": shard["rows"]})
                     splits[split]["rows"] += shard["rows"]
             with open(Path(folder) / "quarantine.jsonl", encoding="utf-8") as f:
