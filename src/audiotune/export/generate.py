@@ -5,7 +5,9 @@ out as in training (:mod:`audiotune.train.layouts`) and run once through the bac
 cache; then one position at a time, each channel's next id is sampled among what the layout allows
 there: codes or ``<|audio_end|>`` in channel 0, codes in channel k until its delayed frames run out,
 the filler elsewhere. A voice prompt's frames are known and forced. Works for any HF causal LM
-and for :class:`~audiotune.models.multicodebook.MultiCodebookLM` around one.
+and for :class:`~audiotune.models.multicodebook.MultiCodebookLM` around one. With Tokens of LM ids
+holding an interleaved stream (``vocab.code_stream``, Step-Audio-EditX's 2 vq02 + 3 vq06 ids per group),
+each position samples among its own codebook's ids and ``<|audio_end|>`` comes only after whole groups.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 import torch
 
 from audiotune.models.multicodebook import MultiCodebookLM
-from audiotune.models.vocab import AudioVocab
+from audiotune.models.vocab import AudioVocab, CodeStream
 from audiotune.train.layouts import delay_codes
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,20 @@ def _pick(logits: torch.Tensor, allowed: torch.Tensor, sampling: Sampling, gen: 
     return int(torch.multinomial(probs.cpu(), 1, generator=gen))
 
 
+def _stream_books(vocab: AudioVocab, rows: int, device) -> tuple[list[torch.Tensor] | None, list[int] | None]:
+    """For an interleaved stream: each codebook's allowed ids over the ``rows`` logits, and the codebook of
+    every position in a group; (None, None) otherwise."""
+    if not vocab.code_stream:
+        return None, None
+    stream = CodeStream.from_dict(vocab.code_stream)
+    books = []
+    for low, high in stream.id_ranges:
+        mask = torch.zeros(rows, dtype=torch.bool, device=device)
+        mask[low:high] = True
+        books.append(mask)
+    return books, [int(k) for k in stream.pattern]
+
+
 @torch.no_grad()
 def generate_codes(model: torch.nn.Module, vocab: AudioVocab, context: np.ndarray, sampling: Sampling,
                    prompt_codes: np.ndarray | None = None) -> np.ndarray:
@@ -116,6 +132,7 @@ def generate_codes(model: torch.nn.Module, vocab: AudioVocab, context: np.ndarra
     rows = heads[0].weight.shape[0] if heads else size + 2  # a family sets its own (MOSS-TTSD: codes + pad)
     codes_only = torch.zeros(rows, dtype=torch.bool, device=device)
     codes_only[:size] = True
+    books, pattern = _stream_books(vocab, head.weight.shape[0], device) if C == 1 else (None, None)
     frames: list[list[int]] = [[] for _ in range(C)]
     end_at: int | None = None
     p = n_known
@@ -123,10 +140,11 @@ def generate_codes(model: torch.nn.Module, vocab: AudioVocab, context: np.ndarra
     while True:
         step = []
         if end_at is None:
-            allowed = channel0.clone()
-            if p >= limit:
+            whole = books is None or (p - n_known) % len(pattern) == 0  # a stream ends after whole groups only
+            allowed = channel0.clone() if books is None else books[pattern[(p - n_known) % len(pattern)]].clone()
+            if p >= limit and whole:
                 allowed[:] = False
-            if p >= n_known + max(1, sampling.min_frames) or not allowed.any():
+            if whole and (p >= n_known + max(1, sampling.min_frames) or not allowed.any()):
                 allowed[end] = True
             token = _pick(head(hidden)[0], allowed, sampling, gen) if allowed.sum() > 1 or not allowed[end] else end
             if token == end:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from audiotune.models.vocab import IGNORE_INDEX, AudioVocab
+from audiotune.models.vocab import IGNORE_INDEX, AudioVocab, CodeStream
 from audiotune.train.batching import TokenBudgetSampler, collate_padded
 from audiotune.train.flow_batches import EpochBatches, FlowExamples, flow_loss, noise_seeds
 
@@ -100,13 +100,18 @@ def predicted_codes(out, labels: torch.Tensor, vocab: AudioVocab, codes: torch.T
 
     Returns the codes and how many (sample, codebook) pairs kept the data's codes because the LLM
     predicts no such target there (e.g. an ``understand`` row) or a different number of frames.
+    With Tokens of LM ids (``vocab.code_stream``, e.g. Step-Audio-EditX's interleaved stream) each
+    guess is the best id of the codebook its position belongs to, returned as an LM id like the data's.
     """
     predicted = codes.clone()
     kept = 0
     size = vocab.codebook_size
     for k, (logits, target, first) in enumerate(_channels(out, labels, vocab)[: codes.shape[1]]):
-        guess = logits[:, :-1, first:first + size].argmax(-1)  # position t predicts token t + 1
         target = target[:, 1:]
+        if vocab.code_stream and k == 0:
+            guess = _stream_guess(logits[:, :-1], target, vocab.code_stream)  # position t predicts token t + 1
+        else:
+            guess = logits[:, :-1, first:first + size].argmax(-1)
         is_code = (target >= first) & (target < first + size) & (target != IGNORE_INDEX)
         for b in range(codes.shape[0]):
             values = guess[b][is_code[b]]
@@ -116,6 +121,17 @@ def predicted_codes(out, labels: torch.Tensor, vocab: AudioVocab, codes: torch.T
             else:
                 kept += 1
     return predicted, kept
+
+
+def _stream_guess(logits: torch.Tensor, target: torch.Tensor, stream: dict) -> torch.Tensor:
+    """LM ids ``[B, T]``: at each position the argmax over the ids of the codebook the target id belongs to
+    (positions whose target is no audio id get -1)."""
+    guess = torch.full(target.shape, -1, dtype=torch.long, device=target.device)
+    for low, high in CodeStream.from_dict(stream).id_ranges:
+        inside = (target >= low) & (target < high)
+        if bool(inside.any()):
+            guess[inside] = logits[..., low:high].argmax(-1)[inside] + low
+    return guess
 
 
 class JointLoss:
