@@ -70,6 +70,7 @@ def _fanout(source: str, units: int, rows: int, work: Path, extra: list[str]) ->
             "source_bytes": planned["source_bytes"],
             "s3_bytes_read": sum(f["s3_bytes_read"] for f in figures),
             "peak_spool_bytes_per_unit": max(f["peak_spool_bytes"] for f in figures),
+            "peak_local_disk_bytes_per_unit": max(f["peak_spool_bytes"] + f["output_bytes"] for f in figures),
             "peak_rss_mb_per_unit": round(max(f["peak_rss_bytes"] for f in figures) / 2**20, 1)}
 
 

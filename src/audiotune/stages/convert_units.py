@@ -193,6 +193,7 @@ def convert_unit(cfg: AudiotuneConfig, plan_dir: str, unit_id: str, output: str)
             "fingerprint": fingerprint.hexdigest(),
             "figures": {"elapsed_s": round(elapsed, 3), "workers": workers, "s3_bytes_read": spool.bytes_read,
                         "peak_spool_bytes": budget.peak,
+                        "output_bytes": sum(f.stat().st_size for f in staging.glob("*/part-*.parquet")),
                         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},
         }
         (staging / "part.json").write_text(json.dumps(part, ensure_ascii=False) + "\n")
