@@ -38,8 +38,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_PARAM_VALUE_LENGTH = 6000  # MLflow's limit on a parameter value
-MAX_PARAMS_PER_BATCH = 100
-MAX_METRICS_PER_BATCH = 1000
 PARENT_TAG = "mlflow.parentRunId"
 STAGE_TAG = "audiotune.stage"
 PLUGIN_RUN_ENV = "MLFLOW_RUN_ID"  # set in a task's pod by the KFP >= 2.17 MLflow plugin: that task's run
@@ -345,9 +343,8 @@ class StageTracker:
         """Log parameters; nested mappings become dotted keys, values are stringified and truncated."""
         if not self.active:
             return
-        items = [[k, _param_value(v)] for k, v in flatten(params).items()]
-        for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
-            self._send({"params": items[start:start + MAX_PARAMS_PER_BATCH]})
+        # one batch: MlflowClient.log_batch splits it into requests within MLflow's per-request limits
+        self._send({"params": [[k, _param_value(v)] for k, v in flatten(params).items()]})
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         """Log numeric metrics (nested mappings become dotted keys) at ``step`` (default 0).
@@ -369,8 +366,7 @@ class StageTracker:
             if math.isinf(number):
                 log.warning("metric %s is infinite", key)
             items.append([key, number, now, step or 0])
-        for start in range(0, len(items), MAX_METRICS_PER_BATCH):
-            self._send({"metrics": items[start:start + MAX_METRICS_PER_BATCH]})
+        self._send({"metrics": items})  # MlflowClient.log_batch chunks it
 
     def _upload(self, what: str, call: Callable[[], Any]) -> None:
         """Upload an artifact now; during an outage it is not kept (it may be a temporary file): a warning names
