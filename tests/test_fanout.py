@@ -115,13 +115,13 @@ def test_merge_names_a_missing_unit(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_streams_from_s3_under_the_disk_cap(tmp_path, s3_env, workers):
+@pytest.mark.parametrize("workers,objects", [(1, 3), (2, 3), (2, 1)])
+def test_streams_from_s3_under_the_disk_cap(tmp_path, s3_env, workers, objects):
     root = tmp_path / "src"
     good_corpus(root, 8)
     storage.upload_dir(root, f"{s3_env}/corpus")
     corpus_bytes = sum(p.stat().st_size for p in (root / "wavs").iterdir())
-    cap = 3 * max(p.stat().st_size for p in (root / "wavs").iterdir())
+    cap = objects * max(p.stat().st_size for p in (root / "wavs").iterdir())  # 1: one object at a time
     assert cap < corpus_bytes
     cfg = _cfg(f"convert.max_local_disk_bytes={cap}", "convert.unit_max_rows=100", f"run.num_workers={workers}")
     planned = convert_units.plan(cfg, str(tmp_path / "plan"), f"{s3_env}/corpus/manifest.jsonl")
@@ -137,13 +137,16 @@ def test_streams_from_s3_under_the_disk_cap(tmp_path, s3_env, workers):
     assert merged.report["rows"] == local.report["rows"]
 
 
-def test_an_object_above_the_cap_is_quarantined_or_refused(tmp_path, s3_env):
+def test_an_object_above_the_cap_is_refused_naming_it(tmp_path, s3_env):
+    from audiotune.data.stream import StreamError
+
     root = tmp_path / "src"
     good_corpus(root, 2)
     storage.upload_dir(root, f"{s3_env}/c")
     cfg = _cfg("convert.max_local_disk_bytes=100")
     planned = convert_units.plan(cfg, str(tmp_path / "plan"), f"{s3_env}/c/manifest.jsonl")
-    with pytest.raises(Exception, match="max_local_disk_bytes=100"):
+    with pytest.raises(StreamError, match=r"s3://.*/c/wavs/utt00000.wav: \d+ bytes is more than "
+                                          "convert.max_local_disk_bytes=100"):
         convert_units.convert_unit(cfg, str(tmp_path / "plan"), planned["units"][0]["id"], str(tmp_path / "part"))
 
 

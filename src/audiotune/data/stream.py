@@ -86,8 +86,11 @@ class DiskBudget:
         self.peak = 0
         self._cond = threading.Condition()
 
-    def take(self, n: int, what: str) -> None:
-        """Reserve ``n`` bytes, waiting while others hold them.
+    def take(self, n: int, what: str, wait: bool = True) -> bool:
+        """Reserve ``n`` bytes, waiting while others hold them (``wait``), else only if they are free now.
+
+        Returns:
+            Whether the bytes were reserved (always True with ``wait``).
 
         Raises:
             StreamError: ``n`` alone is above the cap.
@@ -97,9 +100,12 @@ class DiskBudget:
                               "raise the cap")
         with self._cond:
             while self.limit and self.used + n > self.limit:
+                if not wait:
+                    return False
                 self._cond.wait()
             self.used += n
             self.peak = max(self.peak, self.used)
+            return True
 
     def give(self, n: int) -> None:
         """Release ``n`` bytes taken before."""
@@ -151,7 +157,8 @@ def fetch(uri: str, size: int, dest: Path, etag: str = "", chunk: int = CHUNK_BY
 
 
 class Spool:
-    """Audio objects materialised one at a time under a folder, within a :class:`DiskBudget`.
+    """Audio objects materialised under a folder; the caller reserves their bytes in the :class:`DiskBudget`
+    before :meth:`open` and :meth:`close` gives them back.
 
     Args:
         directory: The spool folder (created).
@@ -167,11 +174,10 @@ class Spool:
         self._lock = threading.Lock()
 
     def open(self, uri: str, size: int, etag: str = "") -> tuple[str, int]:
-        """A local path holding ``uri`` (local paths are returned as they are) and the bytes it reserved;
-        ``etag``: see :func:`fetch`."""
+        """A local path holding ``uri`` (local paths are returned as they are) and the bytes it holds (reserved
+        by the caller); ``etag``: see :func:`fetch`."""
         if not storage.is_s3(uri):
             return uri, 0
-        self.budget.take(size, uri)
         with self._lock:
             self._n += 1
             dest = self.directory / f"{self._n:08d}{os.path.splitext(uri)[1]}"
@@ -179,7 +185,6 @@ class Spool:
             got = fetch(uri, size, dest, etag)
         except BaseException:
             dest.unlink(missing_ok=True)
-            self.budget.give(size)
             raise
         with self._lock:
             self.bytes_read += got

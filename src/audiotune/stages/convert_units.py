@@ -110,8 +110,9 @@ def _resolve(index: plan_mod.SourceIndex, fmt: str | None) -> tuple[str, Path]:
 
 
 def _spooled(entries: list[dict], spool: Spool, held: collections.deque, ahead: int) -> Iterator[SourceRecord]:
-    """The unit's records with their audio on local disk, fetched ``ahead`` at a time; what each holds is
-    appended to ``held`` in order (its budget is reserved here, in order, so that fetches never deadlock)."""
+    """The unit's records with their audio on local disk, fetched up to ``ahead`` at a time; what each holds is
+    appended to ``held`` in order. Bytes are reserved here, in order, and only while no fetched record waits to be
+    handed on: a wait for bytes is a wait for records the consumer already has, so it never deadlocks."""
     with ThreadPoolExecutor(max_workers=ahead) as pool:
         futures: collections.deque = collections.deque()
 
@@ -125,16 +126,24 @@ def _spooled(entries: list[dict], spool: Spool, held: collections.deque, ahead: 
                     record[field] = local
             return SourceRecord(**record), taken
 
-        for entry in entries:
-            futures.append(pool.submit(fetch, entry))
-            if len(futures) >= ahead:
-                rec, taken = futures.popleft().result()
-                held.append(taken)
-                yield rec
-        while futures:
+        def hand_on() -> SourceRecord:
             rec, taken = futures.popleft().result()
             held.append(taken)
-            yield rec
+            return rec
+
+        for entry in entries:
+            need = sum(size for field, size in entry["sizes"].items()
+                       if size >= 0 and storage.is_s3(entry["record"][field]))
+            what = entry["record"].get("audio_path") or entry["record"]["id"]
+            while futures and not spool.budget.take(need, what, wait=False):
+                yield hand_on()
+            if not futures:
+                spool.budget.take(need, what)
+            futures.append(pool.submit(fetch, entry))
+            if len(futures) >= ahead:
+                yield hand_on()
+        while futures:
+            yield hand_on()
 
 
 def _rename_paths(bad: BadRecord, taken: list) -> BadRecord:
