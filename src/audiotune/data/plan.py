@@ -2,8 +2,9 @@
 
 A plan is a folder: ``plan.json`` (the source, its format, the units' ids, row and byte counts, and
 what reading the source quarantined) and ``units/<unit id>.json`` (each unit's records). It is made
-from a paginated listing of the source (:func:`audiotune.data.stream.list_objects`): only index files
-(manifests, ``wav.scp``, prompt texts) are copied, audio objects are only listed.
+from a paginated listing of an S3 source (:func:`audiotune.data.stream.list_objects`): only index files
+(manifests, ``wav.scp``, prompt texts) are copied, audio objects are only listed. A local source is read in
+place, each audio file its records name stat'ed.
 
 Units are stable under added data: a unit's id is a hash of its records and of the stamps (ETag, or
 size and mtime) of their audio, and given the previous plan every unit whose records are all still
@@ -56,7 +57,7 @@ class SourceIndex:
     root_uri: str
     local_root: Path
     read_path: Path
-    listing: dict[str, ObjectInfo]
+    listing: dict[str, ObjectInfo] | None  # None: a local source, whose audio files are stat'ed one by one
 
 
 def index_source(uri: str, workdir: Path) -> SourceIndex:
@@ -68,8 +69,7 @@ def index_source(uri: str, workdir: Path) -> SourceIndex:
     if not storage.is_s3(uri):
         path = Path(uri)
         root = path.parent if path.is_file() else path
-        listing = {o.rel: o for o in list_objects(str(root))} if path.exists() else {}
-        return SourceIndex(str(root), root, path, listing)
+        return SourceIndex(str(root), root, path, None)
     bucket, key = storage.split_s3(uri)
     single = storage.head_object(bucket, key) is not None
     root_uri = uri.rstrip("/").rpartition("/")[0] if single else uri.rstrip("/")
@@ -114,13 +114,21 @@ def make_entry(item: SourceRecord | BadRecord, index: SourceIndex, target: str) 
         if path is None:
             continue
         rel = os.path.relpath(path, real_root).replace(os.sep, "/")
-        info = index.listing.get(rel)
+        info = index.listing.get(rel) if index.listing is not None else _stat(path)
         if storage.is_s3(index.root_uri):
             record[field] = storage.join(index.root_uri, rel)
         sizes[field] = info.size if info else -1
         stamps[field] = info.etag if info else ""
     key = hashlib.sha256(json.dumps([record, stamps, target], sort_keys=True, ensure_ascii=False).encode())
     return {"record": record, "sizes": sizes, "stamps": stamps, "target": target, "key": key.hexdigest()}
+
+
+def _stat(path: str) -> ObjectInfo | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return ObjectInfo(path, st.st_size, f"{st.st_size}-{st.st_mtime_ns}")
 
 
 def _bytes(entry: dict[str, Any]) -> int:
