@@ -119,9 +119,36 @@ def test_step_audio_editx_trains_end_to_end_in_mode_both(llm_tokens, tmp_path):
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs if k.startswith(frozen))
 
     package = tmp_path / "export"
-    assert _cli("-v", "export", "--llm", str(tmp_path / "joint" / "llm"), "--flow", str(tmp_path / "joint" / "flow"),
+    assert _cli("export", "--llm", str(tmp_path / "joint" / "llm"), "--flow", str(tmp_path / "joint" / "flow"),
                 "--tokens", str(tokens), "--output", str(package),
                 sets=["tracking.enabled=false", "export.num_samples=1", "export.synthesis.max_audio_s=1",
                       f"export.synthesis.vocoder={folder}"]) == 0
     assert (package / "flow" / "flow.pt").read_bytes() == (tmp_path / "joint" / "flow" / "flow.pt").read_bytes()
     assert (package / "samples" / "sample-0.wav").is_file()
+
+
+def test_generation_keeps_each_stream_position_in_its_codebook_and_uses_the_step_frame(llm_tokens):
+    """An untrained LLM samples Step streams: every id lies in its position's codebook, the stream ends after
+    whole groups, and the context is Step-Audio-EditX's tts frame (ended by the tokenizer's eos)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from audiotune.export.generate import Sampling, end_id, generate_codes, prompt_ids
+    from audiotune.models.vocab import CodeStream, vocab_for_tokens
+
+    tokenizer = AutoTokenizer.from_pretrained(str(llm_tokens / "tokenizer"))
+    audio = {"type": "precomputed", "num_codebooks": 1, "codebook_size": 5120, "code_stream": STREAM}
+    vocab = vocab_for_tokens(tokenizer, audio, "append", None, "step-audio-editx")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "qwen2", vocab_size=65536 + 5120 + 64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1)).eval()
+    text = tokenizer("hello there", add_special_tokens=False)["input_ids"]
+    context, known = prompt_ids(vocab, text, None, None)
+    assert known == 0 and context[:2].tolist() == [1, 4] and end_id(vocab) == vocab.eos_id
+    assert any(context[i:i + len(text)].tolist() == text for i in range(len(context)))  # the text is in the frame
+    stream = CodeStream.from_dict(STREAM)
+    for seed, max_frames in [(0, 12), (1, 7)]:
+        codes = generate_codes(model, vocab, context, Sampling(temperature=1.0, top_k=0, max_frames=max_frames,
+                                                               seed=seed))
+        assert codes.shape[0] == 1 and codes.shape[1] > 0 and codes.shape[1] % 5 == 0, codes.shape
+        stream.check(codes[0] + vocab.audio_offset)  # each position in its own codebook

@@ -40,8 +40,12 @@ def prompt_ids(vocab: AudioVocab, text_ids: list[int], prompt_text_ids: list[int
                prompt_codes: np.ndarray | None = None) -> tuple[np.ndarray, int]:
     """The layout's context up to ``<|audio_start|>`` (``tts``, or ``clone`` with a voice prompt).
 
-    Returns ids [T] (one codebook) or [T, C] and the number of known prompt frames.
+    Returns ids [T] (one codebook) or [T, C] and the number of known prompt frames. With another
+    system's chat frame (``vocab.prompt_format``) the context is that frame up to its ``{audio}`` slot,
+    the voice prompt's codes inside it (LM ids), so no frames are known.
     """
+    if vocab.prompt_format:
+        return _format_context(vocab, text_ids, prompt_text_ids, prompt_codes), 0
     s = vocab.special_ids
     if prompt_codes is None:
         context = [s["<|task_tts|>"], *text_ids, s["<|audio_start|>"]]
@@ -54,6 +58,29 @@ def prompt_ids(vocab: AudioVocab, text_ids: list[int], prompt_text_ids: list[int
         full[:, 0] = ids
         ids = full
     return ids, 0 if prompt_codes is None else int(prompt_codes.shape[1])
+
+
+def _format_context(vocab: AudioVocab, text_ids: list[int], prompt_text_ids: list[int] | None,
+                    prompt_codes: np.ndarray | None) -> np.ndarray:
+    name, frames = vocab.prompt_format["name"], vocab.prompt_format["layouts"]
+    layout = "tts" if prompt_codes is None else "clone"
+    if layout not in frames:
+        raise ValueError(f"llm.prompt_format={name} has no {layout} frame to synthesize with")
+    prompt = [] if prompt_codes is None else [int(c) if c >= vocab.audio_offset else int(c) + vocab.audio_offset
+                                             for c in np.asarray(prompt_codes)[0]]
+    slots = {"text": list(text_ids), "prompt_text": list(prompt_text_ids or []), "instruction": [],
+             "prompt_audio": prompt}
+    context: list[int] = []
+    for piece in frames[layout]:
+        if piece == "audio":
+            break
+        context += [int(i) for i in piece] if isinstance(piece, list) else slots[piece]
+    return np.asarray(context, dtype=np.int64)
+
+
+def end_id(vocab: AudioVocab) -> int:
+    """The id that ends the generated audio: ``<|audio_end|>``, or the tokenizer's end in another system's frame."""
+    return int(vocab.eos_id) if vocab.prompt_format else int(vocab.special_ids["<|audio_end|>"])
 
 
 def _parts(model: torch.nn.Module):
@@ -106,7 +133,9 @@ def generate_codes(model: torch.nn.Module, vocab: AudioVocab, context: np.ndarra
 
     embed, tables, decoder, head, heads = _parts(model)
     device = next(model.parameters()).device
-    C, size, end = vocab.num_codebooks, vocab.codebook_size, vocab.special_ids["<|audio_end|>"]
+    C, size, end = vocab.num_codebooks, vocab.codebook_size, end_id(vocab)
+    if vocab.prompt_format:  # the voice prompt sits in the frame's context (prompt_ids), not in the audio block
+        prompt_codes = None
     known = np.zeros((C, 0), dtype=np.int64) if prompt_codes is None else np.asarray(prompt_codes)[:C]
     n_known = known.shape[1]
     gen = torch.Generator().manual_seed(sampling.seed)
@@ -171,5 +200,5 @@ def generate_codes(model: torch.nn.Module, vocab: AudioVocab, context: np.ndarra
         hidden = decoder(inputs_embeds=embed_ids(x), past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
     count = len(frames[0])
     if end_at is not None and end_at >= limit:
-        log.warning("generation hit the limit of %d frames without <|audio_end|>", sampling.max_frames)
+        log.warning("generation hit the limit of %d frames without its end id %d", sampling.max_frames, end)
     return np.asarray([f[:count] for f in frames], dtype=np.int64).reshape(C, count)
