@@ -6,9 +6,9 @@ with a librosa Slaney filterbank, reflect padding of ``(n_fft - hop) / 2`` on ea
 frames stand for ``F · hop`` samples.
 
 :class:`GriffinLimVocoder` inverts that without any trained weights: ``exp``, the filterbank's
-pseudo-inverse (clamped at zero) for the linear magnitude, then fast Griffin-Lim (Perraudin et
-al., momentum 0.99) on exactly that STFT framing (overlap-add done with ``fold``, so the analysis
-and synthesis frames line up sample for sample). It is intelligible but buzzy: good for
+non-negative least-squares inverse for the linear magnitude (``librosa.feature.inverse.mel_to_stft``),
+then librosa's fast Griffin-Lim (Perraudin et al., momentum 0.99) on exactly that STFT framing
+(``center=False``, the padding trimmed). It is intelligible but buzzy: good for
 listening to training samples, not for a product; point ``flow.vocoder`` at a HiFT/HiFi-GAN
 export for that.
 
@@ -31,7 +31,6 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from audiotune.errors import ModelLoadError
 
@@ -91,8 +90,6 @@ class GriffinLimVocoder:
     """
 
     def __init__(self, mel_cfg: Any, n_iter: int = 32, momentum: float = 0.99, seed: int = 0) -> None:
-        import librosa
-
         s = _mel_settings(mel_cfg)
         self.sample_rate = int(s["sample_rate"])
         self.n_fft, self.hop_length = int(s["n_fft"]), int(s["hop_length"])
@@ -100,29 +97,21 @@ class GriffinLimVocoder:
         self.n_mels = int(s["n_mels"])
         if s.get("center"):
             raise VocoderError("griffin-lim: only center=False mels (both CosyVoice presets) are supported")
+        self.fmin, self.fmax = float(s.get("fmin") or 0.0), s.get("fmax")
         self.pad = (self.n_fft - self.hop_length) // 2
         self.n_iter, self.momentum, self.seed = n_iter, momentum, seed
-        fb = librosa.filters.mel(sr=self.sample_rate, n_fft=self.n_fft, n_mels=self.n_mels,
-                                 fmin=float(s.get("fmin") or 0.0), fmax=s.get("fmax"), htk=False, norm="slaney")
-        self.inverse = torch.from_numpy(np.linalg.pinv(fb).astype(np.float32))  # [n_freq, n_mels]
-        window = torch.hann_window(self.win_length)
-        left = (self.n_fft - self.win_length) // 2
-        self.window = F.pad(window, (left, self.n_fft - self.win_length - left))  # as torch.stft pads it
 
-    def magnitude(self, mel: torch.Tensor) -> torch.Tensor:
-        """Linear STFT magnitude ``[B, n_freq, T]`` from log-mel ``[B, n_mels, T]``."""
-        return (self.inverse @ mel.exp()).clamp(min=0.0)
+    def magnitude(self, mel: np.ndarray) -> np.ndarray:
+        """Linear STFT magnitude ``[..., n_freq, T]`` from log-mel ``[..., n_mels, T]`` (librosa's non-negative
+        least-squares inverse of the Slaney filterbank)."""
+        import librosa
 
-    def _stft(self, y: torch.Tensor) -> torch.Tensor:
-        return torch.stft(y, self.n_fft, self.hop_length, window=self.window, center=False, return_complex=True)
-
-    def _istft(self, spec: torch.Tensor, envelope: torch.Tensor) -> torch.Tensor:
-        frames = torch.fft.irfft(spec, n=self.n_fft, dim=1) * self.window[None, :, None]  # [B, n_fft, T]
-        length = (spec.shape[-1] - 1) * self.hop_length + self.n_fft
-        y = F.fold(frames, (1, length), (1, self.n_fft), stride=(1, self.hop_length))[:, 0, 0]
-        return y / envelope
+        return librosa.feature.inverse.mel_to_stft(np.exp(mel), sr=self.sample_rate, n_fft=self.n_fft, power=1.0,
+                                                   fmin=self.fmin, fmax=self.fmax, htk=False, norm="slaney")
 
     def __call__(self, mel: np.ndarray | torch.Tensor) -> np.ndarray:
+        import librosa
+
         batch, single = _as_batch(mel)
         if batch.shape[1] != self.n_mels:
             raise VocoderError(f"griffin-lim: mel has {batch.shape[1]} bins, the vocoder {self.n_mels}")
@@ -130,22 +119,13 @@ class GriffinLimVocoder:
         if frames == 0:
             out = np.zeros((batch.shape[0], 0), dtype=np.float32)
             return out[0] if single else out
-        with torch.inference_mode():
-            mag = self.magnitude(batch)
-            ones = torch.ones(1, self.n_fft, frames)
-            length = (frames - 1) * self.hop_length + self.n_fft
-            envelope = F.fold(ones * self.window.square()[None, :, None], (1, length), (1, self.n_fft),
-                              stride=(1, self.hop_length))[:, 0, 0].clamp(min=1e-8)
-            gen = torch.Generator().manual_seed(self.seed)
-            angles = torch.exp(2j * torch.pi * torch.rand(mag.shape, generator=gen))
-            previous = torch.zeros_like(angles)
-            for _ in range(self.n_iter):
-                rebuilt = self._stft(self._istft(mag * angles, envelope))
-                angles = rebuilt - (self.momentum / (1 + self.momentum)) * previous
-                angles = angles / angles.abs().clamp(min=1e-16)
-                previous = rebuilt
-            y = self._istft(mag * angles, envelope)[:, self.pad:self.pad + frames * self.hop_length]
-        out = y.numpy().astype(np.float32)
+        mag = self.magnitude(batch.numpy().astype(np.float64))
+        # center=False as the mel was framed; the signal starts ``pad`` samples into the first frame
+        y = np.stack([librosa.griffinlim(m, n_iter=self.n_iter, hop_length=self.hop_length,
+                                         win_length=self.win_length, n_fft=self.n_fft, window="hann",
+                                         center=False, momentum=self.momentum, init="random",
+                                         random_state=self.seed) for m in mag])
+        out = y[:, self.pad:self.pad + frames * self.hop_length].astype(np.float32)
         return out[0] if single else out
 
 
