@@ -6,8 +6,9 @@ what the flow stage, the joint stage, the engine and synthesis ask of
 ``sample`` / ``inference`` → mels, ``config`` (:class:`ReleaseFlowConfig`), and the estimator for
 LoRA. Checkpoints, EMA and ZeRO see an ordinary module.
 
-Training loss: upstream's ``flow.forward`` + ``decoder.compute_loss`` (the release's own ``sigma_min``,
-``training_cfg_rate`` and training-``t`` schedule; the estimator sees ``y = (1 − (1 − σ)t)z + t·x1``
+Training loss: upstream's ``flow.forward`` + ``decoder.compute_loss``, computed by the container's own
+``flows.NativeFlow.flow_matching_loss`` (the one implementation) fed each example's draws (the release's
+own ``sigma_min``, ``training_cfg_rate`` and training-``t`` schedule; the estimator sees ``y = (1 − (1 − σ)t)z + t·x1``
 and regresses ``u = x1 − (1 − σ)z``; the MSE runs over every valid frame **including the prompt
 prefix**, as upstream — our own flow leaves the prompt out). Where it differs from upstream:
 
@@ -39,7 +40,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from audiotune.models.flow.config import SpeakerSpec
@@ -114,10 +114,6 @@ class ReleaseFlowConfig:
         return {"arch": self.arch, "release": self.release.summary(), **self.settings()}
 
 
-def _valid(lengths: torch.Tensor, length: int) -> torch.Tensor:
-    return torch.arange(length, device=lengths.device)[None, :] < lengths[:, None]
-
-
 class ReleaseFlow(nn.Module):
     """A native release flow with our flow model's training and sampling API (see the module docstring).
 
@@ -169,18 +165,6 @@ class ReleaseFlow(nn.Module):
             return codes.transpose(1, 2).long(), code_lengths
         return codes[:, 0].long(), code_lengths
 
-    def _encode_train(self, token, token_len, feat_len, streaming: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Upstream ``forward``'s encoder part: ``(h [B, T, 80], valid frames bool [B, T])``."""
-        flow = self.native
-        x = flow.embed_tokens(token, token_len)
-        if self.arch == "cosyvoice-300m":
-            h, _ = flow.encoder(x, token_len)
-            h, _ = flow.length_regulator(flow.encoder_proj(h), feat_len)
-            return h, _valid(feat_len, h.shape[1])
-        options = {"streaming": streaming} if self.arch == "cosyvoice2" else {}
-        h, masks = flow.encoder(x, token_len, **options)
-        return flow.encoder_proj(h), masks[:, 0].bool()
-
     # --------------------------------------------------------------------------------------- training
     def forward(self, codes: torch.Tensor, code_lengths: torch.Tensor, mel: torch.Tensor, mel_lengths: torch.Tensor,
                 speaker_index: torch.Tensor | None = None, speaker_embedding: torch.Tensor | None = None,
@@ -208,38 +192,21 @@ class ReleaseFlow(nn.Module):
         return total / count
 
     def _group_loss(self, rows, token, token_len, mel, mel_lengths, spks, uniforms, gens, streaming: bool):
-        """Σ squared error over valid frames and the count (frames × mel bins) of one group of rows."""
-        decoder = self.native.decoder
+        """Σ squared error over valid frames and the count (frames × mel bins) of one group of rows: the
+        container's own loss (``flows.NativeFlow.flow_matching_loss``) fed each row's draws."""
+        flow, c = self.native, self.config
         feat_len, u = mel_lengths[rows], uniforms[rows]
-        h, frame_mask = self._encode_train(token[rows], token_len[rows], feat_len, streaming)
-        length, n_mels = h.shape[1], h.shape[2]
-        feat = mel[rows].transpose(1, 2)
-        feat = feat[:, :length] if feat.shape[1] >= length else F.pad(feat, (0, 0, 0, length - feat.shape[1]))
-        x1 = feat.transpose(1, 2).to(h.dtype)  # [g, 80, T]
-        valid = frame_mask & _valid(feat_len, length)
-        mask = valid[:, None].to(h.dtype)
-        noise = torch.zeros(len(gens), n_mels, length)
+        h, frame_mask = flow.encode_train(token[rows], token_len[rows], feat_len, streaming)
+        x1, valid = flow.training_target(h, frame_mask, mel[rows].transpose(1, 2), feat_len)
+        noise = torch.zeros(len(gens), h.shape[2], h.shape[1])
         for k, (gen, n) in enumerate(zip(gens, valid.sum(1).tolist(), strict=True)):
-            noise[k, :, :n] = torch.randn(n_mels, n, generator=gen)
-        z = noise.to(device=h.device, dtype=h.dtype)
-        # the prompt: with probability prompt_prob, the first U{0..⌊fraction·len⌋} frames of the row's own mel
-        c = self.config
-        choices = torch.floor(feat_len.double() * c.prompt_max_fraction) + 1
-        frames = torch.floor(u[:, 1].double() * choices) * (u[:, 0] >= 1 - c.prompt_prob)
-        cond = x1 * (torch.arange(length, device=h.device)[None, :] < frames[:, None].to(h.device))[:, None]
-        t = u[:, 2].to(h.dtype)
-        if getattr(decoder, "training_t_scheduler", "uniform") == "cosine":
-            t = 1 - torch.cos(t * 0.5 * torch.pi)
-        tt = t[:, None, None]
-        y = (1 - (1 - decoder.sigma_min) * tt) * z + tt * x1
-        target = x1 - (1 - decoder.sigma_min) * z
-        mu, spk = h.transpose(1, 2), spks[rows]
-        if self.training and decoder.training_cfg_rate > 0:
-            keep = (u[:, 3] > decoder.training_cfg_rate).to(h.dtype)
-            mu, spk, cond = mu * keep[:, None, None], spk * keep[:, None], cond * keep[:, None, None]
-        pred = decoder.estimator(y, mask, mu.contiguous(), t, spk, cond, streaming=streaming)
-        err = ((pred.float() - target.float()) * mask.float()).square().sum()
-        return err, mask.float().sum() * n_mels
+            noise[k, :, :n] = torch.randn(h.shape[2], n, generator=gen)
+        keep = u[:, 3] if self.training else torch.ones_like(u[:, 3])  # no CFG dropout outside training
+        loss = flow.flow_matching_loss(h, valid, x1, feat_len, spks[rows], u[:, :2], prompt_prob=c.prompt_prob,
+                                       prompt_max_fraction=c.prompt_max_fraction, streaming=streaming,
+                                       draws=(u[:, 2], noise, keep))
+        count = valid.sum() * h.shape[2]
+        return loss * count, count
 
     # --------------------------------------------------------------------------------------- sampling
     @contextlib.contextmanager

@@ -163,7 +163,9 @@ class ConditionalCFM(nn.Module):
 
     def compute_loss(self, x1: torch.Tensor, mask: torch.Tensor, mu: torch.Tensor, spks: torch.Tensor | None = None,
                      cond: torch.Tensor | None = None, streaming: bool = False,
-                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     generator: torch.Generator | None = None,
+                     draws: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Upstream's flow-matching loss for one batch.
 
         Args:
@@ -174,20 +176,31 @@ class ConditionalCFM(nn.Module):
             cond: Prompt mel ``[B, 80, T]`` (zero outside the prompt).
             streaming: Chunked attention (CosyVoice2 trains half its batches so).
             generator: Draws ``t``, the noise and the CFG dropout (on ``x1``'s device); None: the global RNG.
+            draws: Instead of drawing: ``(t_uniform [B], noise like x1, keep_uniform [B])`` — the uniform
+                before the ``t`` schedule, the noise, and the uniform compared with ``training_cfg_rate``
+                (a row keeps its conditions when it is larger). The release-flow adapter passes each
+                example's own draws here.
 
         Returns:
             ``(loss, y)``: the scalar loss and the noisy input ``y`` the estimator saw.
         """
         b = mu.shape[0]
         dev = x1.device
-        t = torch.rand([b, 1, 1], generator=generator, device=dev, dtype=mu.dtype)
+        if draws is None:
+            t = torch.rand([b, 1, 1], generator=generator, device=dev, dtype=mu.dtype)
+        else:
+            t = draws[0].to(device=dev, dtype=mu.dtype).view(b, 1, 1)
         if self.training_t_scheduler == "cosine":
             t = 1 - torch.cos(t * 0.5 * torch.pi)
-        z = torch.randn(x1.shape, generator=generator, device=dev, dtype=x1.dtype)
+        if draws is None:
+            z = torch.randn(x1.shape, generator=generator, device=dev, dtype=x1.dtype)
+        else:
+            z = draws[1].to(device=dev, dtype=x1.dtype)
         y = (1 - (1 - self.sigma_min) * t) * z + t * x1
         u = x1 - (1 - self.sigma_min) * z
         if self.training_cfg_rate > 0:
-            keep = torch.rand(b, generator=generator, device=dev) > self.training_cfg_rate
+            u_keep = torch.rand(b, generator=generator, device=dev) if draws is None else draws[2].to(dev)
+            keep = u_keep > self.training_cfg_rate
             mu = mu * keep.view(-1, 1, 1)
             spks = None if spks is None else spks * keep.view(-1, 1)
             cond = None if cond is None else cond * keep.view(-1, 1, 1)

@@ -13,7 +13,10 @@ Each container holds upstream's submodules under upstream's names (``input_embed
   a coin per batch for streaming (chunked) attention. These draws, and the decoder's (``t``, noise,
   CFG dropout), come from ``generator`` when given (a generator on the model's device; else torch's
   global RNG), so a seeded run is reproducible. Upstream has no training path for
-  Step-Audio-EditX; its :meth:`forward` is CosyVoice2's without the streaming coin.
+  Step-Audio-EditX; its :meth:`forward` is CosyVoice2's without the streaming coin. The loss itself is
+  :meth:`NativeFlow.flow_matching_loss` on :meth:`NativeFlow.encode_train`'s output — the one
+  implementation, which the release-flow adapter (``adapter.ReleaseFlow``) calls with each example's
+  own draws instead of a batch generator.
 
 Where ours differs from upstream's training path (identical when mels are exactly aligned to the
 tokens, as upstream's data pipeline makes them): mels longer than the encoder output are cut to it,
@@ -51,19 +54,21 @@ STEP_AUDIO_EDITX = "stepvocoder.cosyvoice2.flow.flow.CausalMaskedDiffWithXvec"
 REGULATOR = "cosyvoice.flow.length_regulator.InterpolateRegulator"
 DUAL_CODEBOOK = "stepvocoder.cosyvoice2.embedding.dual_codebook.DualCodebookEmbedding"
 
-def prompt_prefix_cond(feat: torch.Tensor, feat_len: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """``[B, T, C]``: per row, with probability ½ its first ``U{0..⌊0.3·len⌋}`` mel frames, else zeros.
+def prompt_prefix_cond(feat: torch.Tensor, feat_len: torch.Tensor, u_prompt: torch.Tensor, u_length: torch.Tensor,
+                       prob: float = 0.5, fraction: float = 0.3) -> torch.Tensor:
+    """``[B, C, T]``: per row, when ``u_prompt >= 1 - prob``, its first ``⌊u_length · (⌊fraction·len⌋ + 1)⌋``
+    mel frames, else zeros (upstream: with probability ½, ``randint(0, int(0.3 * len))`` frames).
 
-    Upstream draws the same per row with Python's ``random``; here two vectors come from ``generator``
-    (or torch's global RNG) on its device, with no host sync per row.
+    Args:
+        feat: The target mel ``[B, C, T]``.
+        feat_len: ``[B]`` mel frames of each row.
+        u_prompt, u_length: ``[B]`` uniforms in [0, 1): prompt or not, and its length.
     """
-    device = generator.device if generator is not None else feat.device
-    keep = torch.rand(feat.shape[0], generator=generator, device=device) >= 0.5
-    # upstream's randint(0, int(0.3 * len)) is inclusive; the bound computed in Python as upstream does
-    choices = torch.tensor([int(0.3 * length) + 1 for length in feat_len.tolist()], device=device)
-    frames = (torch.rand(feat.shape[0], generator=generator, device=device) * choices).floor() * keep
-    inside = torch.arange(feat.shape[1], device=feat.device)[None, :] < frames.to(feat.device)[:, None]
-    return feat * inside[..., None].to(feat.dtype)
+    choices = torch.floor(feat_len.double() * fraction) + 1  # the bound in double, as Python's int(0.3 * len)
+    frames = torch.floor(u_length.double().to(feat_len.device) * choices)
+    frames = frames * (u_prompt.to(feat_len.device) >= 1 - prob)
+    inside = torch.arange(feat.shape[-1], device=feat.device)[None, :] < frames.to(feat.device)[:, None]
+    return feat * inside[:, None].to(feat.dtype)
 
 
 def _fit_frames(feat: torch.Tensor, frames: int) -> torch.Tensor:
@@ -111,22 +116,63 @@ class NativeFlow(nn.Module):
         mask = torch.ones(h.shape[0], 1, h.shape[1], dtype=h.dtype, device=h.device)
         return h.transpose(1, 2).contiguous(), mask, spks, cond.transpose(1, 2).contiguous()
 
-    def _batch(self, batch: dict) -> tuple[torch.Tensor, ...]:
-        device = self.spk_embed_affine_layer.weight.device
-        return tuple(batch[key].to(device) for key in
-                     ("speech_token", "speech_token_len", "speech_feat", "speech_feat_len", "embedding"))
+    def encode_train(self, token: torch.Tensor, token_len: torch.Tensor, feat_len: torch.Tensor,
+                     streaming: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Upstream ``forward``'s token side: ``(h [B, T, 80], valid frames bool [B, T])``."""
+        h, masks = self.encoder(self.embed_tokens(token, token_len), token_len)
+        return self.encoder_proj(h), masks[:, 0].bool()
 
-    def _loss(self, h: torch.Tensor, frame_mask: torch.Tensor, feat: torch.Tensor, feat_len: torch.Tensor,
-              spks: torch.Tensor, generator: torch.Generator | None, **decoder_options) -> dict[str, torch.Tensor]:
-        """Upstream's ``compute_loss`` call: ``h [B, T, 80]`` is ``mu``, the mel ``feat`` the target."""
+    def training_target(self, h: torch.Tensor, frame_mask: torch.Tensor, feat: torch.Tensor,
+                        feat_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mel ``feat [B, T', 80]`` cut or padded to ``h``'s frames → ``(x1 [B, 80, T], valid bool [B, T])``."""
         frames = h.shape[1]
-        feat = _fit_frames(feat, frames).to(h.dtype)
-        cond = prompt_prefix_cond(feat, feat_len, generator)
-        mask = (frame_mask & valid_mask(feat_len, frames)).to(h.dtype)[:, None]
-        loss, _ = self.decoder.compute_loss(feat.transpose(1, 2).contiguous(), mask, h.transpose(1, 2).contiguous(),
-                                            spks, cond=cond.transpose(1, 2).contiguous(), generator=generator,
-                                            **decoder_options)
-        return {"loss": loss}
+        x1 = _fit_frames(feat, frames).to(h.dtype).transpose(1, 2).contiguous()
+        return x1, frame_mask & valid_mask(feat_len, frames)
+
+    def flow_matching_loss(self, h: torch.Tensor, valid: torch.Tensor, x1: torch.Tensor, feat_len: torch.Tensor,
+                           spks: torch.Tensor, prompt_draws: torch.Tensor, *, prompt_prob: float = 0.5,
+                           prompt_max_fraction: float = 0.3, streaming: bool = False,
+                           generator: torch.Generator | None = None,
+                           draws: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Upstream's training loss (``forward`` → ``decoder.compute_loss``) given the encoder output: the one
+        implementation behind :meth:`forward` and the release-flow adapter's per-example loss.
+
+        Args:
+            h: ``mu`` as ``[B, T, 80]``; ``valid``: ``[B, T]`` frames in the loss; ``x1``: target ``[B, 80, T]``.
+            feat_len: ``[B]`` mel frames (the prompt prefix is drawn within them).
+            spks: Projected speaker vectors ``[B, 80]``.
+            prompt_draws: ``[B, 2]`` uniforms: prompt or not, prompt length (see :func:`prompt_prefix_cond`).
+            generator, draws: The decoder's ``t``, noise and CFG dropout: drawn from ``generator``, or given
+                (see ``ConditionalCFM.compute_loss``).
+
+        Returns:
+            The scalar loss: mean squared error over valid frames × mel bins, prompt prefix included.
+        """
+        cond = prompt_prefix_cond(x1, feat_len, prompt_draws[:, 0], prompt_draws[:, 1], prompt_prob,
+                                  prompt_max_fraction)
+        options = {} if draws is None else {"draws": draws}
+        loss, _ = self.decoder.compute_loss(x1, valid[:, None].to(h.dtype), h.transpose(1, 2).contiguous(), spks,
+                                            cond=cond, streaming=streaming, generator=generator, **options)
+        return loss
+
+    def forward(self, batch: dict, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Upstream ``flow.forward(batch)``: ``{"loss": …}`` (see the module docstring for the draws)."""
+        device = self.spk_embed_affine_layer.weight.device
+        token, token_len, feat, feat_len, embedding = (batch[key].to(device) for key in (
+            "speech_token", "speech_token_len", "speech_feat", "speech_feat_len", "embedding"))
+        streaming = self._streaming(generator)
+        spks = self.speaker(embedding)
+        h, frame_mask = self.encode_train(token, token_len, feat_len, streaming)
+        x1, valid = self.training_target(h, frame_mask, feat, feat_len)
+        rand_device = generator.device if generator is not None else feat.device
+        prompt_draws = torch.stack([torch.rand(feat.shape[0], generator=generator, device=rand_device)
+                                    for _ in range(2)], dim=1)
+        return {"loss": self.flow_matching_loss(h, valid, x1, feat_len, spks, prompt_draws, streaming=streaming,
+                                                generator=generator)}
+
+    def _streaming(self, generator: torch.Generator | None) -> bool:
+        """Whether this batch trains with chunked attention (CosyVoice2 only: a coin per batch)."""
+        return False
 
 
 class CosyVoiceFlow(NativeFlow):
@@ -162,14 +208,11 @@ class CosyVoiceFlow(NativeFlow):
                                                self.input_frame_rate, self.sample_rate, self.hop)
         return self._inference_outputs(h, prompt_feat, spks)
 
-    def forward(self, batch: dict, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Upstream ``MaskedDiffWithXvec.forward``: ``{"loss": …}``."""
-        token, token_len, feat, feat_len, embedding = self._batch(batch)
-        spks = self.speaker(embedding)
+    def encode_train(self, token, token_len, feat_len, streaming=False):
+        """Upstream ``MaskedDiffWithXvec.forward``'s token side: the regulator stretches to the longest mel."""
         h, _ = self.encoder(self.embed_tokens(token, token_len), token_len)
         h, _ = self.length_regulator(self.encoder_proj(h), feat_len)
-        frame_mask = valid_mask(feat_len, h.shape[1])
-        return self._loss(h, frame_mask, feat, feat_len, spks, generator)
+        return h, valid_mask(feat_len, h.shape[1])
 
 
 class CosyVoice2Flow(NativeFlow):
@@ -194,13 +237,10 @@ class CosyVoice2Flow(NativeFlow):
         device = generator.device if generator is not None else None
         return bool(float(torch.rand((), generator=generator, device=device)) < 0.5)
 
-    def forward(self, batch: dict, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Upstream ``CausalMaskedDiffWithXvec.forward``: ``{"loss": …}`` (streaming with probability ½)."""
-        token, token_len, feat, feat_len, embedding = self._batch(batch)
-        streaming = self._streaming(generator)
-        spks = self.speaker(embedding)
+    def encode_train(self, token, token_len, feat_len, streaming=False):
+        """Upstream ``CausalMaskedDiffWithXvec.forward``'s token side, chunked attention when ``streaming``."""
         h, masks = self.encoder(self.embed_tokens(token, token_len), token_len, streaming=streaming)
-        return self._loss(self.encoder_proj(h), masks[:, 0], feat, feat_len, spks, generator, streaming=streaming)
+        return self.encoder_proj(h), masks[:, 0].bool()
 
 
 class StepAudioFlow(NativeFlow):
@@ -222,12 +262,6 @@ class StepAudioFlow(NativeFlow):
         h, _ = self.encoder(self.embed_tokens(tokens, lengths), lengths)
         return self._inference_outputs(self.encoder_proj(h), prompt_feat, spks)
 
-    def forward(self, batch: dict, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """CosyVoice2's training path without streaming (upstream publishes none): ``{"loss": …}``."""
-        token, token_len, feat, feat_len, embedding = self._batch(batch)
-        spks = self.speaker(embedding)
-        h, masks = self.encoder(self.embed_tokens(token, token_len), token_len)
-        return self._loss(self.encoder_proj(h), masks[:, 0], feat, feat_len, spks, generator)
 
 
 # ---- building from a release yaml node ---------------------------------------------------------------------------
