@@ -105,6 +105,7 @@ class MoonshotKimiaForCausalLM(PreTrainedModel):
         hidden, mimo = self.model(input_ids, text_input_ids, whisper_input_feature, is_continuous_mask)
         return CausalLMOutputWithPast(logits=(self.mimo_output(mimo), self.lm_head(hidden)))
 '''
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one thread is fastest on shared cores
 AUTO_MAP = {"AutoModelForCausalLM": "modeling_moonshot_kimia.MoonshotKimiaForCausalLM"}
 N_MELS, CHUNK_S, CODES = 16, 2, 32
 FAST = ["tracking.enabled=false", "run.num_workers=1", "llm.train.eval_every=1000", "llm.train.save_every=1000",
@@ -129,7 +130,9 @@ def _tokenizer(folder: Path):
 
 def _stand_in(folder: Path) -> Path:
     """The stand-in release folder: LM code + weights + tokenizer + a tiny Whisper in whisper-large-v3/."""
-    from transformers import Qwen2Config, WhisperConfig, WhisperModel
+    from safetensors.torch import save_file
+    from transformers import Qwen2Config, WhisperConfig
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
     from audiotune.models.vocab import SEGMENT_TOKENS
 
@@ -155,7 +158,9 @@ def _stand_in(folder: Path) -> Path:
                             decoder_layers=1, decoder_attention_heads=2, encoder_ffn_dim=16, decoder_ffn_dim=16,
                             max_source_positions=CHUNK_S * 50, max_target_positions=8, vocab_size=16,
                             pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
-    WhisperModel(whisper).save_pretrained(str(folder / "whisper-large-v3"))
+    whisper.save_pretrained(str(folder / "whisper-large-v3"))  # the encoder's weights, in WhisperModel's key layout
+    encoder = {f"encoder.{k}": v.contiguous() for k, v in WhisperEncoder(whisper).state_dict().items()}
+    save_file(encoder, str(folder / "whisper-large-v3" / "model.safetensors"), metadata={"format": "pt"})
     return folder
 
 
@@ -168,6 +173,8 @@ def kimi(tmp_path_factory):
     from examples.make_corpus import make_corpus
 
     root = tmp_path_factory.mktemp("kimi")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the module's setup runs before the function-scoped one_thread
     base = _stand_in(root / "Kimi-Audio-stand-in")
     manifest = make_corpus(root / "corpus", n_speakers=2, utts_per_speaker=4, backend="synth", seed=5,
                            edit_fraction=0.0)
@@ -177,6 +184,7 @@ def kimi(tmp_path_factory):
                              f"tokenize.whisper.n_mels={N_MELS}", f"tokenize.whisper.chunk_s={CHUNK_S}"])
     convert(cfg, source=str(manifest), output=str(root / "ds"))
     tokenize(cfg, dataset=str(root / "ds"), output=str(root / "tok"))
+    torch.set_num_threads(threads)
     return root / "tok", base
 
 
