@@ -192,7 +192,9 @@ def attach_adapter(model: nn.Module, artifact: str | Path, trainable: bool = Fal
 
 def merge_adapter(model: nn.Module) -> nn.Module:
     """``merge_and_unload`` of a PEFT model, or of a :class:`MultiCodebookLM`'s PEFT backbone."""
-    if hasattr(model, "merge_adapter"):  # a family's model that places its own adapters (Kimi-Audio)
+    # a family's model that places its own adapters (Kimi-Audio); not a PeftModel, whose merge_adapter() merges in
+    # place and returns None
+    if hasattr(model, "merge_adapter") and not hasattr(model, "merge_and_unload"):
         return model.merge_adapter()
     if isinstance(model, MultiCodebookLM):
         model.backbone = model.backbone.merge_and_unload()
