@@ -179,7 +179,9 @@ def load_kimi_examples(split_dir: Path, markers: dict[str, int], token_offset: i
 
 
 class KimiBatches:
-    """Token-budget batches of Kimi examples (never packed: the model's attention knows no sample borders)."""
+    """Batches of one Kimi example each, as upstream's fine-tuning runs (``llm.train.grad_accum`` makes larger
+    steps). Kimi-Audio's code takes one sequence per call; with one per batch every rank makes the same calls,
+    which ZeRO-3's per-module gathering needs. Never packed: its attention knows no sample borders."""
 
     def __init__(self, examples: list[KimiExample], vocab: Any, train: Any, seed: int, rank: int, world_size: int,
                  packing: bool = False, shuffle: bool = True):
@@ -188,7 +190,7 @@ class KimiBatches:
         self.examples = examples
         self.pad_id = int(vocab.pad_id)
         self.sampler = TokenBudgetSampler([len(e) for e in examples], batch_tokens=train.batch_tokens,
-                                          max_batch_size=train.max_batch_size, seed=seed, shuffle=shuffle, rank=rank,
+                                          max_batch_size=1, seed=seed, shuffle=shuffle, rank=rank,
                                           world_size=world_size, packing=False)
 
     def batches(self, epoch: int) -> list[list[int]]:
