@@ -256,6 +256,12 @@ def fit_kmeans(x: torch.Tensor, k: int, iters: int, gen: torch.Generator, label:
     """Centroids ``[k', dim]`` of ``x`` by k-means++ seeding and Lloyd iterations (deterministic for ``gen``).
 
     ``k' = min(k, distinct rows of x)``; a smaller ``k'`` is logged as a warning.
+
+    Kept instead of scikit-learn, measured (20,000 × 80 frames, k = 256, 10 iterations, the shared 2-core machine
+    under load): this fit 10.5 s, mean squared distance 467.98; ``MiniBatchKMeans(batch_size=4096)`` 90.4 s,
+    473.79; ``KMeans(n_init=1)`` 145.7 s, 468.00 (scikit-learn 1.9.1). Assigning the 20,000 frames: :func:`assign`
+    234 ms, ``KMeans.predict`` 82 ms — a small share of a tokenize run, left as is so that fit and encode share
+    one distance.
     """
     distinct = len(torch.unique(x, dim=0))
     if distinct < k:
