@@ -152,3 +152,26 @@ def test_generation_keeps_each_stream_position_in_its_codebook_and_uses_the_step
                                                                seed=seed))
         assert codes.shape[0] == 1 and codes.shape[1] > 0 and codes.shape[1] % 5 == 0, codes.shape
         stream.check(codes[0] + vocab.audio_offset)  # each position in its own codebook
+
+
+def test_predicted_codes_of_a_stream_are_lm_ids_of_each_positions_codebook():
+    """The joint stage's ``llm_predicted`` codes for Tokens of LM ids: at each target position the argmax among
+    the ids of the target's codebook, as an LM id (the Tokens' own form), never an id of the other codebook."""
+    from types import SimpleNamespace
+
+    from audiotune.models.vocab import IGNORE_INDEX, AudioVocab
+    from audiotune.train.joint_batches import predicted_codes
+
+    vocab = AudioVocab(text_vocab_size=10, special_ids={}, codebook_size=5120, num_codebooks=1, audio_offset=65536,
+                       pad_id=0, eos_id=1)
+    vocab.code_stream = STREAM
+    stream = [65536 + 3, 65536 + 4, 66560 + 0, 66560 + 7, 66560 + 4095]
+    labels = torch.tensor([[IGNORE_INDEX, *stream, 1]])
+    logits = torch.zeros(1, 7, 70656)
+    for pos, lm_id in enumerate([65536 + 9, 65536 + 8, 66560 + 5, 66560 + 6, 66560 + 7]):
+        logits[0, pos, lm_id] = 5.0  # position pos predicts the target at pos + 1
+        logits[0, pos, 66560 + 100 if lm_id < 66560 else 65536 + 100] = 9.0  # the other codebook scores higher
+    codes = torch.tensor([[stream]])
+    predicted, kept = predicted_codes(SimpleNamespace(logits=logits), labels, vocab, codes, torch.tensor([5]))
+    assert kept == 0
+    assert predicted.tolist() == [[[65545, 65544, 66565, 66566, 66567]]]
