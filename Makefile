@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup test demo lint bench clean espeak-ng
+.PHONY: setup test test-fast demo lint bench clean espeak-ng
 
 setup: $(VENV)/.installed
 
@@ -27,7 +27,11 @@ espeak-ng:
 	else echo "espeak-ng: not installed (no usable apt-get or brew); install it, or tests/test_evaluate_metrics.py fails" >&2; fi
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=20 tests
+
+# the unit tier (tests/conftest.py): the library in this process, no child interpreters or servers
+test-fast: setup
+	$(PY) -m pytest -q --durations=10 -m "unit and not slow" tests
 
 demo: setup
 	$(PY) examples/make_corpus.py --out demo/corpus

@@ -150,3 +150,40 @@ def llm_tokens(tmp_path_factory) -> Path:
 def llm_base(tmp_path_factory, llm_tokens) -> Path:
     """A tiny random Qwen2 base (untied head) for the Tokens of ``llm_tokens``."""
     return save_tiny_base(llm_tokens, tmp_path_factory.mktemp("base") / "qwen2-tiny")
+
+
+# ------------------------------------------------------------------------------------------------ test tiers
+# Markers (registered in setup.cfg): ``unit`` — the library in this process, seconds each; ``integration`` — child
+# interpreters (torchrun, the CLI, kfp.local), real MLflow / S3 servers, whole stages end to end; ``slow`` — opt-in
+# heavy work (a C++ op build), marked on the test itself. Tiers are given here by module (and by the server
+# fixtures a test uses) so that test files stay as they are; a test marked ``unit`` or ``integration`` itself keeps
+# its marker. ``make test-fast`` runs ``-m "unit and not slow"``; ``make test`` runs everything.
+INTEGRATION_MODULES = {
+    "test_acestep", "test_components", "test_convert", "test_convert_integration", "test_engine_distributed",
+    "test_engine_launch", "test_evaluate", "test_evaluate_metrics", "test_export", "test_fanout", "test_images",
+    "test_pipeline_local", "test_pytorchjob", "test_reliability", "test_reliability_more",
+    "test_reliability_training", "test_sdk", "test_step_audio_e2e", "test_storage", "test_tokenize",
+    "test_tracking", "test_train_flow", "test_train_flow_distributed", "test_train_joint", "test_train_llm",
+    "test_train_llm_distributed", "test_train_llm_integration", "test_trainjob",
+}
+SERVER_FIXTURES = {"s3_server", "s3_env", "mlflow_server"}
+# the default per-test timeout is 120 s (setup.cfg); modules whose tests run several child interpreters or whole
+# pipelines get more (on the 2-core CI machine), unless a test sets its own @pytest.mark.timeout
+MODULE_TIMEOUTS = {
+    "test_pipeline_local": 900, "test_train_llm_distributed": 600, "test_train_flow_distributed": 600,
+    "test_engine_distributed": 600, "test_reliability_training": 600, "test_reliability": 300,
+    "test_reliability_more": 300, "test_export": 300, "test_evaluate": 300, "test_convert_integration": 300,
+    "test_acestep": 300, "test_train_llm": 300, "test_train_flow": 300, "test_train_joint": 300,
+    "test_engine_launch": 300, "test_components": 300, "test_fanout": 300, "test_step_audio_e2e": 300,
+    "test_train_llm_integration": 300, "test_sdk": 300, "test_pytorchjob": 300, "test_trainjob": 300,
+}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        if not (item.get_closest_marker("unit") or item.get_closest_marker("integration")):
+            heavy = module in INTEGRATION_MODULES or SERVER_FIXTURES & set(item.fixturenames)
+            item.add_marker(pytest.mark.integration if heavy else pytest.mark.unit)
+        if module in MODULE_TIMEOUTS and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(MODULE_TIMEOUTS[module]))
