@@ -159,12 +159,13 @@ def llm_base(tmp_path_factory, llm_tokens) -> Path:
 # fixtures a test uses) so that test files stay as they are; a test marked ``unit`` or ``integration`` itself keeps
 # its marker. ``make test-fast`` runs ``-m "unit and not slow"``; ``make test`` runs everything.
 INTEGRATION_MODULES = {
-    "test_acestep", "test_components", "test_convert", "test_convert_integration", "test_engine_distributed",
-    "test_engine_launch", "test_evaluate", "test_evaluate_metrics", "test_export", "test_fanout", "test_images",
-    "test_pipeline_local", "test_pytorchjob", "test_reliability", "test_reliability_more",
-    "test_reliability_training", "test_sdk", "test_step_audio_e2e", "test_storage", "test_tokenize",
-    "test_tracking", "test_train_flow", "test_train_flow_distributed", "test_train_joint", "test_train_llm",
-    "test_train_llm_distributed", "test_train_llm_integration", "test_trainjob",
+    "test_acestep", "test_base_loading", "test_components", "test_convert", "test_convert_integration",
+    "test_engine_distributed", "test_engine_launch", "test_evaluate", "test_evaluate_metrics", "test_export",
+    "test_fanout", "test_flow_release", "test_images", "test_kimi", "test_moss", "test_pipeline_local",
+    "test_pytorchjob", "test_reliability", "test_reliability_more", "test_reliability_training", "test_sdk",
+    "test_step_audio_e2e", "test_storage", "test_tokenize", "test_tracking", "test_train_flow",
+    "test_train_flow_distributed", "test_train_joint", "test_train_llm", "test_train_llm_distributed",
+    "test_train_llm_integration", "test_trainjob",
 }
 SERVER_FIXTURES = {"s3_server", "s3_env", "mlflow_server"}
 # the default per-test timeout is 120 s (setup.cfg); modules whose tests run several child interpreters or whole
@@ -176,6 +177,7 @@ MODULE_TIMEOUTS = {
     "test_acestep": 300, "test_train_llm": 300, "test_train_flow": 300, "test_train_joint": 300,
     "test_engine_launch": 300, "test_components": 300, "test_fanout": 300, "test_step_audio_e2e": 300,
     "test_train_llm_integration": 300, "test_sdk": 300, "test_pytorchjob": 300, "test_trainjob": 300,
+    "test_kimi": 300, "test_moss": 300, "test_flow_release": 300, "test_base_loading": 300,
 }
 
 
