@@ -193,6 +193,32 @@ def _train(tokens: Path, base: Path, out: Path, *sets: str) -> int:
     return main([*argv, *[a for s in (*FAST, *sets) for a in ("--set", s)]])
 
 
+@pytest.mark.parametrize("samples", [5000, 8960, 32000, 37000, 64000])
+def test_stored_whisper_windows_rebuild_exactly_what_the_encoder_would_see(samples):
+    from audiotune.tokenization.whisper_features import (
+        WhisperMelSettings,
+        feature_extractor,
+        pad_window,
+        tokens_for,
+        whisper_log_mel,
+        window_lengths,
+        window_tokens,
+    )
+
+    settings = WhisperMelSettings(n_mels=N_MELS, chunk_s=CHUNK_S)
+    wav = (np.random.default_rng(samples).standard_normal(samples) * 0.1).astype(np.float32)
+    mel = whisper_log_mel(wav, 16000, settings)
+    lengths = window_lengths(mel.shape[0], settings)
+    starts = np.cumsum([0, *lengths])
+    extractor = feature_extractor(settings)
+    for i, length in enumerate(lengths):  # each window, zero-padded to chunk_s, as Kimi-Audio's encoder takes it
+        window = wav[i * settings.chunk_samples:(i + 1) * settings.chunk_samples]
+        full = extractor(window, sampling_rate=16000, return_tensors="np").input_features[0].T
+        rebuilt = pad_window(mel[starts[i]:starts[i + 1]], settings.chunk_frames)
+        np.testing.assert_allclose(rebuilt, full, rtol=0, atol=1e-5)
+        assert window_tokens(length) == tokens_for(len(window))
+
+
 def test_whisper_features_are_cached_in_tokenize(kimi):
     import pyarrow.parquet as pq
 
