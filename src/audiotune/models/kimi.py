@@ -157,6 +157,9 @@ class KimiAudioLM(nn.Module):
                 **kwargs: Any) -> KimiOutput:
         """Both streams [B, T] (right-padded), the continuous mask, the log-mels [B, F, n_mels] and their frame
         counts; labels aligned with the inputs (``-100``: no loss). One call of the model's code per sample."""
+        if kwargs.get("labels") is not None:
+            raise KimiAudioError("Kimi-Audio learns from its two streams (audio_labels, text_labels), laid out by the "
+                                 "llm stage; one-stream labels (e.g. the joint stage's) are not supported")
         B, T = input_ids.shape
         lengths = attention_mask.sum(1).tolist() if attention_mask is not None else [T] * B
         dtype = self.get_input_embeddings().weight.dtype
