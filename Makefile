@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup test test-fast demo lint bench clean espeak-ng
+.PHONY: setup test test-fast test-slow demo lint bench clean espeak-ng
 
 setup: $(VENV)/.installed
 
@@ -26,8 +26,12 @@ espeak-ng:
 	elif command -v brew >/dev/null 2>&1; then brew install espeak-ng; \
 	else echo "espeak-ng: not installed (no usable apt-get or brew); install it, or tests/test_evaluate_metrics.py fails" >&2; fi
 
+# the unit and integration tiers (what CI runs); the slow tier (a C++ op build, ~10-25 min on 2 cores) is test-slow
 test: setup
-	$(PY) -m pytest -q --durations=20 tests
+	$(PY) -m pytest -q --durations=20 -m "not slow" tests
+
+test-slow: setup
+	$(PY) -m pytest -q --durations=10 -m slow tests
 
 # the unit tier (tests/conftest.py): the library in this process, no child interpreters or servers
 test-fast: setup

@@ -157,7 +157,8 @@ def llm_base(tmp_path_factory, llm_tokens) -> Path:
 # interpreters (torchrun, the CLI, kfp.local), real MLflow / S3 servers, whole stages end to end; ``slow`` — opt-in
 # heavy work (a C++ op build), marked on the test itself. Tiers are given here by module (and by the server
 # fixtures a test uses) so that test files stay as they are; a test marked ``unit`` or ``integration`` itself keeps
-# its marker. ``make test-fast`` runs ``-m "unit and not slow"``; ``make test`` runs everything.
+# its marker. ``make test-fast`` runs ``-m "unit and not slow"``; ``make test`` (CI) runs the unit and
+# integration tiers; ``make test-slow`` the slow tier.
 INTEGRATION_MODULES = {
     "test_acestep", "test_base_loading", "test_components", "test_convert", "test_convert_integration",
     "test_engine_distributed", "test_engine_launch", "test_evaluate", "test_evaluate_metrics", "test_export",

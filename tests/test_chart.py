@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from audiotune import __version__, sdk
+from audiotune.cluster.kube import KINDS, rbac_rules
 from audiotune.config import ConfigError
 from audiotune.config import validate as validate_config
-from audiotune.cluster.kube import KINDS, rbac_rules
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "audiotune"

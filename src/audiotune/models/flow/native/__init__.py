@@ -1,1 +1,2 @@
-"""Upstream flow architectures (CosyVoice-300M, CosyVoice2, Step-Audio-EditX) written natively, key-for-key compatible with the release files."""
+"""Upstream flow architectures (CosyVoice-300M, CosyVoice2, Step-Audio-EditX) written natively,
+key-for-key compatible with the release files."""

@@ -38,7 +38,8 @@ class DualCodebookEmbedding(nn.Module):
     """Step-Audio-EditX's token embedding for ``[B, T, 2]`` (vq02, vq06) pairs (key ``embedding.weight``).
 
     Args:
-        vocab_size: Rows of the shared table (both codebooks' ids, see :func:`audiotune.models.vocab.step_pairs_from_interleaved`).
+        vocab_size: Rows of the shared table (both codebooks' ids, see
+            :func:`audiotune.models.vocab.step_pairs_from_interleaved`).
         input_size: Output channels; each codebook gets ``input_size // 2`` of them.
     """
 

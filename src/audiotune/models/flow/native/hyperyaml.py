@@ -214,7 +214,8 @@ class _Resolver:
         return value
 
 
-def parse_release_yaml(text: str, source: str = "<yaml>", sections: tuple[str, ...] = DEFAULT_SECTIONS) -> dict[str, Any]:
+def parse_release_yaml(text: str, source: str = "<yaml>",
+                       sections: tuple[str, ...] = DEFAULT_SECTIONS) -> dict[str, Any]:
     """Parse a release yaml's text; see :func:`load_release_yaml`."""
     try:
         doc = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader with inert constructors
