@@ -260,3 +260,22 @@ def test_audiotune_train_by_hand_resolves_auto(llm_tokens, tmp_path, caplog):
                          "--set", "llm.train.deepspeed.zero_stage=auto"])
     assert code == 0 and (out / "manifest.json").is_file()
     assert "zero_stage=auto" in caplog.text and "no ZeRO" in caplog.text
+
+
+def test_a_remote_code_base_is_sized_as_the_decoder_of_its_widths(tmp_path) -> None:
+    """A model_type transformers does not know (code shipped with the weights) is sized without running that code."""
+    from audiotune.config import AudiotuneConfig
+    from audiotune.orchestration import zero
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "step1", "architectures": ["Step1ForCausalLM"],
+        "auto_map": {"AutoModelForCausalLM": "modeling_step1.Step1ForCausalLM"}, "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": 1000}))
+    cfg = AudiotuneConfig.model_validate({"llm": {"init": "pretrained", "base_model": str(tmp_path)}})
+    config = zero.llm_config(cfg)
+    shape = (config.model_type, config.hidden_size, config.num_hidden_layers, config.vocab_size)
+    assert shape == ("llama", 64, 2, 1000)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "step1", "hidden_size": 64}))
+    with pytest.raises(zero.SizingError, match="set zero_stage explicitly"):
+        zero.llm_config(cfg)

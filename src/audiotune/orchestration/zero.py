@@ -115,7 +115,20 @@ def llm_config(cfg: AudiotuneConfig):
     data = json.loads(storage.read_text(source))
     if "model_type" not in data:
         raise SizingError(f"{source}: no model_type")
-    return AutoConfig.for_model(data.pop("model_type"), **data)
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = data.pop("model_type")
+    if model_type in CONFIG_MAPPING:
+        return AutoConfig.for_model(model_type, **data)
+    # A model whose code ships with its weights (Step1, Kimi-Audio): sized, without running that code, as the
+    # decoder-only Llama of the same widths, which is what those models are apart from small extra heads.
+    shape = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+    missing = [key for key in shape if key not in data]
+    if missing:
+        raise SizingError(f"{source}: model_type {model_type!r} is not one transformers knows, and the config "
+                          f"lacks {missing} to size it as a decoder-only model; set zero_stage explicitly")
+    keep = shape + ("num_key_value_heads", "tie_word_embeddings", "head_dim")
+    return AutoConfig.for_model("llama", **{key: data[key] for key in keep if key in data})
 
 
 def _llm_size(cfg: AudiotuneConfig) -> ModelSize:
