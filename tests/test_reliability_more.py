@@ -157,7 +157,8 @@ def test_a_signal_stops_tokenize_and_its_workers_and_publishes_nothing(tmp_path)
     import time
 
     ds = _dataset(tmp_path, 1, seconds=15.0)  # one row, repeated: seconds of work for two workers
-    _rewrite_train_shard(ds, lambda rows: [{**rows[0], "id": f"r{i:02d}"} for i in range(24)])
+    # 240 copies: seconds of tokenizing for two workers even on an idle machine (24 took 0.5 s, done before the signal)
+    _rewrite_train_shard(ds, lambda rows: [{**rows[0], "id": f"r{i:03d}"} for i in range(240)])
     before = _snapshot(tmp_path)
     argv = [sys.executable, "-m", "audiotune.cli", "tokenize", "--dataset", str(ds), "--output",
             str(tmp_path / "tok"), *NO_TRACKING, *_sets(*TOKENIZE_FAST, "run.num_workers=2")]
