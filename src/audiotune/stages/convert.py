@@ -16,7 +16,6 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
-from multiprocessing.pool import Pool
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -30,7 +29,7 @@ from audiotune.data.rows import RowSettings, convert_record
 from audiotune.data.schema import COLUMNS, ShardWriter, split_of
 from audiotune.data.sources import resolve_source
 from audiotune.data.sources.base import BadRecord, SourceError, SourceOptions, SourceRecord
-from audiotune.data.workers import num_workers, stop_on_signals, worker_pool
+from audiotune.data.workers import WorkerPool, num_workers, stop_on_signals, worker_pool
 from audiotune.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -140,13 +139,13 @@ def _dedupe(items: Iterable, seen: set[str]) -> Iterator:
         yield item
 
 
-def _process(records: list, settings: RowSettings, pool: Pool | None, workers: int) -> Iterator[Any]:
+def _process(records: list, settings: RowSettings, pool: WorkerPool | None, workers: int) -> Iterator[Any]:
     """Yield each record's row or BadRecord in input order, converting audio on ``pool`` (None: here)."""
     if pool is None or len(records) < 2:
         for rec in records:
             yield convert_record(rec, settings)
         return
-    chunk = max(1, min(16, len(records) // (workers * 8)))
+    chunk = max(1, min(4, len(records) // (workers * 8)))
     yield from pool.imap(partial(convert_record, s=settings), records, chunksize=chunk)
 
 

@@ -16,7 +16,6 @@ import tempfile
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
-from multiprocessing.pool import Pool
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -28,7 +27,7 @@ from audiotune.config import AudiotuneConfig, TokenizeConfig, dump_config
 from audiotune.data.audio import UndecodableAudio, decode_flac
 from audiotune.data.schema import ShardWriter, read_shard, split_of
 from audiotune.data.sources.base import BadRecord
-from audiotune.data.workers import num_workers, stop_on_signals, worker_pool
+from audiotune.data.workers import WorkerPool, num_workers, stop_on_signals, worker_pool
 from audiotune.errors import DataError
 from audiotune.tokenization import features
 from audiotune.tokenization.audio_tokenizers.base import CodesOutOfRange
@@ -150,7 +149,7 @@ def _text_rows(row: dict[str, Any], tok, t: TokenizeConfig) -> list[dict[str, An
              "num_text_tokens": len(w)} for k, w in enumerate(pieces)]
 
 
-def _audio_pool(stack: ExitStack, workers: int, rows: int, settings: features.FeatureSettings) -> Pool | None:
+def _audio_pool(stack: ExitStack, workers: int, rows: int, settings: features.FeatureSettings) -> WorkerPool | None:
     """The stage's worker pool (stopped with the stage, see :mod:`audiotune.data.workers`), or None to work here."""
     if workers > 1 and rows >= 4:
         return stack.enter_context(worker_pool(workers, features.init_worker, (settings,)))
@@ -158,7 +157,7 @@ def _audio_pool(stack: ExitStack, workers: int, rows: int, settings: features.Fe
     return None
 
 
-def _map_audio(rows: list[dict], pool: Pool | None, workers: int) -> Iterator[Any]:
+def _map_audio(rows: list[dict], pool: WorkerPool | None, workers: int) -> Iterator[Any]:
     """Each row's audio features (or BadRecord), in row order, computed on ``pool`` (None: in this process)."""
     if pool is None:
         yield from (features.audio_features(r) for r in rows)
