@@ -3,7 +3,7 @@
 Both variants train the same flow (same size, same seed) with the stage's engine and loss on the same
 utterances (durations uniform in 1-10 s, 22.05 kHz / hop 256 mels: ~86 frames per second):
 
-- ``frame_budget``: the stage's batching (:class:`audiotune.train.flow_batches.FlowBatches`), at most
+- ``frame_budget``: the stage's batching (:class:`audiotune.train.flow_data.FlowBatches`), at most
   ``--budget`` padded mel frames per batch (longest × count), length grouped;
 - ``fixed_batch_random``: the usual baseline, ``--batch-size`` utterances per batch in random order,
   padded to the longest. The budget defaults to the baseline's mean padded frames per batch, so a step
@@ -45,7 +45,7 @@ N_MELS, CODEBOOK = 80, 1024
 
 def make_examples(n: int, seed: int = 0):
     """``n`` utterances of 1-10 s: random mels and codes, the shapes of real Tokens rows."""
-    from audiotune.train.flow_batches import rows_to_examples
+    from audiotune.train.flow_data import rows_to_examples
 
     rng = np.random.default_rng(seed)
     rows = []
@@ -102,7 +102,8 @@ def run_variant(variant: str, args) -> dict:
     """Train one epoch of one variant with the stage's engine; times every step after the warm-up."""
     from audiotune.config import TrainSettings
     from audiotune.train.engine import Engine, decay_groups, make_accelerator
-    from audiotune.train.flow_batches import FlowBatches, flow_loss
+    from audiotune.train.flow_data import FlowBatches
+    from audiotune.train.objectives import flow_loss
 
     torch.set_num_threads(args.threads)
     examples = make_examples(args.utterances)

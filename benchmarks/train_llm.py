@@ -125,8 +125,7 @@ def _batches(examples, args, device):
     """The stage's default batching for this attention kernel (packing only with a varlen kernel)."""
     from audiotune.config import TrainSettings
     from audiotune.models.vocab import AudioVocab
-    from audiotune.train.data import resolve_packing
-    from audiotune.train.llm_batches import ExampleBatches
+    from audiotune.train.llm_data import ExampleBatches, resolve_packing
 
     vocab = AudioVocab(text_vocab_size=PRESETS[args.preset]["vocab_size"], special_ids={}, codebook_size=0,
                        num_codebooks=1, audio_offset=PRESETS[args.preset]["vocab_size"], pad_id=0, eos_id=1)
@@ -139,7 +138,7 @@ def run_engine(examples, args, device, dtype) -> dict:
     """(b) The stage's engine with its defaults (token budget, packing)."""
     from audiotune.config import TrainSettings
     from audiotune.train.engine import Engine, decay_groups, make_accelerator
-    from audiotune.train.llm_batches import llm_loss
+    from audiotune.train.objectives import llm_loss
 
     model, n_params = make_model(args.preset, args.mode, device, dtype)
     data = _batches(examples, args, device)

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from audiotune.models.flow import (
-    EMA,
     EstimatorConfig,
     FlowLoadError,
     FlowModelError,
@@ -23,7 +22,9 @@ from audiotune.models.flow import (
     training_draws,
 )
 from audiotune.models.flow.model import FlowModel
-from audiotune.train.flow_batches import FlowBatches, flow_loss, rows_to_examples
+from audiotune.train.ema import EMA
+from audiotune.train.flow_data import FlowBatches, rows_to_examples
+from audiotune.train.objectives import flow_loss
 
 N_MELS = 80
 RATIO = 4  # mel frames per code frame

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from audiotune.models.vocab import IGNORE_INDEX, SEGMENT_TOKENS, AudioVocab
 from audiotune.tokenization.schema import TOKENS_SCHEMA
-from audiotune.train.data import (
+from audiotune.train.llm_data import (
     TokenBudgetSampler,
     build_example,
     collate_packed,
@@ -331,7 +331,8 @@ def test_supports_packing():
 def test_batches_weighted_by_their_target_count_give_the_pooled_token_mean(packing):
     """What validation computes: Σ batch loss × target_tokens / Σ target_tokens = the mean over every target."""
     from audiotune.config import TrainSettings
-    from audiotune.train.llm_batches import ExampleBatches, llm_loss
+    from audiotune.train.llm_data import ExampleBatches
+    from audiotune.train.objectives import llm_loss
 
     vocab = _vocab()
     examples = _examples(vocab)

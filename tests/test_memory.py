@@ -1,5 +1,5 @@
 """ZeRO memory accounting against DeepSpeed's estimators, and the configuration the pipeline picks when a stage's
-``zero_stage`` is ``auto`` (:mod:`audiotune.orchestration.zero`, resolved where the training is launched)."""
+``zero_stage`` is ``auto`` (:mod:`audiotune.train.sizing`, resolved where the training is launched)."""
 
 from __future__ import annotations
 
@@ -174,10 +174,10 @@ def _auto(tmp_path, mode: str, gpus_per_node: int, nodes: int = 1, **llm):
 
 
 def test_auto_sizes_the_base_model_from_its_config_json(tmp_path):
-    from audiotune.orchestration import zero
+    from audiotune.train import sizing
 
-    assert zero.model_size("llm", _auto(tmp_path, "full", 8)) == zero.ModelSize(FULL, FULL, LARGEST)
-    assert zero.model_size("llm", _auto(tmp_path, "lora", 8)) == zero.ModelSize(LORA_TOTAL, LORA_TRAINABLE, LARGEST)
+    assert sizing.model_size("llm", _auto(tmp_path, "full", 8)) == sizing.ModelSize(FULL, FULL, LARGEST)
+    assert sizing.model_size("llm", _auto(tmp_path, "lora", 8)) == sizing.ModelSize(LORA_TOTAL, LORA_TRAINABLE, LARGEST)
 
 
 @pytest.mark.parametrize("mode, gpus, nodes, gpu_gib, expected", [
@@ -191,57 +191,57 @@ def test_auto_sizes_the_base_model_from_its_config_json(tmp_path):
 def test_auto_picks_what_the_scaling_plan_says(tmp_path, caplog, mode, gpus, nodes, gpu_gib, expected):
     import logging
 
-    from audiotune.orchestration import zero
+    from audiotune.train import sizing
 
     cfg = _auto(tmp_path, mode, gpus, nodes)
-    with caplog.at_level(logging.INFO, logger="audiotune.orchestration.zero"):
-        resolved, choice = zero.with_zero("llm", cfg, gpus, gpu_gib=gpu_gib)
+    with caplog.at_level(logging.INFO, logger="audiotune.train.sizing"):
+        resolved, choice = sizing.with_zero("llm", cfg, gpus, gpu_gib=gpu_gib)
     assert choice.option == expected and choice.fits
     ds = resolved.llm.train.deepspeed
     assert (ds.zero_stage, ds.offload_optimizer, ds.offload_params) == tuple(expected.settings().values())
     assert f"zero_stage=auto: {expected.name}" in caplog.text and f"on {gpus * nodes} GPU(s)" in caplog.text
     assert cfg.llm.train.deepspeed.zero_stage == "auto"  # a copy: the shared config is not changed
-    again, none = zero.with_zero("llm", resolved, gpus, gpu_gib=gpu_gib)  # resolved once; now it is explicit
+    again, none = sizing.with_zero("llm", resolved, gpus, gpu_gib=gpu_gib)  # resolved once; now it is explicit
     assert none is None and again is resolved
 
 
 def test_an_explicit_zero_stage_wins_and_auto_needs_a_known_gpu(tmp_path):
     from audiotune.config import ConfigError, validate
-    from audiotune.orchestration import zero
+    from audiotune.train import sizing
 
     cfg = _auto(tmp_path, "full", 8)
     cfg.llm.train.deepspeed.zero_stage = 0
-    assert zero.with_zero("llm", cfg, 8, gpu_gib=12) == (cfg, None) and cfg.llm.train.deepspeed.zero_stage == 0
+    assert sizing.with_zero("llm", cfg, 8, gpu_gib=12) == (cfg, None) and cfg.llm.train.deepspeed.zero_stage == 0
     # a PyTorchJob's GPUs are not in the launching pod: their memory comes from cluster.gpu_type
     cfg = _auto(tmp_path, "full", 8, nodes=2)
-    assert zero.with_zero("llm", cfg, 8)[1].option == ZERO2
-    assert zero.gpu_memory_gib("NVIDIA-A100-SXM4-40GB") == 40 and zero.gpu_memory_gib("NVIDIA-L4") == 24
+    assert sizing.with_zero("llm", cfg, 8)[1].option == ZERO2
+    assert sizing.gpu_memory_gib("NVIDIA-A100-SXM4-40GB") == 40 and sizing.gpu_memory_gib("NVIDIA-L4") == 24
     unknown = validate({"llm": {"train": {"deepspeed": {"zero_stage": "auto"}}},
                         "cluster": {"num_nodes": 2, "gpus_per_node": 8, "gpu_type": "Some-GPU"},
                         "pipeline": {"output_uri": "s3://b/o"}})
     with pytest.raises(ConfigError, match=r"llm\.train\.deepspeed\.zero_stage=auto .*cluster\.gpu_type"):
-        zero.check(unknown)
-    with pytest.raises(zero.SizingError, match="memory of a GPU is unknown"):
-        zero.with_zero("llm", unknown, 8)
+        sizing.check(unknown)
+    with pytest.raises(sizing.SizingError, match="memory of a GPU is unknown"):
+        sizing.with_zero("llm", unknown, 8)
     # no GPU in a one-node run: one CPU process, no ZeRO
     cpu = validate({"llm": {"train": {"deepspeed": {"zero_stage": "auto"}}}, "cluster": {"gpus_per_node": 0}})
-    cpu, choice = zero.with_zero("llm", cpu, 1)
+    cpu, choice = sizing.with_zero("llm", cpu, 1)
     assert choice.option == DDP and cpu.llm.train.deepspeed.zero_stage == 0
-    with pytest.raises(zero.SizingError, match="config.json"):
-        zero.with_zero("llm", _auto(tmp_path, "full", 8, base_model=str(tmp_path / "missing")), 8, gpu_gib=80)
+    with pytest.raises(sizing.SizingError, match="config.json"):
+        sizing.with_zero("llm", _auto(tmp_path, "full", 8, base_model=str(tmp_path / "missing")), 8, gpu_gib=80)
 
 
 def test_auto_keeps_a_flow_with_ema_off_zero3(tmp_path):
     from audiotune.config import validate
-    from audiotune.orchestration import zero
+    from audiotune.train import sizing
 
     def flow(ema: bool):
         return validate({"flow": {"preset": "base", "ema": {"enabled": ema},
                                   "train": {"deepspeed": {"zero_stage": "auto"}}}, "cluster": {"gpus_per_node": 8}})
 
     # ~100M parameters on 8 GPUs of 0.4 GiB: ZeRO-2 does not fit, ZeRO-3 does, but an EMA needs whole weights
-    assert zero.with_zero("flow", flow(False), 8, gpu_gib=0.4)[1].option == ZERO3
-    cfg, choice = zero.with_zero("flow", flow(True), 8, gpu_gib=0.4)
+    assert sizing.with_zero("flow", flow(False), 8, gpu_gib=0.4)[1].option == ZERO3
+    cfg, choice = sizing.with_zero("flow", flow(True), 8, gpu_gib=0.4)
     assert choice.option == ZERO2_OFFLOAD
     validate(cfg.model_dump(mode="json"))  # the resolved config is still a valid one
 
@@ -253,7 +253,7 @@ def test_audiotune_train_by_hand_resolves_auto(llm_tokens, tmp_path, caplog):
     from audiotune import cli
 
     out = tmp_path / "llm"
-    with caplog.at_level(logging.INFO, logger="audiotune.orchestration.zero"):
+    with caplog.at_level(logging.INFO, logger="audiotune.train.sizing"):
         code = cli.main(["train", "llm", "--tokens", str(llm_tokens), "--output", str(out),
                          "--set", "tracking.enabled=false", "--set", "llm.init=scratch",
                          "--set", "llm.preset=tiny-qwen2", "--set", "llm.train.max_steps=2",
@@ -265,7 +265,7 @@ def test_audiotune_train_by_hand_resolves_auto(llm_tokens, tmp_path, caplog):
 def test_a_remote_code_base_is_sized_as_the_decoder_of_its_widths(tmp_path) -> None:
     """A model_type transformers does not know (code shipped with the weights) is sized without running that code."""
     from audiotune.config import AudiotuneConfig
-    from audiotune.orchestration import zero
+    from audiotune.train import sizing
 
     (tmp_path / "config.json").write_text(json.dumps({
         "model_type": "step1", "architectures": ["Step1ForCausalLM"],
@@ -273,9 +273,9 @@ def test_a_remote_code_base_is_sized_as_the_decoder_of_its_widths(tmp_path) -> N
         "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
         "vocab_size": 1000}))
     cfg = AudiotuneConfig.model_validate({"llm": {"init": "pretrained", "base_model": str(tmp_path)}})
-    config = zero.llm_config(cfg)
+    config = sizing.llm_config(cfg)
     shape = (config.model_type, config.hidden_size, config.num_hidden_layers, config.vocab_size)
     assert shape == ("llama", 64, 2, 1000)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "step1", "hidden_size": 64}))
-    with pytest.raises(zero.SizingError, match="set zero_stage explicitly"):
-        zero.llm_config(cfg)
+    with pytest.raises(sizing.SizingError, match="set zero_stage explicitly"):
+        sizing.llm_config(cfg)

@@ -11,7 +11,7 @@ from mlflow import MlflowClient
 from audiotune import tracking
 from audiotune.config import AudiotuneConfig
 from audiotune.orchestration import runs, steps
-from audiotune.orchestration.fingerprint import source_fingerprint
+from audiotune.orchestration.source_fingerprint import source_fingerprint
 from tests.helpers import good_corpus
 
 

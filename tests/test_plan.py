@@ -12,7 +12,8 @@ import yaml
 
 from audiotune import cli
 from audiotune.config import validate
-from audiotune.orchestration import plan, zero
+from audiotune.orchestration import plan
+from audiotune.train import sizing
 from audiotune.train.memory import PREFERENCE, GiB, model_state_memory
 
 QWEN25_3B = dict(model_type="qwen2", hidden_size=2048, num_hidden_layers=36, num_attention_heads=16,
@@ -54,9 +55,9 @@ def test_per_gpu_figures_against_deepspeeds_estimators(case, base_3b):
     nodes, gpus = {"0.5b-full-1": (1, 1), "3b-lora-8": (1, 8), "3b-full-16": (2, 8)}[case]
     cfg = validate(_cfg(llm, nodes, gpus))
     [p] = plan.plan(cfg)
-    size = zero.model_size("llm", cfg)
+    size = sizing.model_size("llm", cfg)
     assert (p.params, p.trainable, p.gpus, p.gpu_gib) == (size.total, size.trainable, nodes * gpus, 80.0)
-    choice = zero.choose("llm", cfg, gpus, 80.0)
+    choice = sizing.choose("llm", cfg, gpus, 80.0)
     assert p.option == choice.option.name  # the same choice the launcher makes
     frozen = size.total - size.trainable
     o = choice.option
@@ -134,7 +135,7 @@ def test_submit_refuses_before_contacting_the_host(base_3b, tmp_path, capsys):
 
 
 def test_unknown_gpu_memory_is_a_clear_refusal_for_plan_and_a_skip_for_submit(monkeypatch):
-    monkeypatch.setattr(zero, "_visible_gpu_gib", lambda: None)  # this machine's GPU, if any, is not the target
+    monkeypatch.setattr(sizing, "visible_gpu_gib", lambda: None)  # this machine's GPU, if any, is not the target
     cfg = validate({"llm": {"init": "scratch", "preset": "tiny-qwen2"}, "cluster": {"gpus_per_node": 1}})
     with pytest.raises(plan.PlanRefused, match=r"cluster.gpu_type=None.*--gpu-gib"):
         plan.plan(cfg)

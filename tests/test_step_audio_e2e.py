@@ -160,7 +160,7 @@ def test_predicted_codes_of_a_stream_are_lm_ids_of_each_positions_codebook():
     from types import SimpleNamespace
 
     from audiotune.models.vocab import IGNORE_INDEX, AudioVocab
-    from audiotune.train.joint_batches import predicted_codes
+    from audiotune.train.joint import predicted_codes
 
     vocab = AudioVocab(text_vocab_size=10, special_ids={}, codebook_size=5120, num_codebooks=1, audio_offset=65536,
                        pad_id=0, eos_id=1)

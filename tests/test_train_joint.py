@@ -19,7 +19,7 @@ from audiotune.config import ConfigError, load_config
 from audiotune.stages.train_flow import train_flow
 from audiotune.stages.train_joint import TrainJointError, train_joint
 from audiotune.stages.train_llm import train_llm
-from audiotune.train.joint_batches import predicted_codes
+from audiotune.train.joint import predicted_codes
 
 BASE = ["tracking.enabled=false", "run.num_workers=1", "flow.preset=tiny", "flow.num_samples=0",
         "flow.max_frames_in_batch=3000", "llm.layout=tts", "llm.lora.dropout=0"]

@@ -70,7 +70,7 @@ def _token_rows(adapter: dict[str, torch.Tensor], module: str) -> torch.Tensor:
 
 def test_lora_trains_new_audio_rows_and_freezes_the_base(tokens, base_model, tmp_path):
     from audiotune.models.lm import load_trained
-    from audiotune.train.data import load_examples
+    from audiotune.train.llm_data import load_examples
 
     cfg = _cfg("llm.mode=lora", "llm.lora.r=8", "llm.train.lr=1e-2", "llm.train.max_steps=40", "llm.layout=tts")
     res = train_llm(cfg, tokens=str(tokens), output=str(tmp_path / "lora"), base_model=str(base_model))

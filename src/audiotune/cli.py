@@ -67,13 +67,13 @@ def _cmd_train(args: argparse.Namespace, cfg: AudiotuneConfig) -> int:
     section = {"llm": cfg.llm, "flow": cfg.flow, "joint": cfg.joint, "acestep": cfg.acestep}[args.stage]
     if section.train.nproc_per_node > 1 and not under_torchrun():
         return relaunch(section.train.nproc_per_node, sys.argv[1:] if args.argv is None else args.argv)
-    from audiotune.orchestration import zero
+    from audiotune.train import sizing
     from audiotune.train.engine import TrainingInterrupted
 
     try:  # zero_stage auto by hand: the same choice as the pipeline's launcher makes (no GPU: no ZeRO)
-        cfg, _ = zero.with_zero(args.stage, cfg,
+        cfg, _ = sizing.with_zero(args.stage, cfg,
                                 nproc=int(os.environ.get("LOCAL_WORLD_SIZE", section.train.nproc_per_node)))
-    except zero.SizingError as err:
+    except sizing.SizingError as err:
         print(f"audiotune train {args.stage}: {err}", file=sys.stderr)
         return EXIT_USAGE
     try:

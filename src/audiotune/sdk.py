@@ -89,11 +89,11 @@ def check(config: str | Path | dict[str, Any] | AudiotuneConfig, promote: bool =
             ``zero_stage: auto`` that could not be sized, or (``promote``) no ``export.registered_model_name`` or
             tracking turned off.
     """
-    from audiotune.orchestration import zero
+    from audiotune.train import sizing
 
     cfg = load(config)
     arguments(cfg)
-    zero.check(cfg)
+    sizing.check(cfg)
     if promote and not cfg.export.registered_model_name:
         raise ConfigError("export.registered_model_name is unset: promoting needs the export registered in the "
                           "MLflow model registry under a name")

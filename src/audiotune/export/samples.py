@@ -55,7 +55,7 @@ def render_samples(E: ExportConfig, package: Path, tokens_dir: Path | None) -> l
     elif tokens_dir is not None:
         from audiotune.models.flow import load_flow
         from audiotune.models.vocoder import load_vocoder
-        from audiotune.train.flow_batches import load_flow_examples
+        from audiotune.train.flow_data import load_flow_examples
 
         flow = load_flow(package / "flow").eval()
         manifest = json.loads((package / "flow" / "manifest.json").read_text())

@@ -185,7 +185,7 @@ class KimiBatches:
 
     def __init__(self, examples: list[KimiExample], vocab: Any, train: Any, seed: int, rank: int, world_size: int,
                  packing: bool = False, shuffle: bool = True):
-        from audiotune.train.data import TokenBudgetSampler
+        from audiotune.train.llm_data import TokenBudgetSampler
 
         self.examples = examples
         self.pad_id = int(vocab.pad_id)

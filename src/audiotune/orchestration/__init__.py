@@ -4,10 +4,10 @@
 - :mod:`~audiotune.orchestration.steps`: what each component does (the component bodies call these).
 - :mod:`~audiotune.orchestration.training`: launching a training stage: torchrun in the task's pod, or a TrainJob /
   PyTorchJob through :mod:`audiotune.cluster`.
-- :mod:`~audiotune.orchestration.zero`, :mod:`~audiotune.orchestration.plan`: sizing (``zero_stage: auto``) and
+- :mod:`~audiotune.train.sizing`, :mod:`~audiotune.orchestration.plan`: sizing (``zero_stage: auto``) and
   ``audiotune plan``.
 - :mod:`~audiotune.orchestration.runs`: the MLflow parent run of a pipeline run, nesting of stage runs, promotion.
-- :mod:`~audiotune.orchestration.fingerprint`: a fingerprint of the source data for the cache keys.
+- :mod:`~audiotune.orchestration.source_fingerprint`: a fingerprint of the source data for the cache keys.
 - :mod:`~audiotune.orchestration.remote`: a Kubeflow host's reachability, a run's tasks and logs (for ``--wait``).
 - :mod:`~audiotune.orchestration.local_run`: where a local run put the export, the samples and the MLflow runs.
 """

@@ -1,8 +1,8 @@
 """``audiotune plan CONFIG``: what a run will need per GPU, and whether it fits, before a GPU is requested.
 
-For each training stage the run would start it sizes the model on the meta device (:func:`zero.model_size`, the
+For each training stage the run would start it sizes the model on the meta device (:func:`sizing.model_size`, the
 code ``zero_stage: auto`` uses), takes the ZeRO settings (the explicit ones, or the choice ``auto`` makes at launch:
-:func:`zero.choose`) and splits the per-GPU model states into weights, gradients and optimizer states by the
+:func:`sizing.choose`) and splits the per-GPU model states into weights, gradients and optimizer states by the
 2 + 2 + 12 bytes accounting of :mod:`audiotune.train.memory`, next to DeepSpeed's own estimate
 (``estimate_zero{2,3}_model_states_mem_needs``). For the LLM it adds the activations of one micro-batch at the
 token budget (``train.batch_tokens``), with and without gradient checkpointing (:func:`memory.activation_bytes`),
@@ -27,7 +27,7 @@ from typing import Any
 from audiotune import storage
 from audiotune.config import AudiotuneConfig
 from audiotune.errors import UsageError
-from audiotune.orchestration import zero
+from audiotune.train import sizing
 from audiotune.train.memory import GRAD, OPTIM, WEIGHT, GiB, ZeroOption, activation_bytes, deepspeed_state_memory
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def _option(settings) -> ZeroOption:
 
 
 def _llm_shape(cfg: AudiotuneConfig) -> dict[str, int]:
-    conf = zero.llm_config(cfg)
+    conf = sizing.llm_config(cfg)
     heads = conf.num_attention_heads
     head_dim = getattr(conf, "head_dim", None) or conf.hidden_size // heads
     vocab = conf.vocab_size
@@ -123,7 +123,7 @@ def dataset_tokens(tokens_uri: str) -> int:
     return int(report.get("text_tokens") or 0) + int(report.get("audio_frames") or 0)
 
 
-def _throughput(cfg: AudiotuneConfig, stage: str, size: zero.ModelSize, shape: dict[str, int], gpus: int,
+def _throughput(cfg: AudiotuneConfig, stage: str, size: sizing.ModelSize, shape: dict[str, int], gpus: int,
                 checkpointing: bool, mfu: float) -> float | None:
     peak = peak_tflops(cfg.cluster.gpu_type)
     if peak is None:
@@ -144,9 +144,9 @@ def plan_stage(stage: str, cfg: AudiotuneConfig, gpu_gib: float, tokens: int | N
     nproc = max(1, cluster.gpus_per_node)
     gpus = nproc * cluster.num_nodes
     section = getattr(cfg, stage)
-    size = zero.model_size(stage, cfg)
+    size = sizing.model_size(stage, cfg)
     settings = section.train.deepspeed
-    choice = zero.choose(stage, cfg, nproc, gpu_gib, size=size)  # what zero_stage: auto picks at launch
+    choice = sizing.choose(stage, cfg, nproc, gpu_gib, size=size)  # what zero_stage: auto picks at launch
     option = choice.option if settings.zero_stage == "auto" else _option(settings)
     states = state_breakdown(size.total, size.trainable, gpus, option, size.largest)
     ds = deepspeed_state_memory(size.total, size.trainable, gpus, option, size.largest)
@@ -191,7 +191,7 @@ def target_gpu_gib(cfg: AudiotuneConfig, gpu_gib: float | None = None) -> float:
     Raises:
         PlanRefused: None of them is known.
     """
-    found = gpu_gib or zero.gpu_memory_gib(cfg.cluster.gpu_type) or zero._visible_gpu_gib()
+    found = gpu_gib or sizing.gpu_memory_gib(cfg.cluster.gpu_type) or sizing.visible_gpu_gib()
     if not found:
         raise PlanRefused(f"cannot plan: the memory of a GPU is unknown (cluster.gpu_type={cfg.cluster.gpu_type!r}, "
                           "no GPU visible); set cluster.gpu_type (e.g. NVIDIA-H100-80GB-HBM3) or pass --gpu-gib")
@@ -205,8 +205,8 @@ def plan(cfg: AudiotuneConfig, gpu_gib: float | None = None, tokens: int | None 
         raise PlanRefused("cannot plan: cluster.gpus_per_node is 0 (CPU training needs no GPU plan)")
     memory = target_gpu_gib(cfg, gpu_gib)
     try:
-        return [plan_stage(stage, cfg, memory, tokens, mfu) for stage in zero.stages_run(cfg)]
-    except zero.SizingError as err:
+        return [plan_stage(stage, cfg, memory, tokens, mfu) for stage in sizing.stages_run(cfg)]
+    except sizing.SizingError as err:
         raise PlanRefused(str(err)) from None
 
 

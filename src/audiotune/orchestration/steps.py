@@ -19,7 +19,7 @@ from audiotune import artifacts, storage
 from audiotune.config import AudiotuneConfig, ConfigError, dump_config, validate
 from audiotune.errors import AudiotuneError
 from audiotune.orchestration import params, runs
-from audiotune.orchestration.fingerprint import source_fingerprint
+from audiotune.orchestration.source_fingerprint import source_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -155,10 +155,10 @@ def joint_enabled(cfg: AudiotuneConfig) -> bool:
 
 def prepare(config: dict[str, Any], typed: dict[str, Any], pipeline_run_id: str) -> Prepared:
     """Resolve and validate the run's config, fingerprint the source, open the MLflow parent run."""
-    from audiotune.orchestration import zero
+    from audiotune.train import sizing
 
     cfg, notes = params.resolve(config, typed)
-    zero.check(cfg)  # what the training tasks would only find out after convert and tokenize
+    sizing.check(cfg)  # what the training tasks would only find out after convert and tokenize
     for note in notes:
         log.warning("%s", note)
     if not cfg.convert.source:

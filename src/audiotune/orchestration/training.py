@@ -10,7 +10,7 @@
   its inputs and write its output in one place, so this needs ``pipeline.output_uri`` (the config schema refuses a
   config without one); inputs the task only has locally are published there.
 
-A ``zero_stage: auto`` is resolved here, before the processes start (:mod:`audiotune.orchestration.zero`). What was
+A ``zero_stage: auto`` is resolved here, before the processes start (:mod:`audiotune.train.sizing`). What was
 launched is written to ``manifest_path`` (the task's ``job_manifest`` artifact): the job's manifest, or on one
 node a short YAML note with the torchrun command.
 """
@@ -153,7 +153,7 @@ def launch(stage: str, cfg: AudiotuneConfig, inputs: dict[str, str], output: str
         base: The run's durable location (``<output_uri>/<run.name>/<run id>``), needed for several nodes.
         manifest_path: Where the job's manifest (or, on one node, a note of the torchrun command) goes.
     """
-    from audiotune.orchestration import zero
+    from audiotune.train import sizing
 
     multinode = cfg.cluster.num_nodes > 1
     if multinode and not (base and storage.is_s3(base)):  # the schema refuses it; a config built in code may not
@@ -161,8 +161,8 @@ def launch(stage: str, cfg: AudiotuneConfig, inputs: dict[str, str], output: str
                           "the output in one place; set pipeline.output_uri to an s3:// location")
     nproc = max(1, cfg.cluster.gpus_per_node) if multinode else processes(cfg.cluster.gpus_per_node)
     try:
-        cfg, _ = zero.with_zero(stage, cfg, nproc)
-    except zero.SizingError as err:
+        cfg, _ = sizing.with_zero(stage, cfg, nproc)
+    except sizing.SizingError as err:
         raise LaunchError(str(err)) from None
     argv = ["train", stage]
     for option, uri in inputs.items():

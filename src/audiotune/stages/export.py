@@ -147,7 +147,7 @@ def _probe(vocab: AudioVocab, manifest: dict[str, Any], tokens_dir: Path | None,
            seed: int) -> dict[str, torch.Tensor]:
     """A fixed batch of validation sequences (train when there is no val split; random ids without Tokens)."""
     from audiotune.train.batching import collate_padded
-    from audiotune.train.data import load_examples
+    from audiotune.train.llm_data import load_examples
 
     examples = []
     config = manifest.get("config") or {}

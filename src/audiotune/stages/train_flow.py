@@ -33,8 +33,9 @@ from audiotune.data.codes import check_flow_codes
 from audiotune.errors import TrainingError
 from audiotune.train import checkpoints, output_lock
 from audiotune.train.engine import Engine, check_dropped, decay_groups, make_accelerator, resolve_dtype, seed_everything
-from audiotune.train.flow_batches import FlowBatches, FlowExamples, flow_loss, load_flow_examples
+from audiotune.train.flow_data import FlowBatches, FlowExamples, load_flow_examples
 from audiotune.train.flow_export import export_flow_model, lora_targets, release_summary
+from audiotune.train.objectives import flow_loss
 from audiotune.train.plots import loss_curve
 
 log = logging.getLogger(__name__)
@@ -261,8 +262,9 @@ def train_flow(cfg: AudiotuneConfig, tokens: str, output: str, base_flow: str | 
         output: URI for the Flow model artifact.
         base_flow: Starting flow URI (overrides ``flow.base_flow``).
     """
-    from audiotune.models.flow import EMA, apply_lora, count_parameters, freeze_encoder
+    from audiotune.models.flow import apply_lora, count_parameters, freeze_encoder
     from audiotune.models.vocoder import load_vocoder
+    from audiotune.train.ema import EMA
     from audiotune.train.flow_samples import SampleRenderer
 
     F, T = cfg.flow, cfg.flow.train

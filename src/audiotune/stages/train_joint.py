@@ -32,7 +32,7 @@ from audiotune.stages.train_llm import write_llm_files
 from audiotune.train import checkpoints, output_lock
 from audiotune.train.engine import Engine, check_dropped, decay_groups, make_accelerator, resolve_dtype, seed_everything
 from audiotune.train.flow_export import export_flow_model, lora_targets
-from audiotune.train.joint_batches import JointBatches, JointLoss, JointModel, pair_examples
+from audiotune.train.joint import JointBatches, JointLoss, JointModel, pair_examples
 from audiotune.train.plots import loss_curve
 
 log = logging.getLogger(__name__)
@@ -95,10 +95,11 @@ def train_joint(cfg: AudiotuneConfig, tokens: str, llm: str, flow: str, llm_outp
         llm_output: URI for the jointly trained LLM artifact.
         flow_output: URI for the jointly trained Flow artifact.
     """
-    from audiotune.models.flow import EMA, apply_lora, freeze_encoder, load_flow
+    from audiotune.models.flow import apply_lora, freeze_encoder, load_flow
     from audiotune.models.lm import count_parameters, load_trained
-    from audiotune.train.data import load_examples
-    from audiotune.train.flow_batches import load_flow_examples
+    from audiotune.train.ema import EMA
+    from audiotune.train.flow_data import load_flow_examples
+    from audiotune.train.llm_data import load_examples
 
     J, T, L, F = cfg.joint, cfg.joint.train, cfg.llm, cfg.flow
     if not J.enabled:

@@ -27,7 +27,8 @@ from audiotune.models.vocab import AudioVocab, audio_token_settings, vocab_for_t
 from audiotune.tokenization.text import check_base_tokenizer
 from audiotune.train import checkpoints, output_lock
 from audiotune.train.engine import Engine, check_dropped, decay_groups, make_accelerator, resolve_dtype, seed_everything
-from audiotune.train.llm_batches import ExampleBatches, llm_loss
+from audiotune.train.llm_data import ExampleBatches
+from audiotune.train.objectives import llm_loss
 from audiotune.train.plots import loss_curve
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ def train_llm(cfg: AudiotuneConfig, tokens: str, output: str, base_model: str | 
     """
     from audiotune.models.fingerprint import fingerprint_model
     from audiotune.models.lm import apply_lora, build_lm, check_base_dir, count_parameters
-    from audiotune.train.data import load_examples, resolve_packing
+    from audiotune.train.llm_data import load_examples, resolve_packing
 
     L, T = cfg.llm, cfg.llm.train
     base_model = base_model or L.base_model

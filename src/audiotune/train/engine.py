@@ -195,7 +195,7 @@ class Engine:
         self.on_step = on_step
         self.eval_context = eval_context
         self.extra_state = dict(extra_state or {})
-        self.train = train
+        self.settings = train
         self.acc = accelerator
         self.loss_fn = loss_fn
         self.train_data = train_data
@@ -228,12 +228,12 @@ class Engine:
     # ------------------------------------------------------------------ resume
     def maybe_resume(self) -> bool:
         """Load the newest complete checkpoint (``train.resume``); True when one was loaded."""
-        uri = checkpoints.find_resume(self.ckpt_root, self.train.resume)
+        uri = checkpoints.find_resume(self.ckpt_root, self.settings.resume)
         if uri is None:
             return False
         if self.acc.state.deepspeed_plugin is not None:  # DeepSpeed unpickles its files
             section = next(iter(self.state.identity.get("config") or {}), "<stage>.").split(".")[0]
-            checkpoints.require_trusted(uri, self.ckpt_root, self.train.trust_checkpoint, section)
+            checkpoints.require_trusted(uri, self.ckpt_root, self.settings.trust_checkpoint, section)
         saved = checkpoints.read_state(uri)
         checkpoints.check_identity(uri, saved.get("identity"), self.state.identity)
         checkpoints.load_checkpoint(self.acc, self.model, self.optimizer, self.scheduler, self.extra_state, uri,
@@ -287,8 +287,8 @@ class Engine:
             with self.autocast:
                 loss, metrics = self.loss_fn(self.model, batch)
             self.acc.backward(loss)
-            if self.acc.sync_gradients and self.train.max_grad_norm > 0:
-                norm = self.acc.clip_grad_norm_(self.model.parameters(), self.train.max_grad_norm)
+            if self.acc.sync_gradients and self.settings.max_grad_norm > 0:
+                norm = self.acc.clip_grad_norm_(self.model.parameters(), self.settings.max_grad_norm)
                 if norm is None and hasattr(self.model, "get_global_grad_norm"):  # DeepSpeed clips itself
                     norm = self.model.get_global_grad_norm()
                 grad_norm = norm  # a tensor until it is logged: no device sync per step
@@ -307,11 +307,11 @@ class Engine:
 
     def _after_step(self, window: dict[str, Any], grad_norm: Any) -> None:
         s = self.state
-        if s.step % self.train.log_every == 0 or s.step == self.total_steps:
+        if s.step % self.settings.log_every == 0 or s.step == self.total_steps:
             self._log(window, grad_norm)
-        improved = self.val_data is not None and s.step % self.train.eval_every == 0 and self._validate()
+        improved = self.val_data is not None and s.step % self.settings.eval_every == 0 and self._validate()
         # pruning keeps the best checkpoint only if one exists at the best step: write it when validation improves
-        if (s.step % self.train.save_every == 0 or improved) and s.step < self.total_steps:
+        if (s.step % self.settings.save_every == 0 or improved) and s.step < self.total_steps:
             self.save_checkpoint()
 
     def _log(self, window: dict[str, Any], grad_norm: Any) -> None:
@@ -342,7 +342,7 @@ class Engine:
                 record[key] = total / count
         s.history.append(record)
         self.tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, step=s.step)
-        eta = (self.total_steps - s.step) * elapsed / max(self.train.log_every, 1)
+        eta = (self.total_steps - s.step) * elapsed / max(self.settings.log_every, 1)
         log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s ETA %.0fs", s.step, self.total_steps,
                  record["loss"], record["lr"], record["tokens_per_s"], eta)
         window.update(loss=0.0, tokens=0, samples=0, micro=0, t0=time.perf_counter(), extra={})
@@ -412,7 +412,7 @@ class Engine:
         """
         step = self.state.step
         target = checkpoints.save_checkpoint(self.acc, self.model, self.optimizer, self.scheduler, self.extra_state,
-                                             self.ckpt_root, self.work_dir, asdict(self.state), self.train.keep_last)
+                                             self.ckpt_root, self.work_dir, asdict(self.state), self.settings.keep_last)
         self._saved = (step, target)
         return target
 

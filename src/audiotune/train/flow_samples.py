@@ -36,7 +36,7 @@ class SampleRenderer:
     """Generates mels for a fixed handful of examples and writes PNG + WAV files.
 
     Args:
-        examples: :class:`audiotune.train.flow_batches.FlowExamples` to draw from (validation
+        examples: :class:`audiotune.train.flow_data.FlowExamples` to draw from (validation
             examples, or training ones when there are none).
         num_samples: How many (the first ones, so every render shows the same utterances).
         vocoder: A :class:`audiotune.models.vocoder.Vocoder`.

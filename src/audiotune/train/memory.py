@@ -1,5 +1,5 @@
 """GPU memory of model states under DeepSpeed ZeRO, and the configuration the pipeline picks for a run whose
-``zero_stage`` is ``auto`` (:mod:`audiotune.orchestration.zero` calls :func:`choose_zero_config` at launch).
+``zero_stage`` is ``auto`` (:mod:`audiotune.train.sizing` calls :func:`choose_zero_config` at launch).
 
 Model states per parameter, mixed precision with Adam (the ZeRO paper's accounting): 2 bytes of bf16 weights,
 2 bytes of bf16 gradients and 12 bytes of optimizer state (fp32 master weights, momentum and variance). ZeRO-2

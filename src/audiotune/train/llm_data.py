@@ -1,8 +1,8 @@
-"""LM training data: Tokens shards → examples (``layouts``) → batches (``batching``).
+"""LM training data: Tokens shards → examples (``layouts``) → the engine's batches (:class:`ExampleBatches`).
 
 This module reads a split of a Tokens artifact; the sequence layouts live in
 ``audiotune.train.layouts`` and batching / collation in ``audiotune.train.batching``,
-both re-exported here.
+both re-exported here. The loss is :func:`audiotune.train.objectives.llm_loss`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
+import torch
 
-from audiotune.models.vocab import AudioVocab
+from audiotune.config import TrainSettings
+from audiotune.models.vocab import IGNORE_INDEX, AudioVocab
 from audiotune.train.batching import (
     PACKING_ATTENTION,
     TokenBudgetSampler,
@@ -27,7 +29,7 @@ from audiotune.train.layouts import LAYOUTS, TASK_LAYOUT, Example, MissingField,
 
 __all__ = [
     "LAYOUTS", "PACKING_ATTENTION", "TASK_LAYOUT", "Example", "TokenBudgetSampler", "build_example",
-    "collate_packed", "collate_padded", "load_examples", "resolve_packing", "supports_packing",
+    "ExampleBatches", "collate_packed", "collate_padded", "load_examples", "resolve_packing", "supports_packing",
 ]
 
 log = logging.getLogger(__name__)
@@ -108,3 +110,41 @@ def load_examples(split_dir: Path, vocab: AudioVocab, layout: str, max_seq_len: 
     log.info("%s: %d examples from %d rows (%d tokens, %d truncated)", split_dir, stats["examples"],
              stats["rows"], stats["tokens"], stats["truncated"])
     return examples, stats
+
+
+class ExampleBatches:
+    """Token-budget batches of one process's share of the examples, padded or packed."""
+
+    def __init__(self, examples: list, vocab: AudioVocab, train: TrainSettings, seed: int, rank: int,
+                 world_size: int, packing: bool, shuffle: bool = True):
+        self.examples = examples
+        self.vocab = vocab
+        self.packing = packing
+        self.sampler = TokenBudgetSampler(
+            [len(e.input_ids) for e in examples], batch_tokens=train.batch_tokens,
+            max_batch_size=train.max_batch_size, seed=seed, shuffle=shuffle, rank=rank, world_size=world_size,
+            packing=packing,
+        )
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        return self.sampler.batches(epoch)
+
+    def repeats(self, epoch: int) -> list[bool]:
+        """Per batch of ``epoch``: whether it only repeats another process's (padding; validation weighs it 0)."""
+        return self.sampler.repeats(epoch)
+
+    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        chosen = [self.examples[i] for i in indices]
+        if self.packing:
+            batch = collate_packed(chosen)
+        else:
+            channel_pad = self.vocab.channel_pad_id if self.vocab.num_codebooks > 1 else None
+            batch = collate_padded(chosen, self.vocab.pad_id, channel_pad)
+        # counted here, on the CPU, so the training step needs no device sync for its metrics
+        batch["n_tokens"] = sum(len(e.input_ids) for e in chosen)
+        batch["n_samples"] = len(chosen)
+        # the positions whose next token is predicted (labels are aligned with the inputs, the model shifts them);
+        # multi-codebook labels are [B, T, C]: counted on channel 0, one per frame
+        labels = batch["labels"] if batch["labels"].ndim == 2 else batch["labels"][..., 0]
+        batch["n_targets"] = int((labels[:, 1:] != IGNORE_INDEX).sum())
+        return batch

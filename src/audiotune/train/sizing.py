@@ -190,7 +190,7 @@ def model_size(stage: str, cfg: AudiotuneConfig) -> ModelSize:
     return ModelSize(llm.total + flow.total, llm.trainable + flow.trainable, max(llm.largest, flow.largest))
 
 
-def _visible_gpu_gib() -> float | None:
+def visible_gpu_gib() -> float | None:
     import torch
 
     if not torch.cuda.is_available():
@@ -236,7 +236,7 @@ def choose(stage: str, cfg: AudiotuneConfig, nproc: int, gpu_gib: float | None =
     cluster = cfg.cluster
     gpus = nproc * cluster.num_nodes
     if gpu_gib is None and cluster.gpus_per_node > 0:
-        gpu_gib = _visible_gpu_gib() if cluster.num_nodes == 1 else gpu_memory_gib(cluster.gpu_type)
+        gpu_gib = visible_gpu_gib() if cluster.num_nodes == 1 else gpu_memory_gib(cluster.gpu_type)
     if cluster.gpus_per_node == 0 or (gpu_gib is None and cluster.num_nodes == 1):
         log.info("%s.train.deepspeed.zero_stage=auto: no GPU, so no ZeRO", stage)
         return ZeroChoice(PREFERENCE[0], 0.0, 0.0, 0.0, True, "no GPU: one process per node, no ZeRO")

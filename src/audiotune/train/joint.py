@@ -1,10 +1,10 @@
 """Joint training data and loss: one batch feeds the LLM (its layout) and the flow (codes → mel) of the same rows.
 
 A joint example pairs a row's LM sequence (:mod:`audiotune.train.layouts`) with its flow example
-(:mod:`audiotune.train.flow_batches`); rows that lack either are left out and counted. Batches follow
+(:mod:`audiotune.train.flow_data`); rows that lack either are left out and counted. Batches follow
 the LM token budget (padded, length grouped) and the flow's mel-frame budget at once. Tensors go
 to the engine flat, prefixed ``llm.`` and ``flow.``, so the engine moves them as any other batch.
-Each pair carries the flow's per-example ``noise_seed`` (:func:`audiotune.train.flow_batches.noise_seeds`
+Each pair carries the flow's per-example ``noise_seed`` (:func:`audiotune.train.flow_data.noise_seeds`
 of the run seed, the epoch and the pair), so the flow's draws do not depend on the batching or the rank.
 
 With ``flow_condition = llm_predicted`` the flow is conditioned on the LLM's teacher-forced guesses of
@@ -23,7 +23,8 @@ import torch
 
 from audiotune.models.vocab import IGNORE_INDEX, AudioVocab, CodeStream
 from audiotune.train.batching import TokenBudgetSampler, collate_padded
-from audiotune.train.flow_batches import EpochBatches, FlowExamples, flow_loss, noise_seeds
+from audiotune.train.flow_data import EpochBatches, FlowExamples, noise_seeds
+from audiotune.train.objectives import flow_loss
 
 log = logging.getLogger(__name__)
 

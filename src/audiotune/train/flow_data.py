@@ -1,4 +1,4 @@
-"""Flow training data: Tokens rows → flow examples → mel-frame-budget batches, and the flow loss.
+"""Flow training data: Tokens rows → flow examples → mel-frame-budget batches.
 
 Examples are held as a few contiguous arrays (all mels of a split end to end, all codes end to
 end, offsets), so a batch is cut out with one vectorised gather. Batches are formed by a total
@@ -17,7 +17,7 @@ A batch (:meth:`FlowExamples.collate`) is a dict of plain tensors::
     n_frames, n_samples                       python ints, counted on the CPU
 
 so another stage (joint) can replace ``codes`` (with predicted codes of the same shape) and call
-:func:`flow_loss`.
+:func:`audiotune.train.objectives.flow_loss`.
 
 ``noise_seed`` (:func:`noise_seeds`) is a hash of the run seed, the epoch and the example's place
 in the epoch's item list: an example's time step, noise, prompt and dropout are the same whichever
@@ -295,18 +295,3 @@ class FlowBatches(EpochBatches):
         return batch
 
 
-def flow_loss(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-    """The engine's loss function: OT-CFM loss, with ``tokens`` = valid mel frames and ``samples``.
-
-    The random draws (time steps, noise, prompts, dropout) come from each example's ``noise_seed``
-    when the batch has them (:class:`FlowBatches`; validation lists epoch 0 every time, so its loss
-    is deterministic). A batch without seeds draws from torch's global RNG in training and, in eval
-    mode, from a generator seeded with :data:`VAL_SEED`, leaving torch's RNG untouched.
-    """
-    seeds, generator = batch.get("noise_seed"), None
-    if seeds is None and not model.training:
-        generator = torch.Generator().manual_seed(VAL_SEED)
-    loss = model(codes=batch["codes"], code_lengths=batch["code_lengths"], mel=batch["mel"],
-                 mel_lengths=batch["mel_lengths"], speaker_index=batch.get("speaker_index"),
-                 speaker_embedding=batch.get("speaker_embedding"), generator=generator, noise_seed=seeds)
-    return loss, {"tokens": batch["n_frames"], "samples": batch["n_samples"]}
