@@ -104,6 +104,38 @@ AUDIO_TOKENIZER_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def check_code_stream_layout(offsets: Any, sizes: Any, interleave: Any) -> tuple[tuple[int, ...], ...]:
+    """A layout of codebooks at fixed LM ids, interleaved in one stream, as ``(offsets, sizes, interleave)``
+    tuples of ints, after checking it.
+
+    The one check of such a layout: :class:`AudioTokenizerConfig` runs it on its fields and
+    :class:`audiotune.data.code_stream.CodeStream` on every stream it describes (config sits below data).
+
+    Args:
+        offsets: LM id of code 0 of each codebook (``codebook_offsets``).
+        sizes: Codes per codebook (``codebook_sizes``).
+        interleave: Ids of each codebook per group of the stream (``interleave``).
+
+    Raises:
+        ValueError: The lists are empty or of different lengths, a value is out of range, or two codebooks'
+            id ranges overlap; the message names the fields and values.
+    """
+    offsets, sizes, interleave = (tuple(int(x) for x in v) for v in (offsets, sizes, interleave))
+    n = len(offsets)
+    if n == 0 or len(sizes) != n or len(interleave) != n:
+        raise ValueError(f"codebook_offsets {list(offsets)}, codebook_sizes {list(sizes)} and "
+                         f"interleave {list(interleave)} must be non-empty lists of the same length")
+    if min(offsets) < 0 or min(sizes) < 1 or min(interleave) < 1:
+        raise ValueError(f"codebook_offsets must be >= 0, codebook_sizes and interleave >= 1 (got "
+                         f"{list(offsets)}, {list(sizes)}, {list(interleave)})")
+    ranges = sorted((o, o + s) for o, s in zip(offsets, sizes, strict=True))
+    for (a0, a1), (b0, b1) in zip(ranges, ranges[1:], strict=False):
+        if b0 < a1:
+            raise ValueError(f"codebook id ranges [{a0}, {a1}) and [{b0}, {b1}) overlap "
+                             "(codebook_offsets / codebook_sizes)")
+    return offsets, sizes, interleave
+
+
 class AudioTokenizerConfig(_Section):
     """The pluggable audio tokenizer that turns audio into discrete codes (codebooks × frames)."""
 
@@ -171,9 +203,7 @@ class AudioTokenizerConfig(_Section):
         if self.vocab_size is not None or self.num_codebooks != 1 or self.moss_path:
             raise ValueError("with codebook_offsets the codes are one interleaved stream of LLM ids: leave vocab_size "
                              "unset, num_codebooks at 1 and moss_path unset (codebook_sizes bounds each codebook)")
-        from audiotune.models.vocab import CodeStream
-
-        CodeStream(self.codebook_offsets, self.codebook_sizes, self.interleave or [1])  # ValueError names the fields
+        check_code_stream_layout(self.codebook_offsets, self.codebook_sizes, self.interleave or [1])
         return self
 
 

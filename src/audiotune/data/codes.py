@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from audiotune.data.code_stream import step_pairs_from_interleaved
 from audiotune.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,6 @@ def check_flow_codes(tokens_dir: str | Path, config: Any, source: str) -> int:
     reader = f"the flow's codebook ({source})"
     if not stream:
         return check_codes(tokens_dir, int(config.codebook_size), int(config.num_codebooks), reader)
-    from audiotune.models.vocab import step_pairs_from_interleaved
 
     def follows_stream(codes: np.ndarray) -> None:  # StreamError is a ValueError naming the id and position
         step_pairs_from_interleaved(codes[0], stream["codebook_offsets"], stream["codebook_sizes"],
