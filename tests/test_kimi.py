@@ -242,8 +242,10 @@ def test_both_streams_are_laid_out_as_upstream_and_the_loss_covers_both_heads(tm
 
     from audiotune.config import LLMStageConfig
     from audiotune.models.kimi import load_kimi
-    from audiotune.models.kimi_data import KimiBatches, build_kimi_example, kimi_loss, marker_ids
+    from audiotune.models.kimi_data import build_kimi_example, kimi_loss, marker_ids
     from audiotune.models.vocab import IGNORE_INDEX
+    from audiotune.train.kimi_batches import KimiBatches, batches_class_for
+    from audiotune.train.llm_data import ExampleBatches
 
     base = _stand_in(tmp_path / "kimi")
     model = load_kimi(base, LLMStageConfig(trust_remote_code=True), torch.float32, "sdpa")
@@ -268,6 +270,7 @@ def test_both_streams_are_laid_out_as_upstream_and_the_loss_covers_both_heads(tm
         batch_tokens, max_batch_size = 4096, 8
 
     vocab = type("V", (), {"pad_id": 0})()
+    assert batches_class_for([tts, asr]) is KimiBatches and batches_class_for([]) is ExampleBatches
     batch = KimiBatches([tts, asr], vocab, Train, 0, 0, 1, shuffle=False).collate([0, 1])
     loss, metrics = kimi_loss(model, batch)
     assert torch.isfinite(loss) and metrics["loss_audio"] > 0 and metrics["loss_text"] > 0

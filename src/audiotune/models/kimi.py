@@ -225,12 +225,6 @@ class KimiAudioLM(nn.Module):
                 f"(set tokenize.whisper.n_mels={mels} and tokenize.whisper.chunk_s={chunk // 100})")
 
     @property
-    def batches_class(self):
-        from audiotune.models.kimi_data import KimiBatches
-
-        return KimiBatches
-
-    @property
     def loss_fn(self):
         from audiotune.models.kimi_data import kimi_loss
 

@@ -16,6 +16,7 @@ their embeddings. A conversation is laid out turn by turn as Kimi-Audio's fine-t
 
 Every audio segment is continuous, the target audio included (as upstream's fine-tuning does). Labels are
 aligned with the inputs (``-100`` where no loss); the loss shifts them by one, as upstream's labels are.
+The training batches of these examples are :class:`audiotune.train.kimi_batches.KimiBatches`.
 """
 
 from __future__ import annotations
@@ -176,59 +177,6 @@ def load_kimi_examples(split_dir: Path, markers: dict[str, int], token_offset: i
     for reason, count in skipped.items():
         log.warning("%s: %d rows skipped for Kimi-Audio (%s)", split_dir, count, reason)
     return examples, stats
-
-
-class KimiBatches:
-    """Batches of one Kimi example each, as upstream's fine-tuning runs (``llm.train.grad_accum`` makes larger
-    steps). Kimi-Audio's code takes one sequence per call; with one per batch every rank makes the same calls,
-    which ZeRO-3's per-module gathering needs. Never packed: its attention knows no sample borders."""
-
-    def __init__(self, examples: list[KimiExample], vocab: Any, train: Any, seed: int, rank: int, world_size: int,
-                 packing: bool = False, shuffle: bool = True):
-        from audiotune.train.llm_data import TokenBudgetSampler
-
-        self.examples = examples
-        self.pad_id = int(vocab.pad_id)
-        self.sampler = TokenBudgetSampler([len(e) for e in examples], batch_tokens=train.batch_tokens,
-                                          max_batch_size=1, seed=seed, shuffle=shuffle, rank=rank,
-                                          world_size=world_size, packing=False)
-
-    def batches(self, epoch: int) -> list[list[int]]:
-        return self.sampler.batches(epoch)
-
-    def repeats(self, epoch: int) -> list[bool]:
-        return self.sampler.repeats(epoch)
-
-    def collate(self, indices: list[int]) -> dict[str, Any]:
-        """Right-padded streams [B, T], masks, labels, and the log-mels [B, F, n_mels] with their lengths."""
-        chosen = [self.examples[i] for i in indices]
-        T = max(len(e) for e in chosen)
-        F = max((e.mel.shape[0] for e in chosen if e.mel is not None), default=0)
-        n_mels = next((e.mel.shape[1] for e in chosen if e.mel is not None), 1)
-
-        def stack(field: str, fill: Any, dtype: torch.dtype) -> torch.Tensor:
-            out = torch.full((len(chosen), T), fill, dtype=dtype)
-            for b, e in enumerate(chosen):
-                out[b, :len(e)] = torch.as_tensor(getattr(e, field), dtype=dtype)
-            return out
-
-        mel = torch.zeros(len(chosen), F, n_mels)
-        frames = torch.zeros(len(chosen), dtype=torch.long)
-        for b, e in enumerate(chosen):
-            if e.mel is not None:
-                mel[b, :e.mel.shape[0]] = torch.from_numpy(np.array(e.mel))
-                frames[b] = e.mel.shape[0]
-        attention = torch.zeros(len(chosen), T, dtype=torch.long)
-        for b, e in enumerate(chosen):
-            attention[b, :len(e)] = 1
-        audio_labels = stack("audio_labels", IGNORE_INDEX, torch.long)
-        text_labels = stack("text_labels", IGNORE_INDEX, torch.long)
-        targets = int((audio_labels[:, 1:] != IGNORE_INDEX).sum() + (text_labels[:, 1:] != IGNORE_INDEX).sum())
-        return {"input_ids": stack("audio_ids", self.pad_id, torch.long),
-                "text_input_ids": stack("text_ids", self.pad_id, torch.long),
-                "is_continuous_mask": stack("continuous", False, torch.bool), "attention_mask": attention,
-                "audio_labels": audio_labels, "text_labels": text_labels, "whisper_mel": mel, "whisper_frames": frames,
-                "n_tokens": sum(len(e) for e in chosen), "n_samples": len(chosen), "n_targets": targets}
 
 
 _MODEL_INPUTS = ("input_ids", "text_input_ids", "is_continuous_mask", "attention_mask", "audio_labels",

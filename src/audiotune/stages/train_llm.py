@@ -27,7 +27,7 @@ from audiotune.models.vocab import AudioVocab, audio_token_settings, vocab_for_t
 from audiotune.tokenization.text import check_base_tokenizer
 from audiotune.train import checkpoints, output_lock
 from audiotune.train.engine import Engine, check_dropped, decay_groups, make_accelerator, resolve_dtype, seed_everything
-from audiotune.train.llm_data import ExampleBatches
+from audiotune.train.kimi_batches import batches_class_for
 from audiotune.train.objectives import llm_loss
 from audiotune.train.plots import loss_curve
 
@@ -149,7 +149,7 @@ def train_llm(cfg: AudiotuneConfig, tokens: str, output: str, base_model: str | 
                       T.max_drop_fraction, "raise llm.max_seq_len, set llm.overlong=truncate")
     if not train_ex:
         raise TrainLLMError(f"{tokens}: no training sequences for layout {L.layout!r} ({train_stats})")
-    batches = getattr(model, "batches_class", ExampleBatches)
+    batches = batches_class_for(train_ex)  # Kimi-Audio's two-stream examples have batches of their own
     train_data = batches(train_ex, vocab, T, cfg.run.seed, acc.process_index, acc.num_processes, packing)
     val_data = batches(val_ex, vocab, T, cfg.run.seed, acc.process_index, acc.num_processes, packing,
                        shuffle=False) if val_ex else None
