@@ -36,6 +36,7 @@ from audiotune.orchestration import params, remote
 from audiotune.orchestration.local_run import LocalRun
 from audiotune.orchestration.remote import SubmitError
 from audiotune.orchestration.runs import Promotion
+from audiotune.tracking import flatten
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,8 @@ def arguments(config: str | Path | dict[str, Any] | AudiotuneConfig) -> dict[str
     typed, mapping = params.split(cfg)
     again, _ = params.resolve(mapping, typed)
     if again != cfg:  # a value the parameters cannot carry (e.g. an explicit null); say which
-        diff = sorted(k for k, v in _flat(cfg.model_dump(mode="json")).items()
-                      if _flat(again.model_dump(mode="json")).get(k) != v)
+        diff = sorted(k for k, v in flatten(cfg.model_dump(mode="json")).items()
+                      if flatten(again.model_dump(mode="json")).get(k) != v)
         raise ConfigError(f"config fields cannot be passed to the pipeline as given: {', '.join(diff)}")
     return {**typed, "config": mapping}
 
@@ -100,16 +101,6 @@ def check(config: str | Path | dict[str, Any] | AudiotuneConfig, promote: bool =
     if promote and not cfg.tracking.enabled:
         raise ConfigError("tracking.enabled is false: promoting compares registered versions in MLflow")
     return cfg
-
-
-def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def pipeline(config: str | Path | dict[str, Any] | AudiotuneConfig | None = None) -> Any:
@@ -334,15 +325,13 @@ def submit(config: str | Path | dict[str, Any] | AudiotuneConfig, host: str | Co
         package = compile(Path(tmp) / "pipeline.yaml", cfg)
         experiment_id = conn.call(lambda c: c.create_experiment(experiment or cfg.tracking.experiment,
                                                                 namespace=namespace)).experiment_id
-        if upload:
+        if upload:  # the run refers to an uploaded version, else carries the spec inline
             pipeline_id, version_id = upload_pipeline(package, conn, PIPELINE_NAME, namespace=namespace)
-            result = conn.call(lambda c: c.run_pipeline(
-                experiment_id, name, pipeline_id=pipeline_id, version_id=version_id, params=args,
-                pipeline_root=cfg.pipeline.root, service_account=service_account))
+            spec = {"pipeline_id": pipeline_id, "version_id": version_id}
         else:
-            result = conn.call(lambda c: c.run_pipeline(
-                experiment_id, name, pipeline_package_path=package, params=args,
-                pipeline_root=cfg.pipeline.root, service_account=service_account))
+            spec = {"pipeline_package_path": package}
+        result = conn.call(lambda c: c.run_pipeline(experiment_id, name, params=args, pipeline_root=cfg.pipeline.root,
+                                                    service_account=service_account, **spec))
     run = SubmittedRun(run_id=result.run_id, url=conn.run_url(result.run_id))
     log.info("submitted run %s: %s", run.run_id, run.url)
     if wait:
