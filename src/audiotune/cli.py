@@ -26,13 +26,24 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 FORMATS = ("jsonl", "acestep", "kaldi", "text")
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--output", required=True, help="Output artifact URI (local path or s3://bucket/prefix).")
-    p.add_argument("--config", help="The pipeline's YAML config; this stage reads its own section.")
+def _add_overrides(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="a.b=v",
         help="Override a config field by its dotted path (repeatable), e.g. --set convert.sample_rate=24000.",
     )
+
+
+def _add_config(p: argparse.ArgumentParser, config_help: str, func: Callable[..., int]) -> None:
+    """``--config`` and ``--set``, and the command's function."""
+    p.add_argument("--config", help=config_help)
+    _add_overrides(p)
+    p.set_defaults(func=func)
+
+
+def _add_common(p: argparse.ArgumentParser, func: Callable[..., int]) -> None:
+    """What every stage command takes: ``--output``, ``--config``, ``--set``; and the command's function."""
+    p.add_argument("--output", required=True, help="Output artifact URI (local path or s3://bucket/prefix).")
+    _add_config(p, "The pipeline's YAML config; this stage reads its own section.", func)
 
 
 def _cmd_convert(args: argparse.Namespace, cfg: AudiotuneConfig) -> int:
@@ -184,14 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="Convert a source corpus into a Dataset artifact.")
     p.add_argument("--source", help="Source URI: a manifest file or a folder, local or s3://.")
     p.add_argument("--format", choices=FORMATS, help="Source layout (default: autodetect).")
-    _add_common(p)
-    p.set_defaults(func=_cmd_convert)
+    _add_common(p, _cmd_convert)
 
     p = sub.add_parser("tokenize", help="Tokenize a Dataset artifact into a Tokens artifact.")
     p.add_argument("--dataset", help="Dataset artifact URI (local or s3://); only a MOSS-TTSD import omits it.")
     p.add_argument("--base-model", help="Base model URI whose tokenizer to use (default: tokenize.base_model).")
-    _add_common(p)
-    p.set_defaults(func=_cmd_tokenize)
+    _add_common(p, _cmd_tokenize)
 
     p = sub.add_parser("encode", help="Encode a Dataset once with a model's own encoders (acestep: VAE latents and "
                        "caption/lyric conditioning).")
@@ -199,30 +208,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = encode_sub.add_parser("acestep", help="Dataset (convert --format acestep) → ACE-Step Latents artifact.")
     p.add_argument("--dataset", required=True, help="Dataset artifact URI (local or s3://).")
     p.add_argument("--base-model", help="diffusers AceStepPipeline folder (default: acestep.base_model).")
-    _add_common(p)
-    p.set_defaults(func=_cmd_encode)
+    _add_common(p, _cmd_encode)
 
     p = sub.add_parser("train", help="Train a model: llm or flow (joint follows).")
     train_sub = p.add_subparsers(dest="stage", required=True)
     p = train_sub.add_parser("llm", help="Train the causal LM (LoRA, full or from scratch) on a Tokens artifact.")
     p.add_argument("--tokens", required=True, help="Tokens artifact URI (local or s3://).")
     p.add_argument("--base-model", help="Base causal LM URI (default: llm.base_model).")
-    _add_common(p)
-    p.set_defaults(func=_cmd_train)
+    _add_common(p, _cmd_train)
     p = train_sub.add_parser("flow", help="Train the flow-matching token→mel decoder on a Tokens artifact.")
     p.add_argument("--tokens", required=True, help="Tokens artifact URI (local or s3://).")
     p.add_argument("--base-flow", help="Starting Flow artifact, config.json + model.safetensors folder, or a "
                    "CosyVoice / Step-Audio-EditX release folder (yaml + flow.pt; see flow.arch) "
                    "(default: flow.base_flow; unset: random init of flow.preset).")
-    _add_common(p)
-    p.set_defaults(func=_cmd_train)
+    _add_common(p, _cmd_train)
     p = train_sub.add_parser("acestep", help="LoRA on ACE-Step 1.5's diffusion transformer (diffusers) from an "
                              "ACE-Step Latents artifact (encode acestep).")
     p.add_argument("--tokens", required=True, help="ACE-Step Latents artifact URI (local or s3://).")
     p.add_argument("--base-model", help="diffusers AceStepPipeline folder (default: acestep.base_model, else the "
                    "one the Latents were encoded with).")
-    _add_common(p)
-    p.set_defaults(func=_cmd_train)
+    _add_common(p, _cmd_train)
     p = train_sub.add_parser("joint", help="Train an LLM and a flow artifact together (loss w_llm·L_llm + "
                              "w_flow·L_flow); writes <output>/llm and <output>/flow.")
     p.add_argument("--tokens", required=True, help="Tokens artifact URI both models were trained on.")
@@ -230,23 +235,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flow", required=True, help="Flow model artifact URI.")
     p.add_argument("--llm-output", help="Where the LLM artifact goes (default <output>/llm).")
     p.add_argument("--flow-output", help="Where the Flow artifact goes (default <output>/flow).")
-    _add_common(p)
-    p.set_defaults(func=_cmd_train)
+    _add_common(p, _cmd_train)
 
     p = sub.add_parser("export", help="Merge, verify, package, upload and register trained models.")
     p.add_argument("--llm", help="LLM model artifact URI (omit in flow-only runs).")
     p.add_argument("--flow", help="Flow model artifact URI (omit in llm-only runs).")
     p.add_argument("--tokens", help="Tokens artifact URI (default: the one the models were trained on).")
-    _add_common(p)
-    p.set_defaults(func=_cmd_export)
+    _add_common(p, _cmd_export)
 
     p = sub.add_parser("evaluate", help="Synthesize a fixed eval set with an export and score it (WER/CER, "
                        "speaker similarity, DNSMOS, MCD, F0, duration) into an Eval artifact.")
     p.add_argument("--model", required=True, help="Export URI (local or s3://).")
     p.add_argument("--eval-set", help="A Dataset artifact or a JSONL eval set (default: evaluate.eval_set, else "
                    "the validation rows of the export's Dataset).")
-    _add_common(p)
-    p.set_defaults(func=_cmd_evaluate)
+    _add_common(p, _cmd_evaluate)
 
     p = sub.add_parser("synthesize", help="Speak a text with an exported model (LLM → flow → vocoder).")
     p.add_argument("--model", required=True, help="Export URI (local or s3://).")
@@ -257,9 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocoder", help="griffin-lim[:N], a CosyVoice / Step-Audio-EditX release folder (yaml with "
                    "hift: + hift.pt) or a TorchScript / ONNX vocoder file (default: export.synthesis.vocoder).")
     p.add_argument("--out", required=True, help="WAV file to write.")
-    p.add_argument("--config", help="YAML config (export.synthesis settings).")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="a.b=v")
-    p.set_defaults(func=_cmd_synthesize)
+    _add_config(p, "YAML config (export.synthesis settings).", _cmd_synthesize)
 
     p = sub.add_parser("promote", help="Move the champion alias to a registered version if it is better; exit 0 "
                        f"when promoted, {EXIT_NOT_PROMOTED} when the champion stays.",
@@ -274,9 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "eval set).")
     p.add_argument("--greater-is-better", action="store_true", help="Higher metric wins (default: lower).")
     p.add_argument("--alias", default="champion", help="The alias of the model in production.")
-    p.add_argument("--config", help="YAML config (its tracking section says where the registry is).")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="a.b=v")
-    p.set_defaults(func=_cmd_promote)
+    _add_config(p, "YAML config (its tracking section says where the registry is).", _cmd_promote)
 
     from audiotune.pipeline_cli import add_pipeline_commands  # run --local, compile, submit
 
@@ -292,14 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mfu", type=float, default=0.35, help="Model FLOPs utilisation assumed for tokens/s "
                    "(default: %(default)s).")
     p.add_argument("--json", action="store_true", help="Print the plans as JSON.")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="a.b=v")
+    _add_overrides(p)
     p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("config", help="Print the resolved config (YAML) or its JSON schema.")
-    p.add_argument("--config", help="YAML config to resolve.")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="a.b=v")
     p.add_argument("--schema", action="store_true", help="Print the JSON schema instead.")
-    p.set_defaults(func=_cmd_config)
+    _add_config(p, "YAML config to resolve.", _cmd_config)
     return parser
 
 
@@ -351,19 +347,13 @@ def main(argv: list[str] | None = None) -> int:
         credentials.refuse({f"--set {k}": v for k, _, v in (o.partition("=") for o in args.overrides or [])})
         credentials.refuse({name: os.environ[name] for name in credentials.URI_ENVIRONMENT if os.environ.get(name)})
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"audiotune: {credentials.redact(str(err))}", file=sys.stderr)
-        return usage
-    except AudiotuneError as err:
-        return _report(args, err, usage if err.exit_code == EXIT_USAGE else err.exit_code)
+    except AudiotuneError as err:  # ConfigError included
+        return _report_known(args, err, usage)
     func: Callable[[argparse.Namespace, AudiotuneConfig], int] = args.func
     try:
         return func(args, cfg)
-    except ConfigError as err:
-        print(f"audiotune: {credentials.redact(str(err))}", file=sys.stderr)
-        return usage
-    except AudiotuneError as err:
-        return _report(args, err, usage if err.exit_code == EXIT_USAGE else err.exit_code)
+    except AudiotuneError as err:  # ConfigError included
+        return _report_known(args, err, usage)
     except _failure_types() as err:
         return _report(args, err, EXIT_FAILED)
     except Exception as err:  # noqa: BLE001 - the last line of defence: one line, the traceback with -v
@@ -371,6 +361,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"audiotune {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _report_known(args: argparse.Namespace, err: AudiotuneError, usage: int) -> int:
+    """Report a project error: a config error as ``audiotune: <message>``, any other by :func:`_report`; a usage
+    error exits ``usage`` (2, or 64 for ``submit``), any other with the error's own exit code."""
+    if isinstance(err, ConfigError):
+        print(f"audiotune: {credentials.redact(str(err))}", file=sys.stderr)
+        return usage
+    return _report(args, err, usage if err.exit_code == EXIT_USAGE else err.exit_code)
 
 
 def _report(args: argparse.Namespace, err: BaseException, code: int, unexpected: bool = False) -> int:
