@@ -277,3 +277,76 @@ def test_a_changed_file_changes_only_its_unit(tmp_path):
     write_audio(root / "wavs" / "utt00004.wav", seconds=0.9, seed=99)  # in the second unit
     new = [u["id"] for u in convert_units.plan(cfg, str(tmp_path / "p2"), str(src))["units"]]
     assert new[0] == old[0] and new[2] == old[2] and new[1] != old[1]
+
+
+# ---------------------------------------------------------------------------------------- tokenize fan-out
+
+TOKENIZE = ["tokenize.audio_tokenizer.codebook_size=16", "tokenize.audio_tokenizer.fit_max_frames=100",
+            "tokenize.vocab_size=300"]  # a BPE trained here: the text tokenizer is a global fit too
+
+
+def _same_tokens(one: Path, fanned: Path) -> None:
+    """Row for row (every column: ids, codes, mels, split), the same tokenizer files."""
+    assert _rows(one) == _rows(fanned)
+    for rel in ("tokenizer/tokenizer.json", "tokenizer/speakers.json", "tokenizer/mel.json",
+                "tokenizer/audio/mel_kmeans.safetensors"):
+        assert (one / rel).read_bytes() == (fanned / rel).read_bytes(), rel
+
+
+def test_tokenize_fanout_equals_the_one_task_tokens_and_fits_once(tmp_path, monkeypatch):
+    """The per-unit tokenize (set-up once, a row pass per convert part, merge) gives the one-task stage's Tokens
+    of the merged Dataset; the codebook is fitted once, on a sample with rows of several units."""
+    from audiotune.stages import tokenize_units
+    from audiotune.stages.tokenize import tokenize
+    from audiotune.tokenization.audio_tokenizers.mel_kmeans import MelKMeansTokenizer
+
+    src = _corpus_with_bad_rows(tmp_path / "src", 14)
+    cfg = _cfg(*TOKENIZE)
+    dataset = str(tmp_path / "ds")
+    convert_units.convert_fanout(cfg, dataset, source=str(src), workdir=str(tmp_path / "work"))
+    parts = sorted(str(p) for p in (tmp_path / "work" / "parts").iterdir())[::-1]  # any order: the plan's wins
+    assert len(parts) >= 3
+    one = tokenize(cfg, dataset=dataset, output=str(tmp_path / "one"))
+
+    fits = []
+    fit = MelKMeansTokenizer.fit
+
+    def counted(self, wavs, sample_rate, seed):
+        wavs = list(wavs)
+        fits.append(len(wavs))
+        return fit(self, wavs, sample_rate, seed)
+
+    monkeypatch.setattr(MelKMeansTokenizer, "fit", counted)
+    fanned = tokenize_units.tokenize_fanout(cfg, dataset, parts, str(tmp_path / "fanned"),
+                                            workdir=str(tmp_path / "tok-work"))
+    assert len(fits) == 1  # once for the Dataset, not once per unit
+    sample = fanned.report["fit"]
+    assert fits[0] == sample["rows"] and sum(sample["rows_per_folder"]) == sample["rows"]
+    assert sum(1 for n in sample["rows_per_folder"] if n) >= 2, sample  # the sample spans units
+    assert max(sample["candidates_per_folder"]) < 8  # each unit offers a bounded prefix, not all its rows
+    _same_tokens(tmp_path / "one", tmp_path / "fanned")
+    for key in ("rows", "quarantine_reasons", "audio_hours", "text_tokens", "audio_frames", "codebook_usage",
+                "sequence_length_percentiles", "bad_fraction", "audio_tokens_per_second"):
+        assert one.report[key] == fanned.report[key], key
+    for key in ("splits", "quarantined", "text_tokenizer", "audio_tokenizer", "speakers", "dataset_fingerprint"):
+        a, b = one.manifest[key], fanned.manifest[key]
+        if key == "splits":
+            a, b = ({s: v["rows"] for s, v in x.items()} for x in (a, b))
+        assert a == b, key
+    assert len(_rows(tmp_path / "fanned")["val"]) > 0
+
+
+def test_tokenize_fanout_refuses_parts_of_another_dataset(tmp_path):
+    from audiotune.stages import tokenize_units
+
+    cfg = _cfg(*TOKENIZE)
+    convert_units.convert_fanout(cfg, str(tmp_path / "a"), source=str(good_corpus(tmp_path / "sa", 9)),
+                                 workdir=str(tmp_path / "wa"))
+    convert_units.convert_fanout(cfg, str(tmp_path / "b"), source=str(good_corpus(tmp_path / "sb", 9)),
+                                 workdir=str(tmp_path / "wb"))
+    parts_a = sorted(str(p) for p in (tmp_path / "wa" / "parts").iterdir())
+    parts_b = sorted(str(p) for p in (tmp_path / "wb" / "parts").iterdir())
+    with pytest.raises(tokenize_units.TokenizeUnitsError, match="is not in the Dataset's units"):
+        tokenize_units.prepare(cfg, str(tmp_path / "a"), parts_a + parts_b[:1], str(tmp_path / "setup"))
+    with pytest.raises(tokenize_units.TokenizeUnitsError, match="has no convert part"):
+        tokenize_units.prepare(cfg, str(tmp_path / "a"), parts_a[1:], str(tmp_path / "setup"))

@@ -1,5 +1,6 @@
 """Merging the fan-out's unit parts into one Dataset folder: shards renumbered in plan order,
-quarantines concatenated (the plan's own first), partial reports summed.
+quarantines concatenated (the plan's own first), partial reports summed. The tokenize fan-out's
+merge (:mod:`audiotune.stages.tokenize_units`) places its parts' shards with :func:`place_shards` too.
 
 A part is what :func:`audiotune.stages.convert_units.convert_unit` wrote: ``train/`` and ``val/`` shards,
 ``quarantine.jsonl`` and ``part.json``. The split of every row was already chosen by its id hash in
@@ -34,6 +35,19 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copyfile(src, dst)
+
+
+def place_shards(folder: Path, part_splits: dict[str, Any], staging: Path, splits: dict[str, dict[str, Any]]) -> None:
+    """Link a part's shards (``part_splits``: its ``{split: {"shards": [{file, rows}]}}``) into ``staging``,
+    numbered after those already in ``splits`` (updated: the manifest's ``splits``). Dataset and Tokens parts
+    alike."""
+    for split in SPLITS:
+        (staging / split).mkdir(exist_ok=True)
+        for shard in part_splits[split]["shards"]:
+            name = f"part-{len(splits[split]['shards']):05d}.parquet"
+            _link_or_copy(folder / split / shard["file"], staging / split / name)
+            splits[split]["shards"].append({"file": name, "rows": shard["rows"]})
+            splits[split]["rows"] += shard["rows"]
 
 
 def read_part(directory: Path) -> dict[str, Any]:
@@ -107,13 +121,7 @@ def merge_parts(plan: dict[str, Any], parts: list[tuple[str, Path]], staging: Pa
             infos.append(info)
             figures[unit_id] = info["figures"]
             fingerprint.update(info["fingerprint"].encode())
-            for split in SPLITS:
-                (staging / split).mkdir(exist_ok=True)
-                for shard in info["splits"][split]["shards"]:
-                    name = f"part-{len(splits[split]['shards']):05d}.parquet"
-                    _link_or_copy(Path(folder) / split / shard["file"], staging / split / name)
-                    splits[split]["shards"].append({"file": name, "rows": shard["rows"]})
-                    splits[split]["rows"] += shard["rows"]
+            place_shards(Path(folder), info["splits"], staging, splits)
             with open(Path(folder) / "quarantine.jsonl", encoding="utf-8") as f:
                 shutil.copyfileobj(f, quarantine)
     counts = Counter({s: splits[s]["rows"] for s in SPLITS})
