@@ -155,10 +155,10 @@ def llm_base(tmp_path_factory, llm_tokens) -> Path:
 # ------------------------------------------------------------------------------------------------ test tiers
 # Markers (registered in setup.cfg): ``unit`` — the library in this process, seconds each; ``integration`` — child
 # interpreters (torchrun, the CLI, kfp.local), real MLflow / S3 servers, whole stages end to end; ``slow`` — opt-in
-# heavy work (a C++ op build), marked on the test itself. Tiers are given here by module (and by the server
-# fixtures a test uses) so that test files stay as they are; a test marked ``unit`` or ``integration`` itself keeps
-# its marker. ``make test-fast`` runs ``-m "unit and not slow"``; ``make test`` (CI) runs the unit and
-# integration tiers; ``make test-slow`` the slow tier.
+# heavy work (a C++ op build), marked on the test itself. Tiers are given here by module, by the server fixtures a
+# test uses and by name (INTEGRATION_TESTS), so that test files stay as they are; a test marked ``unit`` or
+# ``integration`` itself keeps its marker. ``make test-fast`` runs ``-m "unit and not slow"``; ``make test`` (CI)
+# runs the unit and integration tiers; ``make test-slow`` the slow tier.
 INTEGRATION_MODULES = {
     "test_acestep", "test_base_loading", "test_components", "test_convert", "test_convert_integration",
     "test_engine_distributed", "test_engine_launch", "test_evaluate", "test_evaluate_metrics", "test_export",
@@ -167,6 +167,15 @@ INTEGRATION_MODULES = {
     "test_step_audio_e2e", "test_storage", "test_tokenize", "test_tracking", "test_train_flow",
     "test_train_flow_distributed", "test_train_joint", "test_train_llm", "test_train_llm_distributed",
     "test_train_llm_integration", "test_trainjob",
+}
+# tests of otherwise-unit modules that run a whole stage or compile the whole pipeline (seconds to tens of seconds
+# each on 2 cores): the integration tier, so that ``make test-fast`` stays under 90 s
+INTEGRATION_TESTS = {
+    "test_upstream_parity": {"test_release_fine_tune_with_the_encoder_frozen_exports_the_upstream_layout"},
+    "test_pipeline_compile": {  # those that compile; the ones reading the checked-in YAML stay unit
+        "test_checked_in_yaml_is_current", "test_a_config_bakes_its_values_into_the_defaults",
+        "test_cluster_settings_reach_the_pods", "test_multinode_training_tasks_only_drive_a_pytorchjob",
+        "test_default_config_compiles_like_the_module_pipeline"},
 }
 SERVER_FIXTURES = {"s3_server", "s3_env", "mlflow_server"}
 # the default per-test timeout is 120 s (setup.cfg); modules whose tests run several child interpreters or whole
@@ -182,11 +191,22 @@ MODULE_TIMEOUTS = {
 }
 
 
+def _integration_tests(item) -> set[str]:
+    """The names INTEGRATION_TESTS gives for ``item``'s module; a stale name (a renamed test) is an error."""
+    names = INTEGRATION_TESTS.get(item.module.__name__.rsplit(".", 1)[-1], set())
+    stale = sorted(n for n in names if not hasattr(item.module, n))
+    if stale:
+        raise pytest.UsageError(f"tests/conftest.py INTEGRATION_TESTS names no test of {item.module.__name__}: "
+                                f"{', '.join(stale)}")
+    return names
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
         if not (item.get_closest_marker("unit") or item.get_closest_marker("integration")):
-            heavy = module in INTEGRATION_MODULES or SERVER_FIXTURES & set(item.fixturenames)
+            heavy = (module in INTEGRATION_MODULES or SERVER_FIXTURES & set(item.fixturenames)
+                     or (item.module is not None and item.originalname in _integration_tests(item)))
             item.add_marker(pytest.mark.integration if heavy else pytest.mark.unit)
         if module in MODULE_TIMEOUTS and not item.get_closest_marker("timeout"):
             item.add_marker(pytest.mark.timeout(MODULE_TIMEOUTS[module]))
