@@ -2,26 +2,66 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Annotated, Optional, get_args, get_origin
 
 import pytest
+from pydantic import BaseModel
 
 from audiotune.config import AudiotuneConfig, ConfigError, load_config
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def _all_fields(model_cls, prefix=""):
+def _sub_models(annotation, path: str):
+    """(model class, path) for every pydantic model in ``annotation``: the annotation itself, or one inside
+    ``list[...]``, ``dict[str, ...]``, ``X | None``, ``Annotated[...]`` and the like, at any depth (``[]`` marks an
+    item of a list or a value of a dict in the path)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        yield annotation, path
+        return
+    origin = get_origin(annotation)
+    args = get_args(annotation)
+    if origin is Annotated:
+        args = args[:1]
+    elif origin is not None and isinstance(origin, type) and issubclass(origin, Mapping):
+        args, path = args[1:], f"{path}[]"
+    elif origin is not None and isinstance(origin, type) and issubclass(origin, Iterable):
+        path = f"{path}[]"
+    for arg in args:
+        yield from _sub_models(arg, path)
+
+
+def _all_fields(model_cls, prefix="", seen=()):
     for name, field in model_cls.model_fields.items():
         yield f"{prefix}{name}", field
-        ann = field.annotation
-        if isinstance(ann, type) and hasattr(ann, "model_fields"):
-            yield from _all_fields(ann, f"{prefix}{name}.")
+        for sub, path in _sub_models(field.annotation, f"{prefix}{name}"):
+            if sub not in seen:  # a model that contains itself is walked once
+                yield from _all_fields(sub, f"{path}.", (*seen, model_cls))
 
 
 def test_every_field_has_a_description():
     missing = [path for path, f in _all_fields(AudiotuneConfig) if not f.description]
     assert missing == []
+
+
+def test_the_field_walk_reaches_models_inside_lists_dicts_and_optionals():
+    class Leaf(BaseModel):
+        x: int = 0
+
+    class Root(BaseModel):
+        direct: Leaf = Leaf()
+        items: list[Leaf] = []
+        by_name: dict[str, Leaf] = {}
+        maybe: Optional[Leaf] = None  # the typing spelling on purpose: both spellings are walked
+        either: Leaf | None = None
+        nested: list[dict[str, Leaf]] = []
+        tagged: Annotated[list[Leaf], "meta"] = []
+
+    paths = {path for path, _ in _all_fields(Root)}
+    assert {"direct.x", "items[].x", "by_name[].x", "maybe.x", "either.x", "nested[][].x", "tagged[].x"} <= paths
+    assert "cluster.tolerations[].key" in {path for path, _ in _all_fields(AudiotuneConfig)}
 
 
 def test_json_round_trip():
