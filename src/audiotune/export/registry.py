@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,29 @@ def _exception():
     return MlflowException
 
 
+@contextmanager
+def _registry_call(cfg, what: str) -> Iterator[None]:
+    """Turn the registry's errors inside the block into one-line TrackingErrors naming ``what`` and the URI."""
+    try:
+        yield
+    except _exception() as err:
+        raise tracking.TrackingError(f"{what} at {tracking.resolve_uri(cfg)} failed: {err.message}") from None
+
+
+def _challenger_and_holder(client, name: str, version: str | None, alias: str) -> tuple[str, str | None]:
+    """``version`` (default: the newest of ``name``) and the version holding ``alias`` (None when none does)."""
+    if version is None:
+        versions = client.search_model_versions(f"name = '{name}'")
+        if not versions:
+            raise tracking.TrackingError(f"registered model {name!r} has no versions")
+        version = str(max(int(v.version) for v in versions))
+    try:
+        current = client.get_model_version_by_alias(name, alias)
+    except _exception():
+        current = None
+    return version, str(current.version) if current is not None else None
+
+
 def register(cfg, name: str, source: str, run_id: str | None, tags: Mapping[str, Any],
              metrics: Mapping[str, Any]) -> str:
     """Register ``source`` (a ``runs:/`` or storage URI) as a new version of ``name``; returns the version.
@@ -52,19 +76,15 @@ def register(cfg, name: str, source: str, run_id: str | None, tags: Mapping[str,
         TrackingError: The tracking server / registry cannot be reached or refuses the registration.
     """
     client = _client(cfg)
-    error = _exception()
-    try:
+    with _registry_call(cfg, f"registering {name}"):
         try:
             client.get_registered_model(name)
-        except error:
+        except _exception():
             client.create_registered_model(name, description="Fine-tuned with audiotune.")
         all_tags = {k: str(v) for k, v in tags.items() if v is not None}
         all_tags.update({f"{METRIC_TAG}{k}": repr(float(v)) for k, v in metrics.items()
                          if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))})
         version = client.create_model_version(name, source, run_id=run_id, tags=all_tags)
-    except error as err:
-        raise tracking.TrackingError(f"registering {name} at {tracking.resolve_uri(cfg)} failed: {err.message}") \
-            from None
     log.info("registered %s version %s from %s", name, version.version, source)
     return str(version.version)
 
@@ -84,22 +104,12 @@ def promote(cfg, name: str, version: str | None = None, metric: str = "val_loss"
             challenger has no value of ``metric``.
     """
     client = _client(cfg)
-    error = _exception()
-    try:
-        if version is None:
-            versions = client.search_model_versions(f"name = '{name}'")
-            if not versions:
-                raise tracking.TrackingError(f"registered model {name!r} has no versions")
-            version = str(max(int(v.version) for v in versions))
+    with _registry_call(cfg, f"promotion of {name}"):
+        version, champion = _challenger_and_holder(client, name, version, alias)
         challenger_value = _metric(client, name, version, metric)
         if challenger_value is None:
             raise tracking.TrackingError(f"{name} version {version} has no tag {METRIC_TAG}{metric}; it cannot be "
                                          "compared")
-        try:
-            current = client.get_model_version_by_alias(name, alias)
-        except error:
-            current = None
-        champion = str(current.version) if current is not None else None
         champion_value = _metric(client, name, champion, metric) if champion is not None else None
         if champion == version:
             return Promotion(False, f"{name} version {version} already holds {alias!r}", name, version, champion,
@@ -120,9 +130,6 @@ def promote(cfg, name: str, version: str | None = None, metric: str = "val_loss"
         else:
             message = (f"{name} version {version} ({metric} {challenger_value:.6g}) did not beat {alias} version "
                        f"{champion} ({champion_value:.6g}); the alias stays")
-    except error as err:
-        raise tracking.TrackingError(f"promotion of {name} at {tracking.resolve_uri(cfg)} failed: {err.message}") \
-            from None
     log.info(message)
     return Promotion(better, message, name, version, champion, challenger_value, champion_value)
 
@@ -160,12 +167,11 @@ def record_evaluation(cfg, name: str, model: str, export_manifest: Mapping[str, 
         TrackingError: The registry cannot be reached or refuses.
     """
     client = _client(cfg)
-    error = _exception()
     finite = {k: float(v) for k, v in means.items() if math.isfinite(float(v))}
     tags = {EVAL_TAG: fingerprint, "eval_uri": eval_uri, "eval_set_uri": eval_set_uri,
             **{f"{_eval_prefix(fingerprint)}{k}": repr(v) for k, v in finite.items()}}
     version = _registered_version(model, name)
-    try:
+    with _registry_call(cfg, f"recording the evaluation of {name}"):
         if version is None:
             if source is None:
                 raise tracking.TrackingError(f"the export at {model} has no registry source to register")
@@ -179,9 +185,6 @@ def record_evaluation(cfg, name: str, model: str, export_manifest: Mapping[str, 
             for key, value in {**tags, **{f"{METRIC_TAG}{k}": repr(v) for k, v in finite.items()}}.items():
                 client.set_model_version_tag(name, version, key, str(value))
         client.update_model_version(name, version, description=card[:4900])
-    except error as err:
-        raise tracking.TrackingError(f"recording the evaluation of {name} at {tracking.resolve_uri(cfg)} failed: "
-                                     f"{err.message}") from None
     log.info("%s version %s carries the eval metrics (eval set %s)", name, version, fingerprint[:12])
     return version
 
@@ -206,20 +209,10 @@ def promote_gated(cfg, name: str, rule, version: str | None = None, alias: str =
     from audiotune.evaluation.gate import decide
 
     client = _client(cfg)
-    error = _exception()
-    try:
-        if version is None:
-            versions = client.search_model_versions(f"name = '{name}'")
-            if not versions:
-                raise tracking.TrackingError(f"registered model {name!r} has no versions")
-            version = str(max(int(v.version) for v in versions))
+    with _registry_call(cfg, f"promotion of {name}"):
+        version, champion = _challenger_and_holder(client, name, version, alias)
         tags = client.get_model_version(name, version).tags or {}
         fingerprint = tags.get(EVAL_TAG)
-        try:
-            current = client.get_model_version_by_alias(name, alias)
-        except error:
-            current = None
-        champion = str(current.version) if current is not None else None
         if champion == version:
             return Promotion(False, f"{name} version {version} already holds {alias!r}", name, version, champion,
                              None, None)
@@ -246,9 +239,6 @@ def promote_gated(cfg, name: str, rule, version: str | None = None, alias: str =
         else:
             message = f"{name} version {version} did not pass the gate against {alias} version {champion}: " \
                       f"{decision.reason}; the alias stays"
-    except error as err:
-        raise tracking.TrackingError(f"promotion of {name} at {tracking.resolve_uri(cfg)} failed: {err.message}") \
-            from None
     log.info(message)
     return Promotion(decision.promote, message, name, version, champion, None, None)
 
