@@ -166,12 +166,43 @@ def s3_v2(tmp_path_factory) -> S3Tokenizer:
     return S3Tokenizer(_tiny_s3_onnx(tmp_path_factory.mktemp("s3") / "tiny.onnx", step=4), "v2")
 
 
-def test_s3_log_mel_matches_whisper_layout():
+def _whisper_log_mel_by_the_formula(wav: np.ndarray, n_mels: int) -> np.ndarray:
+    """Whisper's documented log-mel re-derived in float64 numpy: reflect-padded frames of 400 samples every 160, a
+    periodic Hann window, the power spectrum, slaney mel filters (transformers' filter bank, not librosa's), log10
+    clamped at 1e-10, the last frame dropped, floored 8 decades below the maximum, then (x + 4) / 4."""
+    from transformers.audio_utils import mel_filter_bank
+
+    n_fft, hop = 400, 160
+    padded = np.pad(wav.astype(np.float64), n_fft // 2, mode="reflect")
+    starts = np.arange(0, len(padded) - n_fft + 1, hop)
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)
+    power = np.abs(np.fft.rfft(padded[starts[:, None] + np.arange(n_fft)] * window, axis=1)) ** 2
+    filters = mel_filter_bank(num_frequency_bins=n_fft // 2 + 1, num_mel_filters=n_mels, min_frequency=0.0,
+                              max_frequency=8000.0, sampling_rate=SR, norm="slaney", mel_scale="slaney")
+    log_spec = np.log10(np.maximum(filters.T @ power.T, 1e-10))[:, :-1]
+    return (np.maximum(log_spec, log_spec.max() - 8.0) + 4.0) / 4.0
+
+
+@pytest.mark.parametrize("n_mels", [80, 128])
+@pytest.mark.parametrize("seconds", [1.0, 1.234])
+def test_s3_log_mel_equals_whisper_feature_extraction(n_mels, seconds):
+    """Golden values from two independent references: transformers' WhisperFeatureExtractor (unpadded), and the
+    formula in float64 numpy. A symmetric instead of periodic Hann window is already 0.04 off, HTK mels 1.9."""
+    from transformers import WhisperFeatureExtractor
+
     from audiotune.tokenization.audio_tokenizers.s3tokenizer import log_mel_spectrogram
 
-    mel = log_mel_spectrogram(_utterance(np.random.default_rng(3), 1.0))
-    assert mel.shape == (128, 100) and mel.dtype == np.float32
+    wav = _utterance(np.random.default_rng(3), seconds)
+    mel = log_mel_spectrogram(wav, n_mels)
+    assert mel.shape == (n_mels, len(wav) // 160) and mel.dtype == np.float32
     assert mel.max() - mel.min() <= 2.0 + 1e-6  # clipped to 8 decades, then divided by 4
+    extractor = WhisperFeatureExtractor(feature_size=n_mels, sampling_rate=SR)
+    ref = extractor(wav, sampling_rate=SR, padding="longest", truncation=False,
+                    return_tensors="np")["input_features"][0]
+    np.testing.assert_allclose(mel, ref, rtol=1e-5, atol=1e-5 * float(np.abs(ref).max()))
+    # float32 STFT against float64: ~2e-5 apart where the power is small
+    formula = _whisper_log_mel_by_the_formula(wav, n_mels)
+    np.testing.assert_allclose(mel, formula, rtol=0, atol=1e-4)
 
 
 def test_s3_encode_rate_and_chunking(s3_v2):
