@@ -28,29 +28,23 @@ from audiotune.cluster.pytorchjob import (
     run_pytorchjob,
 )
 from audiotune.config import ClusterSettings
+from tests import cluster_helpers
+from tests.cluster_helpers import FAST, GPU_TOLERATIONS, K8S_VERSION, RUN_ID, rbac_use
 from tests.fake_kube import FAIL_MESSAGE, FakeKube
 
 CRD = Path(__file__).parent / "k8s" / "kubeflow.org_pytorchjobs.yaml"
-K8S_VERSION = "1.30"
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-RUN_ID = "3f1d9c2e-6a7b-4c8d-9e0f-112233445566"
 ARGV = ["train", "llm", "--tokens", "s3://bucket/tokens", "--output", "s3://bucket/llm", "--config",
         "/tmp/config.yaml"]
 
 
 def _spec(**kw) -> JobSpec:
-    values = dict(run_id=RUN_ID, task="train-llm", image="ghcr.io/audiotune/audiotune-cuda:0.1.0", argv=ARGV,
-                  num_nodes=3, gpus_per_node=8, namespace="ml")
-    values.update(kw)
-    return JobSpec(**values)
+    return cluster_helpers.job_spec(ARGV, **kw)
 
 
 FULL = dict(
     cpu="32", memory="480Gi", shm_size="64Gi", gpu_resource="nvidia.com/gpu",
-    node_selector={"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"},
-    tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
-                 {"key": "spot", "operator": "Equal", "value": "true", "effect": "NoExecute",
-                  "tolerationSeconds": 300}],
+    node_selector={"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}, tolerations=GPU_TOLERATIONS,
     env={"NCCL_DEBUG": "WARN"}, secrets=["audiotune-s3", "audiotune-mlflow"],
     secret_env={"HF_TOKEN": "hf:token"}, service_account="audiotune", model_cache_pvc="audiotune-model-cache",
     image_pull_policy="IfNotPresent", image_pull_secrets=["regcred"], labels={"team": "speech"},
@@ -61,24 +55,9 @@ FULL = dict(
 
 # --- the manifest -----------------------------------------------------------------------------------------------
 
-def _strict(schema):
-    """The CRD schema as the API server applies it with strict field validation: unknown fields are errors."""
-    if isinstance(schema, dict):
-        schema = {k: _strict(v) for k, v in schema.items()}
-        if "properties" in schema and "additionalProperties" not in schema \
-                and not schema.get("x-kubernetes-preserve-unknown-fields"):
-            schema["additionalProperties"] = False
-    elif isinstance(schema, list):
-        schema = [_strict(v) for v in schema]
-    return schema
-
-
 @pytest.fixture(scope="module")
 def crd_schema():
-    crd = yaml.safe_load(CRD.read_text())
-    assert crd["spec"]["names"]["kind"] == "PyTorchJob" and crd["spec"]["group"] == "kubeflow.org"
-    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
-    return _strict(version["schema"]["openAPIV3Schema"])
+    return cluster_helpers.crd_schema(CRD, "kubeflow.org", "PyTorchJob", "v1")
 
 
 @pytest.mark.parametrize("case", ["minimal", "full", "cpu-only", "two-nodes"])
@@ -207,9 +186,6 @@ def test_cluster_settings_map_onto_the_spec_and_describe_every_field():
 
 # --- against a Kubernetes API -----------------------------------------------------------------------------------
 
-FAST = dict(poll_interval_s=0.01, watch_timeout_s=1, log_drain_s=5)
-
-
 @pytest.fixture
 def kube():
     with FakeKube() as fake:
@@ -284,26 +260,6 @@ def test_retry_replaces_its_failed_job(kube):
     assert methods == ["DELETE", "POST", "DELETE"]
 
 
-def _rbac_use(requests) -> set[tuple[str, str]]:
-    """(resource, verb) of each recorded API call, as the API server's authorizer sees it."""
-    used = set()
-    for method, path, query in requests:
-        parts = path.strip("/").split("/")
-        if "pytorchjobs" in parts:
-            single = parts[-1] != "pytorchjobs"
-            watching = query.get("watch", [""])[0].lower() == "true"
-            verb = {"POST": "create", "DELETE": "delete"}.get(method) or (
-                "get" if single else "watch" if watching else "list")
-            used.add(("pytorchjobs", verb))
-        elif parts[-1] == "log":
-            used.add(("pods/log", "get"))
-        elif parts[-1] == "pods":
-            used.add(("pods", "list"))
-        else:
-            used.add((path, method))
-    return used
-
-
 def test_calls_need_exactly_the_charts_role(kube):
     """Replace a failed job, follow the new one with its log, delete it: every verb the Role grants is used, and
     nothing else is called."""
@@ -313,7 +269,7 @@ def test_calls_need_exactly_the_charts_role(kube):
     kube.add_job(build_manifest(spec), ["Failed"])
     _run(kube, spec)
     granted = {(r, v) for rule in rbac_rules(PYTORCHJOB) for r in rule["resources"] for v in rule["verbs"]}
-    assert _rbac_use(kube.requests) == granted
+    assert rbac_use(kube.requests, "pytorchjobs") == granted
 
 
 def test_job_of_another_run_is_not_touched(kube):
@@ -425,11 +381,7 @@ def test_a_multinode_training_task_writes_the_jobs_manifest_artifact(kube, tmp_p
     from audiotune.config import validate
     from audiotune.orchestration import training
 
-    config = {"apiVersion": "v1", "kind": "Config", "current-context": "t",
-              "clusters": [{"name": "c", "cluster": {"server": kube.url}}], "users": [{"name": "u", "user": {}}],
-              "contexts": [{"name": "t", "context": {"cluster": "c", "user": "u"}}]}
-    (tmp_path / "kubeconfig").write_text(yaml.safe_dump(config))
-    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
+    cluster_helpers.use_kubeconfig(tmp_path, kube.url, monkeypatch)
     monkeypatch.setattr(pytorchjob, "run_pytorchjob", functools.partial(pytorchjob.run_pytorchjob, **FAST))
     kube.next_script = ["Created", "Succeeded"]
     cfg = validate({"llm": {"init": "scratch", "preset": "qwen2-0.5b", "mode": "full",

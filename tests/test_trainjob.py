@@ -28,28 +28,22 @@ from audiotune.cluster.trainjob import (
     trainjob_status,
 )
 from audiotune.config import ClusterSettings, validate
+from tests import cluster_helpers
+from tests.cluster_helpers import FAST, GPU_TOLERATIONS, K8S_VERSION, RUN_ID, rbac_use
 from tests.fake_kube import TRAINJOB_FAIL_MESSAGE, FakeKube
 
 CRD = Path(__file__).parent / "fixtures" / "k8s" / "trainer.kubeflow.org_trainjobs.yaml"
-K8S_VERSION = "1.30"
-RUN_ID = "3f1d9c2e-6a7b-4c8d-9e0f-112233445566"
 ARGV = ["train", "llm", "--tokens", "s3://bucket/tokens", "--output", "s3://bucket/llm"]
 KEYS = {"audiotune-s3": S3_KEYS, "audiotune-mlflow": MLFLOW_KEYS}
-FAST = dict(poll_interval_s=0.01, watch_timeout_s=1, log_drain_s=5)
 
 
 def _spec(**kw) -> JobSpec:
-    values = dict(run_id=RUN_ID, task="train-llm", image="ghcr.io/audiotune/audiotune-cuda:0.1.0", argv=ARGV,
-                  num_nodes=3, gpus_per_node=8, namespace="ml")
-    values.update(kw)
-    return JobSpec(**values)
+    return cluster_helpers.job_spec(ARGV, **kw)
 
 
 FULL = dict(
     cpu="32", memory="480Gi", shm_size="64Gi", node_selector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
-    tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
-                 {"key": "spot", "operator": "Equal", "value": "true", "effect": "NoExecute",
-                  "tolerationSeconds": 300}],
+    tolerations=GPU_TOLERATIONS,
     env={"NCCL_DEBUG": "WARN", "MLFLOW_RUN_ID": "0123abcd"}, secrets=["audiotune-s3", "audiotune-mlflow"],
     secret_env={"HF_TOKEN": "hf:token"}, service_account="audiotune", model_cache_pvc="audiotune-model-cache",
     image_pull_secrets=["regcred"], labels={"team": "speech"}, annotations={"owner": "speech@example.com"},
@@ -57,24 +51,9 @@ FULL = dict(
 )
 
 
-def _strict(schema):
-    """The CRD schema as the API server applies it with strict field validation: unknown fields are errors."""
-    if isinstance(schema, dict):
-        schema = {k: _strict(v) for k, v in schema.items()}
-        if "properties" in schema and "additionalProperties" not in schema \
-                and not schema.get("x-kubernetes-preserve-unknown-fields"):
-            schema["additionalProperties"] = False
-    elif isinstance(schema, list):
-        schema = [_strict(v) for v in schema]
-    return schema
-
-
 @pytest.fixture(scope="module")
 def crd_schema():
-    crd = yaml.safe_load(CRD.read_text())
-    assert (crd["spec"]["group"], crd["spec"]["names"]["kind"]) == ("trainer.kubeflow.org", "TrainJob")
-    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1")
-    return _strict(version["schema"]["openAPIV3Schema"])
+    return cluster_helpers.crd_schema(CRD, "trainer.kubeflow.org", "TrainJob", "v1alpha1")
 
 
 def _pod_patch(manifest):
@@ -273,17 +252,8 @@ def test_calls_need_exactly_the_charts_role(kube):
     spec = _spec()
     kube.add_job(build_trainjob(spec), ["Failed"])
     _run(kube, spec)
-    used = set()
-    for method, path, query in kube.requests:
-        parts = path.strip("/").split("/")
-        if "trainjobs" in parts:
-            watching = query.get("watch", [""])[0].lower() == "true"
-            verb = {"POST": "create", "DELETE": "delete"}.get(method) or (
-                "get" if parts[-1] != "trainjobs" else "watch" if watching else "list")
-            used.add(("trainjobs", verb))
-        else:
-            used.add({"log": ("pods/log", "get"), "pods": ("pods", "list")}.get(parts[-1], (path, method)))
-    assert used == {(r, v) for rule in rbac_rules(TRAINJOB) for r in rule["resources"] for v in rule["verbs"]}
+    granted = {(r, v) for rule in rbac_rules(TRAINJOB) for r in rule["resources"] for v in rule["verbs"]}
+    assert rbac_use(kube.requests, "trainjobs") == granted
 
 
 def test_a_multinode_task_launches_a_trainjob_with_the_plugins_mlflow_run(kube, tmp_path, monkeypatch):
@@ -295,11 +265,7 @@ def test_a_multinode_task_launches_a_trainjob_with_the_plugins_mlflow_run(kube, 
     from audiotune.cluster import trainjob
     from audiotune.orchestration import training
 
-    config = {"apiVersion": "v1", "kind": "Config", "current-context": "t",
-              "clusters": [{"name": "c", "cluster": {"server": kube.url}}], "users": [{"name": "u", "user": {}}],
-              "contexts": [{"name": "t", "context": {"cluster": "c", "user": "u"}}]}
-    (tmp_path / "kubeconfig").write_text(yaml.safe_dump(config))
-    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
+    cluster_helpers.use_kubeconfig(tmp_path, kube.url, monkeypatch)
     monkeypatch.setenv("MLFLOW_RUN_ID", "5f0e1d2c3b4a")
     monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "7")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value")

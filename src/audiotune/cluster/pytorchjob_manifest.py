@@ -15,7 +15,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from audiotune.cluster.jobs import RUN_ID_KEY, TASK_KEY, write_manifest  # noqa: F401 - write_manifest re-exported
+from audiotune.cluster import pod
+from audiotune.cluster.jobs import write_manifest  # noqa: F401 - write_manifest re-exported
 from audiotune.cluster.status import JobStatus, conditions_status
 from audiotune.train.launch import torchrun_command
 
@@ -163,11 +164,6 @@ def _slug(text: str) -> str:
     return re.sub(r"-+", "-", re.sub(r"[^a-z0-9]+", "-", text.lower())).strip("-")
 
 
-def _label_value(text: str) -> str:
-    value = re.sub(r"[^A-Za-z0-9._-]+", "-", text)[:63]
-    return re.sub(r"^[^A-Za-z0-9]+|[^A-Za-z0-9]+$", "", value)
-
-
 def job_name(run_id: str, task: str) -> str:
     """A DNS-1035 name (lower case, starts with a letter, at most 45 characters) for this run and task.
 
@@ -192,40 +188,19 @@ def job_command(spec: JobSpec) -> list[str]:
                             python=spec.python)
 
 
-def _labels(spec: JobSpec) -> dict[str, str]:
-    labels = {"app.kubernetes.io/name": "audiotune", "app.kubernetes.io/component": "training",
-              "app.kubernetes.io/managed-by": "audiotune", RUN_ID_KEY: _label_value(spec.run_id),
-              TASK_KEY: _label_value(spec.task)}
-    labels.update(spec.labels)
-    return labels
-
-
 def _container(spec: JobSpec) -> dict[str, Any]:
-    env = [{"name": k, "value": str(v)} for k, v in spec.env.items()]
+    env = pod.plain_env(spec)
     for name, ref in spec.secret_env.items():
         secret, key = ref.split(":")
-        env.append({"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}})
-    mounts = []
-    if spec.shm_size:
-        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
-    if spec.model_cache_pvc:
-        mounts.append({"name": "model-cache", "mountPath": spec.model_cache_path})
-        path = spec.model_cache_path.rstrip("/")
-        env += [{"name": "XDG_CACHE_HOME", "value": path}, {"name": "HF_HOME", "value": f"{path}/huggingface"}]
-    requests: dict[str, Any] = {}
-    limits: dict[str, Any] = {}
-    if spec.cpu:
-        requests["cpu"] = str(spec.cpu)
-    if spec.memory:
-        requests["memory"] = limits["memory"] = str(spec.memory)
-    if spec.gpus_per_node > 0:
-        requests[spec.gpu_resource] = limits[spec.gpu_resource] = spec.gpus_per_node
+        env.append(pod.secret_key_env(name, secret, key))
+    env += pod.cache_env(spec)
+    _, mounts = pod.volumes(spec)
     container: dict[str, Any] = {
         "name": "pytorch",
         "image": spec.image,
         "command": job_command(spec),
         "ports": [{"name": "pytorchjob-port", "containerPort": MASTER_PORT, "protocol": "TCP"}],
-        "resources": {k: v for k, v in (("requests", requests), ("limits", limits)) if v},
+        "resources": pod.resources(spec),
     }
     if spec.image_pull_policy:
         container["imagePullPolicy"] = spec.image_pull_policy
@@ -239,26 +214,22 @@ def _container(spec: JobSpec) -> dict[str, Any]:
 
 
 def _pod_template(spec: JobSpec) -> dict[str, Any]:
-    pod: dict[str, Any] = {"containers": [_container(spec)]}
-    volumes = []
-    if spec.shm_size:
-        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": str(spec.shm_size)}})
-    if spec.model_cache_pvc:
-        volumes.append({"name": "model-cache", "persistentVolumeClaim": {"claimName": spec.model_cache_pvc}})
+    template: dict[str, Any] = {"containers": [_container(spec)]}
+    volumes, _ = pod.volumes(spec)
     if volumes:
-        pod["volumes"] = volumes
+        template["volumes"] = volumes
     if spec.service_account:
-        pod["serviceAccountName"] = spec.service_account
+        template["serviceAccountName"] = spec.service_account
     if spec.node_selector:
-        pod["nodeSelector"] = dict(spec.node_selector)
+        template["nodeSelector"] = dict(spec.node_selector)
     if spec.tolerations:
-        pod["tolerations"] = [dict(t) for t in spec.tolerations]
+        template["tolerations"] = [dict(t) for t in spec.tolerations]
     if spec.image_pull_secrets:
-        pod["imagePullSecrets"] = [{"name": s} for s in spec.image_pull_secrets]
-    if spec.run_as_user is not None:
-        pod["securityContext"] = {"runAsNonRoot": True, "runAsUser": spec.run_as_user,
-                                  "runAsGroup": spec.run_as_user, "fsGroup": spec.run_as_user}
-    return {"metadata": {"labels": _labels(spec)}, "spec": pod}
+        template["imagePullSecrets"] = [{"name": s} for s in spec.image_pull_secrets]
+    security = pod.security_context(spec)
+    if security is not None:
+        template["securityContext"] = security
+    return {"metadata": {"labels": pod.labels(spec)}, "spec": template}
 
 
 def build_manifest(spec: JobSpec, namespace: str | None = None) -> dict[str, Any]:
@@ -274,12 +245,11 @@ def build_manifest(spec: JobSpec, namespace: str | None = None) -> dict[str, Any
         run_policy["activeDeadlineSeconds"] = int(math.ceil(spec.timeout_s))
     if spec.ttl_seconds_after_finished is not None:
         run_policy["ttlSecondsAfterFinished"] = spec.ttl_seconds_after_finished
-    annotations = {RUN_ID_KEY: str(spec.run_id), TASK_KEY: str(spec.task), **spec.annotations}
     return {
         "apiVersion": API_VERSION,
         "kind": KIND,
-        "metadata": {"name": job_name(spec.run_id, spec.task), "namespace": namespace, "labels": _labels(spec),
-                     "annotations": annotations},
+        "metadata": {"name": job_name(spec.run_id, spec.task), "namespace": namespace, "labels": pod.labels(spec),
+                     "annotations": pod.annotations(spec)},
         "spec": {"nprocPerNode": str(max(1, spec.gpus_per_node)), "runPolicy": run_policy,
                  "pytorchReplicaSpecs": replicas},
     }

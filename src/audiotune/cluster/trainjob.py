@@ -39,8 +39,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from audiotune.cluster import pod
 from audiotune.cluster.jobs import JobError, JobResult, follow_job
-from audiotune.cluster.pytorchjob_manifest import RUN_ID_KEY, TASK_KEY, JobSpec, _labels, job_name
+from audiotune.cluster.pytorchjob_manifest import JobSpec, job_name
 from audiotune.cluster.status import JobStatus, conditions_status
 
 __all__ = ["RUNTIME", "MANAGER", "S3_KEYS", "MLFLOW_KEYS", "FORWARDED_ENV", "build_trainjob", "trainjob_command",
@@ -66,11 +67,7 @@ def trainjob_command(spec: JobSpec) -> list[str]:
 def _env(spec: JobSpec, secret_keys: dict[str, tuple[str, ...]]) -> list[Any]:
     from kubeflow_trainer_api import models as m
 
-    env = [m.IoK8sApiCoreV1EnvVar(name=k, value=str(v)) for k, v in spec.env.items()]
-    if spec.model_cache_pvc:
-        path = spec.model_cache_path.rstrip("/")
-        env += [m.IoK8sApiCoreV1EnvVar(name="XDG_CACHE_HOME", value=path),
-                m.IoK8sApiCoreV1EnvVar(name="HF_HOME", value=f"{path}/huggingface")]
+    env = pod.plain_env(spec) + pod.cache_env(spec)
     refs: dict[str, tuple[str, str, bool]] = {}
     for secret in spec.secrets:
         if secret not in secret_keys:
@@ -81,60 +78,41 @@ def _env(spec: JobSpec, secret_keys: dict[str, tuple[str, ...]]) -> list[Any]:
     for name, ref in spec.secret_env.items():
         secret, key = ref.split(":")
         refs[name] = (secret, key, False)
-    taken = {e.name for e in env}
+    taken = {e["name"] for e in env}
     for name, (secret, key, optional) in refs.items():
         if name in taken:
             raise JobError(f"environment variable {name} is set both plainly and from Secret {secret!r}")
-        selector = m.IoK8sApiCoreV1SecretKeySelector(name=secret, key=key, optional=True if optional else None)
-        env.append(m.IoK8sApiCoreV1EnvVar(name=name, valueFrom=m.IoK8sApiCoreV1EnvVarSource(secretKeyRef=selector)))
-    return env
+        env.append(pod.secret_key_env(name, secret, key, optional))
+    return [m.IoK8sApiCoreV1EnvVar.from_dict(e) for e in env]
 
 
 def _resources(spec: JobSpec):
     from kubeflow_trainer_api import models as m
 
-    requests: dict[str, Any] = {}
-    limits: dict[str, Any] = {}
-    if spec.cpu:
-        requests["cpu"] = str(spec.cpu)
-    if spec.memory:
-        requests["memory"] = limits["memory"] = str(spec.memory)
-    if spec.gpus_per_node > 0:
-        requests[spec.gpu_resource] = limits[spec.gpu_resource] = str(spec.gpus_per_node)
-    q = m.IoK8sApimachineryPkgApiResourceQuantity
-    return m.IoK8sApiCoreV1ResourceRequirements(requests={k: q(v) for k, v in requests.items()} or None,
-                                                limits={k: q(v) for k, v in limits.items()} or None)
+    # quantities as strings: the model's Quantity takes a string (a GPU count too)
+    return m.IoK8sApiCoreV1ResourceRequirements.from_dict(
+        {part: {k: str(v) for k, v in values.items()} for part, values in pod.resources(spec).items()})
 
 
 def _runtime_patch(spec: JobSpec):
     """Volumes, scheduling, identity and security of the ``node`` pods, as one runtime patch."""
     from kubeflow_trainer_api import models as m
 
-    volumes, mounts = [], []
-    if spec.shm_size:
-        volumes.append(m.IoK8sApiCoreV1Volume(name="dshm", emptyDir=m.IoK8sApiCoreV1EmptyDirVolumeSource(
-            medium="Memory", sizeLimit=m.IoK8sApimachineryPkgApiResourceQuantity(str(spec.shm_size)))))
-        mounts.append(m.IoK8sApiCoreV1VolumeMount(name="dshm", mountPath="/dev/shm"))
-    if spec.model_cache_pvc:
-        volumes.append(m.IoK8sApiCoreV1Volume(name="model-cache", persistentVolumeClaim=(
-            m.IoK8sApiCoreV1PersistentVolumeClaimVolumeSource(claimName=spec.model_cache_pvc))))
-        mounts.append(m.IoK8sApiCoreV1VolumeMount(name="model-cache", mountPath=spec.model_cache_path))
-    security = None
-    if spec.run_as_user is not None:
-        security = m.IoK8sApiCoreV1PodSecurityContext(runAsNonRoot=True, runAsUser=spec.run_as_user,
-                                                      runAsGroup=spec.run_as_user, fsGroup=spec.run_as_user)
-    pod = m.TrainerV1alpha1PodSpecPatch(
-        containers=[m.TrainerV1alpha1ContainerPatch(name=NODE, volumeMounts=mounts)] if mounts else None,
-        volumes=volumes or None,
+    volumes, mounts = pod.volumes(spec)
+    security = pod.security_context(spec)
+    patch = m.TrainerV1alpha1PodSpecPatch(
+        containers=[m.TrainerV1alpha1ContainerPatch(
+            name=NODE, volumeMounts=[m.IoK8sApiCoreV1VolumeMount.from_dict(v) for v in mounts])] if mounts else None,
+        volumes=[m.IoK8sApiCoreV1Volume.from_dict(v) for v in volumes] or None,
         nodeSelector=dict(spec.node_selector) or None,
         tolerations=[m.IoK8sApiCoreV1Toleration.from_dict(t) for t in spec.tolerations] or None,
         serviceAccountName=spec.service_account,
         imagePullSecrets=[m.IoK8sApiCoreV1LocalObjectReference(name=s) for s in spec.image_pull_secrets] or None,
-        securityContext=security,
+        securityContext=m.IoK8sApiCoreV1PodSecurityContext.from_dict(security) if security is not None else None,
     )
-    labels = m.IoK8sApimachineryPkgApisMetaV1ObjectMeta(labels=_labels(spec))
+    labels = m.IoK8sApimachineryPkgApisMetaV1ObjectMeta(labels=pod.labels(spec))
     job = m.TrainerV1alpha1JobTemplatePatch(spec=m.TrainerV1alpha1JobSpecPatch(
-        template=m.TrainerV1alpha1PodTemplatePatch(metadata=labels, spec=pod)))
+        template=m.TrainerV1alpha1PodTemplatePatch(metadata=labels, spec=patch)))
     template = m.TrainerV1alpha1JobSetTemplatePatch(spec=m.TrainerV1alpha1JobSetSpecPatch(
         replicatedJobs=[m.TrainerV1alpha1ReplicatedJobPatch(name=NODE, template=job)]))
     return m.TrainerV1alpha1RuntimePatch(manager=MANAGER, trainingRuntimeSpec=(
@@ -162,12 +140,11 @@ def build_trainjob(spec: JobSpec, namespace: str | None = None, runtime: str = R
         image=spec.image, command=trainjob_command(spec), numNodes=spec.num_nodes,
         numProcPerNode=max(1, spec.gpus_per_node), resourcesPerNode=_resources(spec),
         env=_env(spec, secret_keys or {}) or None)
-    annotations = {RUN_ID_KEY: str(spec.run_id), TASK_KEY: str(spec.task), **spec.annotations}
     job = m.TrainerV1alpha1TrainJob(
         apiVersion="trainer.kubeflow.org/v1alpha1", kind="TrainJob",
         metadata=m.IoK8sApimachineryPkgApisMetaV1ObjectMeta(name=job_name(spec.run_id, spec.task),
-                                                            namespace=namespace, labels=_labels(spec),
-                                                            annotations=annotations),
+                                                            namespace=namespace, labels=pod.labels(spec),
+                                                            annotations=pod.annotations(spec)),
         spec=m.TrainerV1alpha1TrainJobSpec(
             runtimeRef=m.TrainerV1alpha1RuntimeRef(name=runtime, kind="ClusterTrainingRuntime",
                                                    apiGroup="trainer.kubeflow.org"),
