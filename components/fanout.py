@@ -1,7 +1,9 @@
-"""The convert fan-out components (``pipeline.data_parallelism > 0``): plan the source into work units,
-convert each unit in its own task (``dsl.ParallelFor``), merge the parts into one Dataset.
+"""The data fan-out components (``pipeline.data_parallelism > 0``): plan the source into work units,
+convert each unit in its own task (``dsl.ParallelFor``), merge the parts into one Dataset; then set the
+tokenizers up once, tokenize each unit's part in its own task, merge the parts into one Tokens artifact.
 
-See ``audiotune.stages.convert_units`` and ``audiotune.orchestration.data_fanout``.
+See ``audiotune.stages.convert_units``, ``audiotune.stages.tokenize_units`` and
+``audiotune.orchestration.data_fanout``.
 """
 
 from typing import List, Optional
@@ -72,6 +74,8 @@ def merge_data(
     config: str,
     dataset: Output[Dataset],
     metrics: Output[Metrics],
+    dataset_uri: dsl.OutputPath(str),
+    part_uris: dsl.OutputPath(list),
 ) -> str:
     """Merge the units' parts into one Dataset: every shard in the manifest (rows, sha256), reports summed,
     quarantines concatenated, published atomically.
@@ -82,6 +86,8 @@ def merge_data(
         config: The run, tracking and convert sections of the run's config (JSON).
         dataset: The Dataset artifact, as convert_data writes it.
         metrics: Rows kept and quarantined, hours, S3 bytes read, peak disk and RSS of a unit.
+        dataset_uri: The Dataset's URI (the tokenize fan-out reads its manifest only).
+        part_uris: The parts' URIs (each tokenize unit fetches its own part only).
 
     Returns:
         The id of the merge's MLflow run (the convert stage's run, nested under the pipeline's run by link_runs).
@@ -91,4 +97,88 @@ def merge_data(
     steps.setup()
     outcome = data_fanout.merge(config, plan.path, [p.path for p in parts], dataset.path)
     steps.record(outcome, dataset, metrics)
+    data_fanout.hand_on(dataset_uri, dataset.uri, part_uris, [p.uri for p in parts])
+    return outcome.run_id
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False, packages_to_install=[])
+def prepare_tokenizer(
+    dataset_uri: str,
+    part_uris: List[str],
+    base_model_uri: str,
+    config: str,
+    setup: Output[Artifact],
+    workspace_path: str = "",
+) -> List[str]:
+    """Build the tokenizers once for the tokenize fan-out: the text tokenizer, the speaker table and the one
+    codebook fit of the built-in tokenizer, on a sample drawn across the units (bounded per unit, seeded).
+
+    Args:
+        dataset_uri: The merged Dataset (its manifest: the units in plan order, the fingerprint).
+        part_uris: The convert parts, one per unit.
+        base_model_uri: Base model whose text tokenizer is used (local or s3://); empty trains one.
+        config: The run, tracking and tokenize sections of the run's config (JSON).
+        setup: The set-up (tokenizer/ and setup.json) every tokenize_unit uses.
+        workspace_path: The KFP workspace in this pod (the model cache); empty: none.
+
+    Returns:
+        The parts' URIs in plan order: the items of the tokenize fan-out.
+    """
+    from audiotune.orchestration import data_fanout, steps
+
+    steps.setup(workspace=workspace_path)
+    return data_fanout.prepare_tokenizer(config, dataset_uri, part_uris, base_model_uri, setup.path)
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False, packages_to_install=[])
+def tokenize_unit(
+    part_uri: str,
+    setup: Input[Artifact],
+    config: str,
+    part: Output[Dataset],
+    metrics: Output[Metrics],
+):
+    """Tokenize one unit's convert part with the set-up's tokenizers: text ids, audio codes, mels, speaker
+    features, its shards, quarantine and partial report.
+
+    Args:
+        part_uri: The unit's convert part (fetched by this task alone).
+        setup: The tokenizer set-up written by prepare_tokenizer.
+        config: The run, tracking and tokenize sections of the run's config (JSON).
+        part: The unit's part of the Tokens.
+        metrics: Rows, audio seconds, seconds and peak RSS of the unit.
+    """
+    from audiotune.orchestration import data_fanout, steps
+
+    steps.setup()
+    outcome = data_fanout.tokenize_unit(config, setup.path, part_uri, part.path)
+    steps.record(outcome, part, metrics)
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False, packages_to_install=[])
+def merge_tokens(
+    setup: Input[Artifact],
+    parts: Input[List[Dataset]],
+    config: str,
+    tokens: Output[Dataset],
+    metrics: Output[Metrics],
+) -> str:
+    """Merge the units' Tokens parts into one Tokens artifact, as tokenize_data writes it: the set-up's
+    tokenizers, every shard in the manifest, reports summed, quarantines concatenated, published atomically.
+
+    Args:
+        setup: The tokenizer set-up the parts were tokenized with.
+        parts: The parts written by tokenize_unit (dsl.Collected over the fan-out).
+        config: The run, tracking and tokenize sections of the run's config (JSON).
+        tokens: The Tokens artifact.
+        metrics: Rows, audio hours, token counts, sequence lengths, throughput.
+
+    Returns:
+        The id of the merge's MLflow run (the tokenize stage's run, nested under the pipeline's run by link_runs).
+    """
+    from audiotune.orchestration import data_fanout, steps
+
+    steps.setup()
+    outcome = data_fanout.merge_tokens(config, setup.path, [p.path for p in parts], tokens.path)
+    steps.record(outcome, tokens, metrics)
     return outcome.run_id

@@ -8,7 +8,8 @@
                                                         └─ otherwise ────────────────────► export_model
     mode acestep: convert_data ─► encode_acestep ─► train_acestep ─► export_acestep (no tokenize)
     finish_run: the exit handler (ends the MLflow parent run, success or failure)
-    pipeline.data_parallelism > 0: convert_data is plan_data ─► ParallelFor(convert_unit) ─► merge_data (same Dataset)
+    pipeline.data_parallelism > 0: convert_data is plan_data ─► ParallelFor(convert_unit) ─► merge_data (same Dataset),
+        tokenize_data is prepare_tokenizer ─► ParallelFor(tokenize_unit) ─► merge_tokens (same Tokens)
 
 Every branch ends in the export, then evaluate_model (which registers the model with its eval metrics;
 see components/evaluate.py); exactly one branch runs. :func:`build` makes the pipeline for a
@@ -36,9 +37,12 @@ from audiotune.components import (
     finish_run,
     link_runs,
     merge_data,
+    merge_tokens,
     plan_data,
     prepare_run,
+    prepare_tokenizer,
     tokenize_data,
+    tokenize_unit,
     train_acestep,
     train_flow,
     train_joint,
@@ -77,7 +81,26 @@ def convert_fanout(cfg: AudiotuneConfig, cluster: Any, cache: bool, source_uri: 
         unit.set_retry(num_retries=cfg.pipeline.retries, backoff_duration=f"{cfg.pipeline.retry_backoff_s}s",
                        backoff_factor=2.0, backoff_max_duration="3600s")
     return _small(merge_data(plan=planned.outputs["plan"], parts=dsl.Collected(unit.outputs["part"]), config=conf),
-                  cluster, "merge data")
+                  cluster, "merge data", cache=cache)
+
+
+def tokenize_fanout(cfg: AudiotuneConfig, cluster: Any, cache: bool, merged: dsl.PipelineTask, base_model_uri: Any,
+                    conf: Any, ws: dict) -> dsl.PipelineTask:
+    """The tokenize stage over the convert fan-out's units: prepare_tokenizer once (the one codebook fit, on a
+    sample across the units), tokenize_unit per unit's part (``pipeline.data_parallelism`` at once, retried and
+    cached each), merge_tokens. ``merged`` is :func:`convert_fanout`'s merge task; the merge task returned here has
+    tokenize_data's outputs (``tokens``, ``Output``)."""
+    setup = _small(prepare_tokenizer(dataset_uri=merged.outputs["dataset_uri"], part_uris=merged.outputs["part_uris"],
+                                     base_model_uri=base_model_uri, config=conf, **ws),
+                   cluster, "prepare tokenizer", cache=cache, model_cache=True)
+    with dsl.ParallelFor(setup.outputs["Output"], parallelism=cfg.pipeline.data_parallelism,
+                         name="token-units") as part_uri:
+        unit = _small(tokenize_unit(part_uri=part_uri, setup=setup.outputs["setup"], config=conf),
+                      cluster, "tokenize unit", cache=cache)
+        unit.set_retry(num_retries=cfg.pipeline.retries, backoff_duration=f"{cfg.pipeline.retry_backoff_s}s",
+                       backoff_factor=2.0, backoff_max_duration="3600s")
+    return _small(merge_tokens(setup=setup.outputs["setup"], parts=dsl.Collected(unit.outputs["part"]), config=conf),
+                  cluster, "merge tokens", cache=cache)
 
 
 def build(cfg: Optional[AudiotuneConfig] = None) -> Any:
@@ -183,10 +206,14 @@ def build(cfg: Optional[AudiotuneConfig] = None) -> Any:
                 _small(export_acestep(model=ace.outputs["model"], config=resolved, pipeline_run_id=run_id, **ws),
                        cluster, "export acestep", model_cache=True)
             with dsl.Else(name="mode-tts"):
-                tok = _small(tokenize_data(
-                    dataset=data.outputs["dataset"], base_model_uri=prep.outputs["base_model_uri"],
-                    config=prep.outputs["tokenize_config"], **ws,
-                ), cluster, "tokenize", cache=cache, model_cache=True)
+                if cfg.pipeline.data_parallelism:  # prepare ─► ParallelFor(tokenize_unit) ─► merge: same Tokens
+                    tok = tokenize_fanout(cfg, cluster, cache, data, prep.outputs["base_model_uri"],
+                                          prep.outputs["tokenize_config"], ws)
+                else:
+                    tok = _small(tokenize_data(
+                        dataset=data.outputs["dataset"], base_model_uri=prep.outputs["base_model_uri"],
+                        config=prep.outputs["tokenize_config"], **ws,
+                    ), cluster, "tokenize", cache=cache, model_cache=True)
                 _small(link_runs(config=resolved, convert_run_id=data.outputs["Output"],
                                  tokenize_run_id=tok.outputs["Output"]), cluster, "link MLflow runs")
                 tokens = tok.outputs["tokens"]

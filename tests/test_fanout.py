@@ -151,29 +151,45 @@ def test_an_object_above_the_cap_is_refused_naming_it(tmp_path, s3_env):
 
 
 def test_kfp_local_fanout_merges_and_reruns_only_the_new_unit(tmp_path):
-    """The real DAG (plan_data → ParallelFor(convert_unit) → merge_data) under kfp.local, twice: the second
-    run, with added rows, converts only their new unit; the other units are cache hits."""
-    from audiotune.pipelines.finetune import convert_fanout
+    """The real DAG under kfp.local, twice. First plan_data → ParallelFor(convert_unit) → merge_data →
+    prepare_tokenizer → ParallelFor(tokenize_unit) → merge_tokens: the Dataset and the Tokens equal the one-task
+    stages'. Then, with added rows, the convert fan-out alone: only the new unit is converted, the others are
+    cache hits."""
+    from audiotune.pipelines.finetune import convert_fanout, tokenize_fanout
     from kfp import dsl, local
 
-    from audiotune.orchestration.steps import to_json
+    from audiotune.orchestration.steps import TOKENIZE_SECTIONS, to_json
+    from audiotune.stages.tokenize import tokenize
 
     root = tmp_path / "src"
     good_corpus(root, 7)
-    cfg = _cfg("convert.unit_max_rows=3", f"convert.plan_uri={tmp_path / 'plan'}", "pipeline.data_parallelism=2")
-    conf = to_json(cfg, ("run", "tracking", "convert"))
+    cfg = _cfg("convert.unit_max_rows=3", f"convert.plan_uri={tmp_path / 'plan'}", "pipeline.data_parallelism=2",
+               *TOKENIZE)
+    conf, tconf = to_json(cfg, ("run", "tracking", "convert")), to_json(cfg, TOKENIZE_SECTIONS)
+
+    @dsl.pipeline(name="tokens")
+    def through_tokens(source_uri: str, fingerprint: str):
+        merged = convert_fanout(cfg, cfg.cluster, True, source_uri, "", fingerprint, conf)
+        tokenize_fanout(cfg, cfg.cluster, True, merged, "", tconf, {})
 
     @dsl.pipeline(name="fanout")
     def fanout(source_uri: str, fingerprint: str):
         convert_fanout(cfg, cfg.cluster, True, source_uri, "", fingerprint, conf)
 
+    # the one-task stages first: after a kfp.local run, librosa's numba compilation in this process trips over
+    # kfp.local's print patch (kfp.local.logging_utils)
+    convert(cfg, source=str(root / "manifest.jsonl"), output=str(tmp_path / "single"))
+    tokenize(cfg, dataset=str(tmp_path / "single"), output=str(tmp_path / "single-tokens"))
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"),
                raise_on_error=True, enable_caching=True)
-    fanout(source_uri=str(root / "manifest.jsonl"), fingerprint="v1")
-    (first,) = (tmp_path / "kfp").glob("fanout-*")
-    assert len(list(first.glob("for-loop-*"))) == 3
-    convert(cfg, source=str(root / "manifest.jsonl"), output=str(tmp_path / "single"))
+    through_tokens(source_uri=str(root / "manifest.jsonl"), fingerprint="v1")
+    (first,) = (tmp_path / "kfp").glob("tokens-*")
+    assert len(list(first.glob("for-loop-*/convert-unit"))) == 3
+    assert len(list(first.glob("for-loop-*/tokenize-unit"))) == 3
     assert _rows(first / "merge-data" / "dataset") == _rows(tmp_path / "single")
+    _same_tokens(tmp_path / "single-tokens", first / "merge-tokens" / "tokens")  # the same Dataset's rows
+    (setup,) = first.glob("prepare-tokenizer/setup/setup.json")
+    assert len(json.loads(setup.read_text())["fit"]["rows_per_folder"]) == 3  # one fit, over the three units
 
     lines = (root / "manifest.jsonl").read_text().splitlines()
     extra = good_corpus(tmp_path / "more", 2, start=7)
@@ -181,7 +197,7 @@ def test_kfp_local_fanout_merges_and_reruns_only_the_new_unit(tmp_path):
         (root / "wavs" / wav.name).write_bytes(wav.read_bytes())
     write_jsonl(root / "manifest.jsonl", lines + extra.read_text().splitlines())
     fanout(source_uri=str(root / "manifest.jsonl"), fingerprint="v2")
-    (second,) = [p for p in (tmp_path / "kfp").glob("fanout-*") if p != first]
+    (second,) = (tmp_path / "kfp").glob("fanout-*")
     ran = sorted(p.name for p in second.glob("for-loop-*/convert-unit"))
     assert len(ran) == 1, ran  # the three old units came from the cache
     merged = _rows(second / "merge-data" / "dataset")
@@ -219,7 +235,8 @@ def test_a_failed_unit_is_redone_alone(tmp_path, s3_env):
 
 def test_the_fanout_compiles_into_the_pipeline(tmp_path):
     """pipeline.data_parallelism > 0: plan-data → a ParallelFor (its parallelism limit) of convert-unit (retried,
-    cached) → merge-data (collected parts), which feeds tokenize; 0 keeps the one convert-data task."""
+    cached) → merge-data (collected parts) → prepare-tokenizer → a ParallelFor of tokenize-unit → merge-tokens,
+    which feeds training; 0 keeps the one convert-data and tokenize-data tasks."""
     import yaml
 
     from audiotune import sdk
@@ -229,7 +246,7 @@ def test_the_fanout_compiles_into_the_pipeline(tmp_path):
     spec = next(yaml.safe_load_all(Path(path).read_text()))
     tasks = {n: t for c in spec["components"].values() for n, t in c.get("dag", {}).get("tasks", {}).items()}
     assert "convert-data" not in tasks and {"plan-data", "merge-data", "convert-unit"} <= set(tasks)
-    loop = next(t for n, t in tasks.items() if n.startswith("for-loop"))
+    loop = next(t for n, t in tasks.items() if n.startswith("for-loop") and "plan-data" in json.dumps(t))
     assert loop["iteratorPolicy"] == {"parallelismLimit": 3}
     assert loop["parameterIterator"]["items"]["inputParameter"].endswith("plan-data-Output")
     unit = tasks["convert-unit"]
@@ -237,8 +254,16 @@ def test_the_fanout_compiles_into_the_pipeline(tmp_path):
     assert "plan" not in unit.get("inputs", {}).get("artifacts", {})  # the durable plan: cache keys hold
     parts = tasks["merge-data"]["inputs"]["artifacts"]["parts"]
     assert parts["taskOutputArtifact"]["producerTask"].startswith("for-loop")
-    tokenize = tasks["tokenize-data"]["inputs"]["artifacts"]["dataset"]
-    assert "merge-data" in json.dumps(tokenize) or "pipelinechannel--merge-data-dataset" in json.dumps(tokenize)
+    assert "tokenize-data" not in tasks and {"prepare-tokenizer", "tokenize-unit", "merge-tokens"} <= set(tasks)
+    setup = tasks["prepare-tokenizer"]["inputs"]["parameters"]
+    assert setup["part_uris"]["componentInputParameter"].endswith("merge-data-part_uris")  # URIs, not artifacts
+    token_loop = next(t for n, t in tasks.items() if n.startswith("for-loop") and t is not loop)
+    assert token_loop["parameterIterator"]["items"]["inputParameter"].endswith("prepare-tokenizer-Output")
+    tok_unit = tasks["tokenize-unit"]
+    assert tok_unit["cachingOptions"] == {"enableCache": True} and tok_unit["retryPolicy"]["maxRetryCount"] == 2
+    assert tasks["merge-tokens"]["inputs"]["artifacts"]["parts"]["taskOutputArtifact"]["producerTask"] == \
+        next(n for n, t in tasks.items() if t is token_loop)
+    assert "merge-tokens" in json.dumps(tasks["train-llm"]["inputs"]["artifacts"]["tokens"])
 
 
 def test_an_acestep_folder_on_s3_is_found_by_its_listed_audio(tmp_path, s3_env):
@@ -257,7 +282,8 @@ def test_an_acestep_folder_on_s3_is_found_by_its_listed_audio(tmp_path, s3_env):
     assert fanned.report["rows"] == single.report["rows"]
 
 
-@pytest.mark.parametrize("name", ["plan_data", "convert_unit", "merge_data"])
+@pytest.mark.parametrize("name", ["plan_data", "convert_unit", "merge_data", "prepare_tokenizer", "tokenize_unit",
+                                  "merge_tokens"])
 def test_fanout_components_are_thin_documented_and_on_the_cpu_image(name):
     from audiotune import components
     from audiotune.images import CPU_IMAGE

@@ -1,4 +1,5 @@
-"""The steps of the convert fan-out (``pipeline.data_parallelism > 0``): plan, one convert per unit, merge.
+"""The steps of the data fan-out (``pipeline.data_parallelism > 0``): plan, one convert per unit, merge; then
+the tokenizer set-up once, one tokenize per unit, merge into Tokens.
 
 The component bodies (``components/fanout.py``) are thin calls into here. A unit task's cache key is
 its inputs: the unit id (a hash of its records and their audio stamps) and the config. With
@@ -8,7 +9,9 @@ run), so a unit whose records did not change is a cache hit (see :mod:`audiotune
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 from audiotune import artifacts
 from audiotune.orchestration import runs
@@ -54,4 +57,55 @@ def merge(config: str, plan_dir: str, parts: list[str], output: str) -> Outcome:
         metadata={"kind": artifacts.DATASET, "fingerprint": result.manifest.get("fingerprint"),
                   "source": result.manifest.get("source"), "units": len(result.manifest["units"])},
         run_id=runs.claim(cfg.tracking, cfg.tracking.run_name, "convert") or "",
+    )
+
+
+def readable_uri(uri: str) -> str:
+    """An artifact URI as :mod:`audiotune.storage` reads it: KFP's MinIO store (``minio://bucket/key``) through
+    its S3 API (``s3://bucket/key``, at ``AWS_ENDPOINT_URL``); local paths and ``s3://`` as they are."""
+    return "s3://" + uri[len("minio://"):] if uri.startswith("minio://") else uri
+
+
+def hand_on(dataset_uri_path: str, dataset_uri: str, part_uris_path: str, part_uris: list[str]) -> None:
+    """Write the merged Dataset's URI and its parts' URIs (the merge task's parameter outputs) for the tokenize
+    fan-out, which reads only the manifest of the one and one part each of the others."""
+    for path, value in ((dataset_uri_path, readable_uri(dataset_uri)),
+                        (part_uris_path, json.dumps([readable_uri(u) for u in part_uris]))):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(value, encoding="utf-8")
+
+
+def prepare_tokenizer(config: str, dataset_uri: str, part_uris: list[str], base_model_uri: str,
+                      output: str) -> list[str]:
+    """Build the tokenizers once (the one codebook fit on a sample across the units) into ``output``; the parts'
+    URIs in plan order, the items of the tokenize fan-out."""
+    from audiotune.stages import tokenize_units
+
+    cfg = load(config, "prepare_tokenizer config")
+    described = tokenize_units.prepare(cfg, dataset_uri, part_uris, output, base_model_uri or None)
+    return described["parts"]
+
+
+def tokenize_unit(config: str, setup_path: str, part_uri: str, output: str) -> Outcome:
+    """Tokenize one convert part (``part_uri``) with the set-up at ``setup_path`` into ``output``."""
+    from audiotune.stages import tokenize_units
+
+    cfg = load(config, "tokenize_unit config")
+    part = tokenize_units.tokenize_unit(cfg, setup_path, part_uri, output)
+    return Outcome(metrics=numeric(part, ("figures",)) | numeric(part["report"], ("rows",)),
+                   metadata={"kind": tokenize_units.PART, "unit": part["unit"]})
+
+
+def merge_tokens(config: str, setup_path: str, parts: list[str], output: str) -> Outcome:
+    """Merge the units' Tokens parts into the Tokens artifact at ``output``."""
+    from audiotune.stages import tokenize_units
+
+    cfg = load(config, "merge_tokens config")
+    cfg.tracking.run_name = runs.unique_run_name("tokenize")
+    result = tokenize_units.merge(cfg, setup_path, parts, output)
+    return Outcome(
+        metrics=numeric(result.report, ("rows", "bad_fraction", "audio_hours", "text_tokens", "audio_frames",
+                                        "sequence_length_percentiles", "throughput")),
+        metadata={"kind": artifacts.TOKENS, "units": len(result.manifest["units"])},
+        run_id=runs.claim(cfg.tracking, cfg.tracking.run_name, "tokenize") or "",
     )
