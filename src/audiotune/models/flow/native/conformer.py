@@ -24,6 +24,12 @@ from torch import nn
 from audiotune.models.flow.io import FlowLoadError
 from audiotune.models.flow.native.attention import RelativePositionAttention, RelativePositionEncoding
 from audiotune.models.flow.native.embedding import LinearInput
+from audiotune.models.flow.native.options import read_options, require
+
+__all__ = ["ACTIVATIONS", "CONFORMER", "UPSAMPLE_CONFORMER", "UPSAMPLE_CONFORMER_V2", "ConformerEncoder",
+           "ConformerLayer", "ConvolutionModule", "FeedForward", "PreLookaheadLayer", "Upsample1D",
+           "UpsampleConformerEncoder", "attention_mask", "build_encoder", "conformer_layers", "linear_input",
+           "read_options", "require", "run_layers", "valid_mask"]
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +180,27 @@ def run_layers(layers: nn.ModuleList, xs: torch.Tensor, masks: torch.Tensor, pos
     return xs
 
 
-class ConformerEncoder(nn.Module):
+class _EncoderFront(nn.Module):
+    """What both encoders start and end with: the linear input (key ``embed``) and, pre-norm, a final LayerNorm
+    (key ``after_norm``); ``static_chunk_size`` for chunked attention."""
+
+    def __init__(self, input_size: int, output_size: int, dropout_rate: float, positional_dropout_rate: float,
+                 normalize_before: bool, static_chunk_size: int) -> None:
+        super().__init__()
+        self._output_size = output_size
+        self.embed = linear_input(input_size, output_size, dropout_rate, positional_dropout_rate)
+        self.normalize_before = normalize_before
+        self.after_norm = nn.LayerNorm(output_size, eps=1e-5)
+        self.static_chunk_size = static_chunk_size
+
+    def output_size(self) -> int:
+        return self._output_size
+
+    def _final(self, xs: torch.Tensor) -> torch.Tensor:
+        return self.after_norm(xs) if self.normalize_before else xs
+
+
+class ConformerEncoder(_EncoderFront):
     """CosyVoice-300M's token encoder (keys ``embed.*``, ``after_norm.*``, ``encoders.N.*``).
 
     Args:
@@ -190,24 +216,17 @@ class ConformerEncoder(nn.Module):
     def __init__(self, input_size: int, output_size: int, num_blocks: int, dropout_rate: float,
                  positional_dropout_rate: float, normalize_before: bool = True, static_chunk_size: int = 0,
                  **layer_options) -> None:
-        super().__init__()
-        self._output_size = output_size
-        self.embed = linear_input(input_size, output_size, dropout_rate, positional_dropout_rate)
-        self.normalize_before = normalize_before
-        self.after_norm = nn.LayerNorm(output_size, eps=1e-5)
-        self.static_chunk_size = static_chunk_size
+        super().__init__(input_size, output_size, dropout_rate, positional_dropout_rate, normalize_before,
+                         static_chunk_size)
         self.encoders = conformer_layers(num_blocks, output_size, dropout_rate=dropout_rate,
                                          normalize_before=normalize_before, **layer_options)
-
-    def output_size(self) -> int:
-        return self._output_size
 
     def forward(self, xs: torch.Tensor, xs_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``xs [B, T, input_size]`` → ``([B, T, output_size], masks bool [B, 1, T])``."""
         masks = valid_mask(xs_lens, xs.shape[1])[:, None]
         xs, pos_emb = self.embed(xs)
         xs = run_layers(self.encoders, xs, masks, pos_emb, self.static_chunk_size)
-        return (self.after_norm(xs) if self.normalize_before else xs), masks
+        return self._final(xs), masks
 
 
 class PreLookaheadLayer(nn.Module):
@@ -243,7 +262,7 @@ class Upsample1D(nn.Module):
         return self.conv(F.pad(x, (self.stride * 2, 0))), lengths * self.stride
 
 
-class UpsampleConformerEncoder(nn.Module):
+class UpsampleConformerEncoder(_EncoderFront):
     """CosyVoice2's ``UpsampleConformerEncoder`` and Step-Audio-EditX's ``UpsampleConformerEncoderV2``.
 
     Keys: ``embed``, ``after_norm``, ``pre_lookahead_layer``, ``encoders``, ``up_layer``, ``up_embed``,
@@ -267,21 +286,14 @@ class UpsampleConformerEncoder(nn.Module):
                  pre_lookahead_len: int, up_stride: int, up_scale_factor: float, dropout_rate: float,
                  positional_dropout_rate: float, normalize_before: bool = True, static_chunk_size: int = 0,
                  **layer_options) -> None:
-        super().__init__()
-        self._output_size = output_size
-        self.embed = linear_input(input_size, output_size, dropout_rate, positional_dropout_rate)
-        self.normalize_before = normalize_before
-        self.after_norm = nn.LayerNorm(output_size, eps=1e-5)
-        self.static_chunk_size = static_chunk_size
+        super().__init__(input_size, output_size, dropout_rate, positional_dropout_rate, normalize_before,
+                         static_chunk_size)
         self.pre_lookahead_layer = PreLookaheadLayer(output_size, lookahead_channels, pre_lookahead_len)
         layers = dict(dropout_rate=dropout_rate, normalize_before=normalize_before, **layer_options)
         self.encoders = conformer_layers(num_blocks, output_size, **layers)
         self.up_layer = Upsample1D(output_size, output_size, up_stride, up_scale_factor)
         self.up_embed = linear_input(input_size, output_size, dropout_rate, positional_dropout_rate)
         self.up_encoders = conformer_layers(num_up_blocks, output_size, **layers)
-
-    def output_size(self) -> int:
-        return self._output_size
 
     def forward(self, xs: torch.Tensor, xs_lens: torch.Tensor,
                 streaming: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -296,7 +308,7 @@ class UpsampleConformerEncoder(nn.Module):
         masks = valid_mask(xs_lens, xs.shape[1])[:, None]
         xs, pos_emb = self.up_embed(xs)
         xs = run_layers(self.up_encoders, xs, masks, pos_emb, chunk * self.up_layer.stride)
-        return (self.after_norm(xs) if self.normalize_before else xs), masks
+        return self._final(xs), masks
 
 
 # ---- building from a release yaml node ---------------------------------------------------------------------------
@@ -320,34 +332,6 @@ _V2_DEFAULTS: dict[str, Any] = dict(
     normalize_before=True, activation_type="swish")
 # CosyVoice2's UpsampleConformerEncoder fixes these instead of reading them.
 _COSYVOICE2_FIXED = dict(lookahead_channels=512, pre_lookahead_len=3, up_stride=2, up_scale_factor=2.0, num_up_blocks=4)
-
-
-def read_options(node, defaults: dict[str, Any], required: tuple[str, ...] = (),
-                 extra_ok: bool = False) -> dict[str, Any]:
-    """The node's keyword arguments over upstream's ``defaults``.
-
-    Raises:
-        FlowLoadError: positional arguments, a missing required key, or (unless ``extra_ok``) a key the
-            upstream constructor does not take.
-    """
-    if node.args:
-        raise FlowLoadError(f"{node.cls}: positional arguments are not supported")
-    missing = [key for key in required if key not in node.kwargs]
-    if missing:
-        raise FlowLoadError(f"{node.cls}: missing option(s) {', '.join(missing)}")
-    unknown = sorted(set(node.kwargs) - set(defaults) - set(required))
-    if unknown and not extra_ok:
-        raise FlowLoadError(f"{node.cls}: unsupported option(s) {', '.join(unknown)}")
-    if unknown:
-        log.warning("%s: ignoring option(s) %s (upstream ignores them too)", node.cls, ", ".join(unknown))
-    return {**defaults, **{k: v for k, v in node.kwargs.items() if k not in unknown}}
-
-
-def require(node, options: dict[str, Any], key: str, allowed) -> None:
-    """FlowLoadError naming ``key`` unless ``options[key]`` is one of ``allowed``."""
-    if options[key] not in allowed:
-        raise FlowLoadError(f"{node.cls}: {key}={options[key]!r} is not supported (supported: "
-                            f"{', '.join(repr(a) for a in allowed)})")
 
 
 def _layer_options(node, o: dict[str, Any]) -> dict[str, Any]:
