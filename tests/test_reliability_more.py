@@ -193,7 +193,7 @@ def test_model_package_errors_share_the_root_and_the_cli_lists_none_of_them():
     from audiotune.models.flow import FlowConfigError, FlowLoadError, FlowModelError
     from audiotune.models.flow.native.hyperyaml import ReleaseYamlError
     from audiotune.models.flow.native.release import ReleaseError
-    from audiotune.models.vocab import StreamError
+    from audiotune.models.vocab import CodeStreamError as StreamError
     from audiotune.models.vocoder import VocoderError
 
     for cls in (ModelError, FlowLoadError, FlowConfigError, ReleaseError, ReleaseYamlError, VocoderError):

@@ -18,7 +18,7 @@ import pytest
 from audiotune.config import AudiotuneConfig, load_config
 from audiotune.models.vocab import (
     CodeStream,
-    StreamError,
+    CodeStreamError,
     audio_token_settings,
     step_pairs_from_interleaved,
     vocab_for_tokens,
@@ -82,7 +82,7 @@ def test_step_pairs_of_relative_ids_match_hand_worked_upstream_reshape():
     ([65536, 65537, 66560, 66561, 70656], True, "id 70656 at position 4 is outside codebook 1's ids"),
 ])
 def test_stream_checks_length_and_codebook_of_every_position(ids, out_of_range, message):
-    with pytest.raises(StreamError, match=message) as err:
+    with pytest.raises(CodeStreamError, match=message) as err:
         STEP.check(ids)
     assert err.value.out_of_range is out_of_range
 

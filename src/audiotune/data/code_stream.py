@@ -18,10 +18,10 @@ import numpy as np
 from audiotune.config.data import check_code_stream_layout
 from audiotune.errors import DataError
 
-__all__ = ["CodeStream", "StreamError", "step_pairs_from_interleaved"]
+__all__ = ["CodeStream", "CodeStreamError", "step_pairs_from_interleaved"]
 
 
-class StreamError(DataError, ValueError):
+class CodeStreamError(DataError, ValueError):
     """A stream of LM ids that does not follow its :class:`CodeStream` (length or id at a position).
 
     Attributes:
@@ -84,20 +84,20 @@ class CodeStream:
         codebook fills), leftover codes at the end are dropped.
 
         Raises:
-            StreamError: A code outside ``[0, size)`` of its codebook, or not one complete group.
+            CodeStreamError: A code outside ``[0, size)`` of its codebook, or not one complete group.
         """
         if len(codes) != len(self.sizes):
-            raise StreamError(f"{len(codes)} code lists, expected {len(self.sizes)} (one per codebook)", False)
+            raise CodeStreamError(f"{len(codes)} code lists, expected {len(self.sizes)} (one per codebook)", False)
         books = [np.asarray(c, dtype=np.int64).reshape(-1) for c in codes]
         for k, book in enumerate(books):
             bad = np.flatnonzero((book < 0) | (book >= self.sizes[k]))
             if len(bad):
-                raise StreamError(f"codebook {k} code {int(book[bad[0]])} at index {int(bad[0])} is outside "
+                raise CodeStreamError(f"codebook {k} code {int(book[bad[0]])} at index {int(bad[0])} is outside "
                                   f"[0, {self.sizes[k]}) (codebook_sizes[{k}])", True)
         groups = min(len(b) // n for b, n in zip(books, self.interleave, strict=True))
         if groups == 0:
-            raise StreamError(f"codebook lengths {[len(b) for b in books]} fill no group of {list(self.interleave)}",
-                              False)
+            lengths = [len(b) for b in books]
+            raise CodeStreamError(f"codebook lengths {lengths} fill no group of {list(self.interleave)}", False)
         parts = [(b[: groups * n].reshape(groups, n) + o) for b, n, o in
                  zip(books, self.interleave, self.offsets, strict=True)]
         return np.concatenate(parts, axis=1).reshape(-1)
@@ -106,19 +106,19 @@ class CodeStream:
         """``ids`` as int64 [T] after checking the length and that every position holds its codebook's ids.
 
         Raises:
-            StreamError: The length is not a positive multiple of :attr:`group`, or an id lies outside the
+            CodeStreamError: The length is not a positive multiple of :attr:`group`, or an id lies outside the
                 ids of the codebook its position belongs to.
         """
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if len(ids) == 0 or len(ids) % self.group:
-            raise StreamError(f"{len(ids)} ids is not a positive multiple of {self.group} (interleave "
+            raise CodeStreamError(f"{len(ids)} ids is not a positive multiple of {self.group} (interleave "
                               f"{list(self.interleave)})", False)
         book = np.tile(self.pattern, len(ids) // self.group)
         low, end = np.asarray(self.offsets)[book], (np.asarray(self.offsets) + np.asarray(self.sizes))[book]
         bad = np.flatnonzero((ids < low) | (ids >= end))
         if len(bad):
             i = int(bad[0])
-            raise StreamError(f"id {int(ids[i])} at position {i} is outside codebook {int(book[i])}'s ids "
+            raise CodeStreamError(f"id {int(ids[i])} at position {i} is outside codebook {int(book[i])}'s ids "
                               f"[{int(low[i])}, {int(end[i])}) ({len(bad)} such positions)", True)
         return ids
 
@@ -159,7 +159,7 @@ def step_pairs_from_interleaved(ids: Any, offsets: Any, sizes: Any, interleave: 
         int64 ``[frames, len(sizes)]``.
 
     Raises:
-        StreamError: An id outside the ids of its position's codebook.
+        CodeStreamError: An id outside the ids of its position's codebook.
     """
     stream = CodeStream(offsets, sizes, interleave)
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)

@@ -99,7 +99,7 @@ def check_flow_codes(tokens_dir: str | Path, config: Any, source: str) -> int:
     if not stream:
         return check_codes(tokens_dir, int(config.codebook_size), int(config.num_codebooks), reader)
 
-    def follows_stream(codes: np.ndarray) -> None:  # StreamError is a ValueError naming the id and position
+    def follows_stream(codes: np.ndarray) -> None:  # CodeStreamError is a ValueError naming the id and position
         step_pairs_from_interleaved(codes[0], stream["codebook_offsets"], stream["codebook_sizes"],
                                     stream["interleave"])
 

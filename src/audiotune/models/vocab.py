@@ -23,10 +23,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from audiotune.data.code_stream import CodeStream, StreamError, step_pairs_from_interleaved
+from audiotune.data.code_stream import CodeStream, CodeStreamError, step_pairs_from_interleaved
 
-__all__ = [  # CodeStream, StreamError and step_pairs_from_interleaved live in audiotune.data.code_stream
-    "FORMAT_SLOTS", "IGNORE_INDEX", "PROMPT_FORMATS", "SEGMENT_TOKENS", "AudioVocab", "CodeStream", "StreamError",
+__all__ = [  # CodeStream, CodeStreamError and step_pairs_from_interleaved live in audiotune.data.code_stream
+    "FORMAT_SLOTS", "IGNORE_INDEX", "PROMPT_FORMATS", "SEGMENT_TOKENS", "AudioVocab", "CodeStream", "CodeStreamError",
     "audio_token_settings", "build_vocab", "step_pairs_from_interleaved", "tokenized_format", "vocab_for_tokens",
 ]
 

@@ -27,7 +27,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from audiotune.models.vocab import CodeStream, StreamError
+from audiotune.models.vocab import CodeStream, CodeStreamError
 from audiotune.tokenization.audio_tokenizers.base import AudioTokenizer, CodesOutOfRange, RowError, TokenizerError
 
 MOSS_CHANNELS = 8
@@ -346,7 +346,7 @@ class PrecomputedTokenizer(AudioTokenizer):
             if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
                 raise RowError(f"{where}: expected integer ids (or one list of codes per codebook)")
             return stream.check(value)
-        except StreamError as err:
+        except CodeStreamError as err:
             kind = StreamOutOfRange if err.out_of_range else RowError
             raise kind(f"{where}: {err} (tokenize.audio_tokenizer.codebook_offsets / codebook_sizes / "
                        "interleave)") from None
