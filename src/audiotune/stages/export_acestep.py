@@ -38,9 +38,9 @@ def export_acestep(cfg, model: str, output: str, base_model: str | None = None) 
         base_model: The ``AceStepPipeline`` folder; default the one the LoRA was trained on.
     """
     from audiotune.models.acestep.load import load_pipeline
+    from audiotune.models.acestep.lora import KIND as LORA_KIND
+    from audiotune.models.acestep.lora import VERSION as LORA_VERSION
     from audiotune.models.acestep.lora import WEIGHT_NAME, fuse_and_save, load_into
-    from audiotune.stages.train_acestep import KIND as LORA_KIND
-    from audiotune.stages.train_acestep import VERSION as LORA_VERSION
 
     a = cfg.acestep
     manifest = artifacts.read_manifest(model, LORA_KIND, LORA_VERSION)

@@ -10,26 +10,22 @@ optionally the pipeline with the LoRA fused (``pipeline/``) → publish → trac
 
 from __future__ import annotations
 
-import json
 import logging
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from audiotune import artifacts, publish, storage, tracking
-from audiotune.config import AudiotuneConfig, dump_config
+from audiotune import artifacts, publish, storage
+from audiotune.config import AudiotuneConfig
 from audiotune.errors import TrainingError
-from audiotune.train import checkpoints, output_lock
-from audiotune.train.engine import Engine, decay_groups, make_accelerator, resolve_dtype, seed_everything
-from audiotune.train.plots import loss_curve
+from audiotune.models.acestep.lora import KIND, VERSION
+from audiotune.train import checkpoints
+from audiotune.train.engine import Engine, decay_groups, seed_everything
+from audiotune.train.recipe import Run, fit, history_values, mean, publish_on_main, start_run, tracked, write_run_files
 
 log = logging.getLogger(__name__)
-
-KIND = "audiotune.acestep-lora"
-VERSION = 1
 RESUME_FREE = ("base_model", "num_samples", "sample_every", "sample", "fuse", "overwrite", "max_seconds",
                "vocal_language", "max_text_length", "max_lyric_length")  # sampling and encoding settings
 
@@ -126,64 +122,68 @@ def train_acestep(cfg: AudiotuneConfig, tokens: str, output: str, base_model: st
         output: URI for the ACE-Step LoRA artifact.
         base_model: The ``AceStepPipeline`` folder (overrides ``acestep.base_model`` and the Latents' own).
     """
+    manifest, base_model = _read_inputs(cfg, tokens, output, base_model)
+    run = start_run(cfg, cfg.acestep.train, [output], "acestep", f"{tokens} -> {output}")  # released by tracked
+    tokens_dir, base_dir = storage.local_copy(tokens), storage.local_copy(base_model)
+    train, val, train_data, val_data = _setup_data(cfg, tokens_dir, run.accelerator)
+    seed_everything(cfg.run.seed)
+    transformer, trainable = _setup_model(cfg, base_dir, manifest, run.dtype)
+    transformer.to(run.accelerator.device)
+    mode = _timestep_mode(cfg, transformer)
+    sampler = (_Sampler(cfg, base_dir, transformer, (val, train), run.dtype)
+               if cfg.acestep.num_samples and run.accelerator.is_main_process
+               and cfg.acestep.train.deepspeed.zero_stage != 3 else None)
+    with tracked(cfg, run, "acestep") as (tracker, work):
+        tracker.log_params({"acestep": cfg.acestep.model_dump(mode="json"), "run": cfg.run.model_dump(mode="json")})
+        tracker.log_params({"data.train_songs": len(train), "data.val_songs": len(val), "model.trainable_parameters":
+                            trainable, "model.timestep_sampling": mode})
+        engine = _engine(cfg, run, transformer, (train_data, val_data), mode, sampler, manifest, output, tracker, work)
+        state, gathered = fit(engine)
+        metrics = _final_metrics(state, len(train), len(val), trainable)
+        result = publish_on_main(run, tracker, metrics, lambda: _publish(
+            cfg, run.accelerator.unwrap_model(engine.model), gathered, base_dir, output, state, metrics, tracker,
+            tokens=tokens, base_model=base_model, mode=mode))
+    return TrainResult(output=output, metrics=metrics, manifest=result)
+
+
+def _read_inputs(cfg: AudiotuneConfig, tokens: str, output: str, base_model: str | None) -> tuple[dict, str]:
+    """The Latents' manifest and the base model to train on; an output to keep is refused before any work."""
     from audiotune.models.acestep.latents import KIND as LATENTS_KIND
     from audiotune.models.acestep.latents import VERSION as LATENTS_VERSION
-    from audiotune.models.acestep.objective import flow_matching_loss
 
-    a, T = cfg.acestep, cfg.acestep.train
+    a = cfg.acestep
     manifest = artifacts.read_manifest(tokens, LATENTS_KIND, LATENTS_VERSION)
     base_model = base_model or a.base_model or manifest.get("base_model")
     if not base_model:
         raise TrainAceStepError("no ACE-Step base model: pass --base-model or set acestep.base_model")
     publish.require_missing_or_overwrite(output, a.overwrite, KIND, [tokens, base_model])
-    dtype = resolve_dtype(T.dtype)
-    acc = make_accelerator(T, dtype)
-    if acc.is_main_process:
-        log.info("train acestep: %s -> %s\n%s", tokens, output, dump_config(cfg))
-    lease = output_lock.acquire(acc, [output], "acestep")  # released after publishing
-    tokens_dir, base_dir = storage.local_copy(tokens), storage.local_copy(base_model)
-    train, val, train_data, val_data = _setup_data(cfg, tokens_dir, acc)
-    seed_everything(cfg.run.seed)
-    transformer, trainable = _setup_model(cfg, base_dir, manifest, dtype)
-    transformer.to(acc.device)
-    mode = _timestep_mode(cfg, transformer)
-    sampler = (_Sampler(cfg, base_dir, transformer, (val, train), dtype)
-               if a.num_samples and acc.is_main_process and T.deepspeed.zero_stage != 3 else None)
+    return manifest, base_model
+
+
+def _engine(cfg: AudiotuneConfig, run: Run, transformer, batches, mode: str, sampler, manifest: dict[str, Any],
+            output: str, tracker, work: Path) -> Engine:
+    """The engine with ACE-Step's flow-matching loss and periodic samples through the pipeline."""
+    from audiotune.models.acestep.objective import flow_matching_loss
+
+    a, T = cfg.acestep, cfg.acestep.train
 
     def loss_fn(model, batch):
         return flow_matching_loss(model, batch, mode=mode, mu=a.timestep_mu, sigma=a.timestep_sigma,
                                   cfg_dropout=a.cfg_dropout)
 
-    with lease, tempfile.TemporaryDirectory(prefix="audiotune-acestep-") as tmp, \
-            tracking.stage_run(cfg.tracking, "acestep") as tracker:
-        tracker.log_params({"acestep": a.model_dump(mode="json"), "run": cfg.run.model_dump(mode="json")})
-        tracker.log_params({"data.train_songs": len(train), "data.val_songs": len(val), "model.trainable_parameters":
-                            trainable, "model.timestep_sampling": mode})
+    def on_step(state) -> None:
+        if sampler is not None and state.step % a.sample_every == 0:
+            for file in sampler.render(work / "samples", f"step-{state.step:06d}"):
+                tracker.log_artifact(file, "samples")
 
-        def on_step(state) -> None:
-            if sampler is not None and state.step % a.sample_every == 0:
-                for file in sampler.render(Path(tmp) / "samples", f"step-{state.step:06d}"):
-                    tracker.log_artifact(file, "samples")
-
-        engine = Engine(
-            train=T, accelerator=acc, model=transformer,
-            param_groups=decay_groups(list(transformer.named_parameters()), T.lr, T.weight_decay, "acestep"),
-            loss_fn=loss_fn, train_data=train_data, val_data=val_data, output=output, tracker=tracker,
-            work_dir=Path(tmp), seed=cfg.run.seed, on_step=on_step,
-            identity=checkpoints.run_identity("acestep", a.model_dump(mode="json"), free=RESUME_FREE,
-                                              seed=cfg.run.seed, timestep_sampling=mode,
-                                              dataset_fingerprint=manifest.get("dataset_fingerprint")))
-        engine.maybe_resume()
-        state = engine.fit()
-        gathered = acc.get_state_dict(engine.model)  # every process takes part (ZeRO-3 gathers the weights)
-        metrics = _final_metrics(state, len(train), len(val), trainable)
-        result = None
-        if acc.is_main_process:
-            tracker.log_metrics(tracking.final_metrics(metrics))
-            result = _publish(cfg, acc.unwrap_model(engine.model), gathered, base_dir, output, state, metrics,
-                              tracker, tokens=tokens, base_model=base_model, mode=mode)
-        acc.wait_for_everyone()
-    return TrainResult(output=output, metrics=metrics, manifest=result)
+    return Engine(
+        train=T, accelerator=run.accelerator, model=transformer,
+        param_groups=decay_groups(list(transformer.named_parameters()), T.lr, T.weight_decay, "acestep"),
+        loss_fn=loss_fn, train_data=batches[0], val_data=batches[1], output=output, tracker=tracker,
+        work_dir=work, seed=cfg.run.seed, on_step=on_step,
+        identity=checkpoints.run_identity("acestep", a.model_dump(mode="json"), free=RESUME_FREE,
+                                          seed=cfg.run.seed, timestep_sampling=mode,
+                                          dataset_fingerprint=manifest.get("dataset_fingerprint")))
 
 
 def _publish(cfg: AudiotuneConfig, transformer, gathered: dict, base_dir: Path, output: str, state,
@@ -196,11 +196,7 @@ def _publish(cfg: AudiotuneConfig, transformer, gathered: dict, base_dir: Path, 
         save_lora(transformer, staging / "lora", lora_state(transformer, gathered))
         if a.fuse:
             fuse_and_save(load_pipeline(base_dir), staging / "lora", staging / "pipeline")
-        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        (staging / "history.json").write_text(json.dumps(state.history, indent=1) + "\n")
-        loss_curve(state.history, staging / "loss_curve.png")
-        for name in ("loss_curve.png", "metrics.json"):
-            tracker.log_artifact(staging / name)
+        write_run_files(staging, metrics, state.history, tracker)
         return artifacts.write_manifest(
             staging, KIND, VERSION, **fields, lora={**a.lora.model_dump(mode="json"), "format": "diffusers",
                                                      "path": "lora/pytorch_lora_weights.safetensors"},
@@ -209,11 +205,9 @@ def _publish(cfg: AudiotuneConfig, transformer, gathered: dict, base_dir: Path, 
 
 
 def _final_metrics(state, train_songs: int, val_songs: int, trainable: int) -> dict[str, Any]:
-    losses = [h["loss"] for h in state.history if "loss" in h]
-    vals = [h["val_loss"] for h in state.history if "val_loss" in h]
-    speeds = [h["samples_per_s"] for h in state.history if "samples_per_s" in h]
+    losses, vals = history_values(state.history, "loss"), history_values(state.history, "val_loss")
     return {"steps": state.step, "first_loss": losses[0] if losses else None,
             "final_loss": losses[-1] if losses else None, "val_loss": vals[-1] if vals else None,
             "best_val_loss": state.best_val_loss, "best_step": state.best_step,
-            "songs_per_s": sum(speeds) / len(speeds) if speeds else None, "train_songs": train_songs,
+            "songs_per_s": mean(history_values(state.history, "samples_per_s")), "train_songs": train_songs,
             "val_songs": val_songs, "trainable_parameters": trainable}

@@ -17,6 +17,8 @@ from audiotune.models.acestep import AceStepError
 log = logging.getLogger(__name__)
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+KIND = "audiotune.acestep-lora"  # the LoRA artifact of `train acestep` (read by `export acestep`)
+VERSION = 1
 
 
 def add_lora(transformer, r: int, alpha: float, dropout: float, target_modules: list[str]) -> int:
