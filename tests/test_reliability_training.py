@@ -280,7 +280,7 @@ def test_deepspeed_resume_from_elsewhere_is_refused_before_anything_is_read(tmp_
     own = checkpoints_uri(str(tmp_path / "out" / stage))
     engine = SimpleNamespace(  # the engine's own fields that maybe_resume reads; DeepSpeed on
         acc=SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=object())), ckpt_root=own,
-        train=TrainSettings(resume=str(planted)), state=EngineState(identity={"config": {f"{stage}.mode": "full"}}))
+        settings=TrainSettings(resume=str(planted)), state=EngineState(identity={"config": {f"{stage}.mode": "full"}}))
     with pytest.raises(UntrustedCheckpoint) as err:
         Engine.maybe_resume(engine)
     message = str(err.value)
