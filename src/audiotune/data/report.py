@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -100,3 +101,12 @@ class ConvertReport:
         fig.tight_layout()
         fig.savefig(path)
         plt.close(fig)
+
+
+@dataclass
+class ConvertResult:
+    """What a convert run produced (one task or fanned out): the Dataset's URI, its report and manifest."""
+
+    output: str
+    report: dict[str, Any]
+    manifest: dict[str, Any]

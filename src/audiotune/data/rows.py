@@ -26,6 +26,13 @@ class RowSettings:
     min_duration_s: float
     max_duration_s: float
 
+    @classmethod
+    def of(cls, c) -> RowSettings:
+        """The settings of a ``ConvertConfig``."""
+        return cls(sample_rate=c.sample_rate, trim_silence=c.trim_silence, trim_top_db=c.trim_top_db,
+                   silence_threshold_db=c.silence_threshold_db, min_duration_s=c.min_duration_s,
+                   max_duration_s=c.max_duration_s)
+
 
 def _bad(rec: SourceRecord, field: str, reason: str, detail: str) -> BadRecord:
     return BadRecord(origin=rec.origin, field=field, reason=reason, detail=detail, id=rec.id)

@@ -58,6 +58,13 @@ def split_of(row_id: str, val_fraction: float) -> str:
     return "val" if u < val_fraction else "train"
 
 
+def fingerprint_row(digest, row: dict[str, Any]) -> None:
+    """Add a kept row (its id, audio bytes and text) to a Dataset's ``fingerprint`` (a ``hashlib.sha256``)."""
+    digest.update(row["id"].encode() + b"\0")
+    digest.update(hashlib.sha1(row["audio"] or b"").digest())
+    digest.update((row["text"] or "").encode() + b"\0")
+
+
 class ShardWriter:
     """Writes rows of one split into ``part-00000.parquet`` ... bounded by rows and bytes."""
 

@@ -31,22 +31,14 @@ from audiotune import artifacts, publish, storage, tracking
 from audiotune.config import AudiotuneConfig, dump_config
 from audiotune.data import merge as merge_mod
 from audiotune.data import plan as plan_mod
-from audiotune.data.report import ConvertReport
-from audiotune.data.rows import convert_record
-from audiotune.data.schema import COLUMNS, ShardWriter, split_of
+from audiotune.data.quarantine import check_kept, dedupe, quarantine_line, utf8_only
+from audiotune.data.report import ConvertReport, ConvertResult
+from audiotune.data.rows import RowSettings, convert_record
+from audiotune.data.schema import COLUMNS, ShardWriter, fingerprint_row, split_of
 from audiotune.data.sources import get_reader, resolve_source
 from audiotune.data.sources.base import BadRecord, SourceError, SourceOptions, SourceRecord
 from audiotune.data.stream import DiskBudget, Spool
 from audiotune.data.workers import num_workers, stop_on_signals, worker_pool
-from audiotune.stages.convert import (
-    ConvertError,
-    ConvertResult,
-    _dedupe,
-    _keep_rejects,
-    _quarantine_line,
-    _settings,
-    _utf8_only,
-)
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +70,7 @@ def plan(cfg: AudiotuneConfig, plan_dir: str, source: str | None = None, fmt: st
             index = plan_mod.index_source(uri, Path(tmp) / target)
             name, read_path = _resolve(index, fmt)
             fmt_name = fmt_name or name
-            for item in _dedupe(_utf8_only(get_reader(name).read(read_path, options)), seen):
+            for item in dedupe(utf8_only(get_reader(name).read(read_path, options)), seen):
                 entry = plan_mod.make_entry(item, index, target)
                 (bad if "bad" in entry else entries).append(entry)
         if not entries and not bad:
@@ -160,39 +152,18 @@ def convert_unit(cfg: AudiotuneConfig, plan_dir: str, unit_id: str, output: str)
     """
     c = cfg.convert
     entries = plan_mod.read_unit(plan_dir, unit_id)
-    settings = _settings(c)
     workers = min(num_workers(cfg.run.num_workers), max(1, len(entries)))
     budget = DiskBudget(c.max_local_disk_bytes)
     report = ConvertReport()
     report.input_rows = len(entries)
     fingerprint = hashlib.sha256()
-    held: collections.deque = collections.deque()
     with stop_on_signals("convert unit"), tempfile.TemporaryDirectory(prefix="audiotune-unit-") as tmp, \
             publish.publish_dir(output, overwrite=True, kind=PART) as staging, ExitStack() as stack:
         start = time.perf_counter()
         spool = Spool(Path(tmp) / "spool", budget)
         writers = {s: ShardWriter(staging / s, c.shard_max_rows, int(c.shard_max_mb * 2**20)) for s in ("train", "val")}
-        records = _spooled(entries, spool, held, ahead=max(2, 2 * workers))
         pool = stack.enter_context(worker_pool(workers)) if workers > 1 else None
-        results = (pool.imap(partial(convert_record, s=settings), records, chunksize=1) if pool
-                   else (convert_record(r, settings) for r in records))
-        with open(staging / "quarantine.jsonl", "w", encoding="utf-8") as quarantine:
-            for entry, result in zip(entries, results, strict=True):
-                taken = held.popleft()
-                for local, reserved, _ in taken:
-                    spool.close(local, reserved)
-                if isinstance(result, BadRecord):
-                    report.add_bad(_rename_paths(result, taken))
-                    quarantine.write(_quarantine_line(result))
-                    continue
-                split = "val" if entry["target"] == "val" else split_of(result["id"], c.val_fraction)
-                writers[split].add(result)
-                report.add_row(result, split)
-                fingerprint.update(result["id"].encode() + b"\0")
-                fingerprint.update(hashlib.sha1(result["audio"] or b"").digest())
-                fingerprint.update((result["text"] or "").encode() + b"\0")
-        for w in writers.values():
-            w.flush()
+        _write_unit(c, entries, spool, pool, workers, writers, report, fingerprint, staging)
         elapsed = time.perf_counter() - start
         part = {
             "kind": PART, "unit": unit_id, "report": report.to_dict(), "durations": report.durations,
@@ -209,6 +180,32 @@ def convert_unit(cfg: AudiotuneConfig, plan_dir: str, unit_id: str, output: str)
     log.info("unit %s: %d rows, %d quarantined in %.1f s; %d bytes read from S3, spool peak %d bytes", unit_id,
              len(entries), report.quarantined, elapsed, spool.bytes_read, budget.peak)
     return part
+
+
+def _write_unit(c, entries: list[dict], spool: Spool, pool, workers: int, writers: dict[str, ShardWriter],
+                report: ConvertReport, fingerprint, staging: Path) -> None:
+    """Convert the unit's records as they are spooled (on ``pool``), each spool file closed once its row is
+    written; kept rows go to their split's shards, bad ones to the quarantine with their S3 paths."""
+    settings = RowSettings.of(c)
+    held: collections.deque = collections.deque()
+    records = _spooled(entries, spool, held, ahead=max(2, 2 * workers))
+    results = (pool.imap(partial(convert_record, s=settings), records, chunksize=1) if pool
+               else (convert_record(r, settings) for r in records))
+    with open(staging / "quarantine.jsonl", "w", encoding="utf-8") as quarantine:
+        for entry, result in zip(entries, results, strict=True):
+            taken = held.popleft()
+            for local, reserved, _ in taken:
+                spool.close(local, reserved)
+            if isinstance(result, BadRecord):
+                report.add_bad(_rename_paths(result, taken))
+                quarantine.write(quarantine_line(result))
+                continue
+            split = "val" if entry["target"] == "val" else split_of(result["id"], c.val_fraction)
+            writers[split].add(result)
+            report.add_row(result, split)
+            fingerprint_row(fingerprint, result)
+    for w in writers.values():
+        w.flush()
 
 
 def merge(cfg: AudiotuneConfig, plan_dir: str, parts: list[str], output: str) -> ConvertResult:
@@ -247,14 +244,7 @@ def merge(cfg: AudiotuneConfig, plan_dir: str, parts: list[str], output: str) ->
                              "units": len(figures), "s3_bytes_read": throughput["s3_bytes_read"]})
         for name in ("report.json", "duration_histogram.png", "quarantine.jsonl"):
             tracker.log_artifact(staging / name)
-        if report.bad_fraction > c.max_bad_fraction:
-            kept_aside = _keep_rejects(output, staging)
-            raise ConvertError(
-                f"{report.quarantined} of {report.input_rows} rows ({report.bad_fraction:.1%}) were quarantined, "
-                f"above max_bad_fraction={c.max_bad_fraction}: {report.summary_of_reasons()}. "
-                f"See {kept_aside} for each row, file and field.")
-        if report.kept["train"] == 0:
-            raise ConvertError(f"no usable training rows in {source}: {report.summary_of_reasons()}")
+        check_kept(report, c.max_bad_fraction, source, output, staging)
         manifest = artifacts.write_manifest(
             staging, artifacts.DATASET, artifacts.DATASET_VERSION, source=source, format=planned["format"],
             sample_rate=c.sample_rate, columns=COLUMNS, splits=merged["splits"], quarantined=report.quarantined,
