@@ -376,3 +376,32 @@ def test_tokenize_fanout_refuses_parts_of_another_dataset(tmp_path):
         tokenize_units.prepare(cfg, str(tmp_path / "a"), parts_a + parts_b[:1], str(tmp_path / "setup"))
     with pytest.raises(tokenize_units.TokenizeUnitsError, match="has no convert part"):
         tokenize_units.prepare(cfg, str(tmp_path / "a"), parts_a[1:], str(tmp_path / "setup"))
+
+
+def test_tokenizer_setup_reads_parts_on_s3_by_columns(tmp_path, s3_env):
+    """Convert parts on S3: the set-up reads their ids, durations, speakers and texts and the audio of the sampled
+    shards only (ranged GETs), and builds the tokenizers the local parts give."""
+    from audiotune.stages import tokenize_units
+    from tests.helpers import write_audio
+
+    rows = []
+    for i in range(12):  # 3 s rows, shards of 2: a shard's audio is far more than its footer and other columns
+        write_audio(tmp_path / "src" / f"u{i}.wav", seconds=3.0, seed=i)
+        rows.append({"id": f"u{i:02d}", "audio": f"u{i}.wav", "text": f"row {i}", "speaker": f"s{i % 2}"})
+    cfg = _cfg(*TOKENIZE, "convert.unit_max_rows=4", "convert.shard_max_rows=2")
+    convert_units.convert_fanout(cfg, str(tmp_path / "ds"), source=str(write_jsonl(tmp_path / "src" / "m.jsonl",
+                                                                                    rows)),
+                                 workdir=str(tmp_path / "work"))
+    local = sorted(str(p) for p in (tmp_path / "work" / "parts").iterdir())
+    storage.upload_dir(tmp_path / "work" / "parts", f"{s3_env}/parts")
+    remote = [f"{s3_env}/parts/{Path(p).name}" for p in local]
+    a = tokenize_units.prepare(cfg, str(tmp_path / "ds"), local, str(tmp_path / "setup-local"))
+    b = tokenize_units.prepare(cfg, str(tmp_path / "ds"), remote, str(tmp_path / "setup-s3"))
+    assert a["fit"]["rows_per_folder"] == b["fit"]["rows_per_folder"] and b["parts"][0].startswith("s3://")
+    for rel in ("tokenizer.json", "speakers.json", "audio/mel_kmeans.safetensors"):
+        assert (tmp_path / "setup-local" / "tokenizer" / rel).read_bytes() == \
+            (tmp_path / "setup-s3" / "tokenizer" / rel).read_bytes(), rel
+    parts_bytes = sum(p.stat().st_size for p in (tmp_path / "work" / "parts").rglob("*.parquet"))
+    # here most of what is read is pyarrow's 64 KiB footer read per shard (6 shards of ~180 KB); the audio of only
+    # the two sampled rows' shards is read
+    assert a["s3_bytes_read"] == 0 and 0 < b["s3_bytes_read"] < 0.8 * parts_bytes, (b["s3_bytes_read"], parts_bytes)

@@ -73,6 +73,16 @@ def _ordered(units: list[str], found: dict[str, Any], what: str, task: str) -> l
     return [found[u] for u in units]
 
 
+def _convert_part(uri: str) -> dict[str, Any]:
+    """The ``part.json`` of a convert part, local or on S3 (read alone: the part's shards stay where they are)."""
+    if not storage.is_s3(uri):
+        return merge_mod.read_part(Path(uri))
+    try:
+        return json.loads(storage.read_text(storage.join(uri, "part.json")))
+    except (OSError, ValueError) as err:
+        raise merge_mod.MergeError(f"{uri}: not a converted unit (part.json: {err})") from None
+
+
 def prepare(cfg: AudiotuneConfig, dataset: str, parts: list[str], output: str,
             base_model: str | None = None) -> dict[str, Any]:
     """Build the tokenizers once from the convert ``parts`` of ``dataset`` and publish the set-up at ``output``.
@@ -80,7 +90,8 @@ def prepare(cfg: AudiotuneConfig, dataset: str, parts: list[str], output: str,
     Args:
         cfg: The pipeline config (``tokenize``, ``run.seed``).
         dataset: The merged Dataset (only its manifest is read: units in plan order, fingerprint, format).
-        parts: The convert parts (local or s3://), in any order.
+        parts: The convert parts (local or s3://), in any order. On S3 only their ``part.json``, the columns the
+            set-up needs and the shards holding sampled rows are read (ranged GETs).
         output: Where the set-up artifact goes.
         base_model: Base model whose text tokenizer is used (overrides ``tokenize.base_model``).
 
@@ -104,26 +115,27 @@ def prepare(cfg: AudiotuneConfig, dataset: str, parts: list[str], output: str,
         raise TokenizeUnitsError(f"{dataset}: its manifest lists no units (not written by the convert fan-out)")
     found = {}
     for uri in parts:
-        folder = storage.local_copy(uri)
-        found[merge_mod.read_part(folder)["unit"]] = (uri, folder)
+        info = _convert_part(uri)
+        found[info["unit"]] = (uri, info)
     ordered = _ordered(units, found, "convert part", "convert_unit")
     fingerprint = hashlib.sha256()
-    for _, folder in ordered:
-        fingerprint.update(merge_mod.read_part(folder)["fingerprint"].encode())
+    for _, info in ordered:
+        fingerprint.update(info["fingerprint"].encode())
     if fingerprint.hexdigest() != ds_manifest.get("fingerprint"):
         raise TokenizeUnitsError(f"the {len(parts)} parts are not the ones {dataset} was merged from "
                                  "(their fingerprints differ from its manifest's)")
     start = time.perf_counter()
     with publish.publish_dir(output, overwrite=True, kind=SETUP) as staging:
-        setup = tokenizer_setup.build(cfg, [f for _, f in ordered], base_model, ds_manifest.get("format") != "text",
-                                      staging / "tokenizer")
+        setup = tokenizer_setup.build(cfg, [uri for uri, _ in ordered], base_model,
+                                      ds_manifest.get("format") != "text", staging / "tokenizer")
         described = {
             "kind": SETUP, **setup.describe(), "dataset": dataset, "base_model": base_model,
             "dataset_fields": {k: ds_manifest.get(k) for k in ("fingerprint", "sample_rate", "format")},
             "units": units, "parts": [uri for uri, _ in ordered], "elapsed_s": round(time.perf_counter() - start, 3),
         }
         (staging / tokenizer_setup.SETUP_FILE).write_text(json.dumps(described, indent=2, ensure_ascii=False) + "\n")
-    log.info("tokenizers set up for %d units in %.1f s (fit: %s)", len(units), described["elapsed_s"], setup.fit)
+    log.info("tokenizers set up for %d units in %.1f s (fit: %s; %d bytes read from S3)", len(units),
+             described["elapsed_s"], setup.fit, setup.s3_bytes_read)
     return described
 
 

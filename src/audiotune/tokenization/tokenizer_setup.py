@@ -3,8 +3,9 @@ on the train texts), the audio tokenizer (fitted when it learns from data), the 
 all saved under one ``tokenizer/`` folder that the row pass (:mod:`audiotune.tokenization.row_pass`) loads.
 
 The Dataset is read as a list of *folders* in order, each holding ``train/`` and ``val/`` Parquet shards: one
-folder for the one-task stage (the Dataset), the convert units' parts in plan order for the fan-out. Their rows
-in that order are the Dataset's rows, so both build the same tokenizers.
+folder for the one-task stage (the Dataset), the convert units' parts in plan order for the fan-out (local, or S3
+prefixes read column by column, see :mod:`audiotune.tokenization.dataset_columns`). Their rows in that order are
+the Dataset's rows, so both build the same tokenizers.
 
 The codebook fit sample is the seeded key order of the train rows' ids (:func:`fit_key`), taken until it holds
 ``fit_max_frames / token_rate`` seconds. A folder offers only the prefix of its own key order up to that many
@@ -27,9 +28,10 @@ import numpy as np
 from audiotune import storage
 from audiotune.config import AudiotuneConfig
 from audiotune.data.audio import UndecodableAudio, decode_flac
-from audiotune.data.schema import SPLITS, read_shard
+from audiotune.data.schema import SPLITS
 from audiotune.errors import DataError
 from audiotune.tokenization import features
+from audiotune.tokenization.dataset_columns import ColumnReader
 from audiotune.tokenization.text import build_text_tokenizer
 
 log = logging.getLogger(__name__)
@@ -64,11 +66,13 @@ class TokenizerSetup:
     speakers: dict[str, int]
     settings: features.FeatureSettings
     fit: dict[str, Any] = field(default_factory=dict)
+    s3_bytes_read: int = 0
 
     def describe(self) -> dict[str, Any]:
         """The JSON-able part (``setup.json`` of the fan-out's set-up artifact)."""
         return {"text_kind": self.text_kind, "text_vocab_size": len(self.text_tok), "speakers": len(self.speakers),
-                "audio_tokenizer": self.audio_tok.name if self.audio_tok else None, "fit": self.fit}
+                "audio_tokenizer": self.audio_tok.name if self.audio_tok else None, "fit": self.fit,
+                "s3_bytes_read": self.s3_bytes_read}
 
 
 def shards(folder: Path, split: str) -> list[Path]:
@@ -76,16 +80,18 @@ def shards(folder: Path, split: str) -> list[Path]:
     return sorted((Path(folder) / split).glob("part-*.parquet"))
 
 
-def iter_rows(folders: list[Path], split: str, columns: list[str]) -> Iterator[dict[str, Any]]:
-    """``columns`` of every row of ``split`` across ``folders``, in order."""
+def iter_rows(folders: list, split: str, columns: list[str], reader: ColumnReader | None = None
+              ) -> Iterator[dict[str, Any]]:
+    """``columns`` of every row of ``split`` across ``folders`` (local or S3), in order."""
+    reader = reader or ColumnReader()
     for folder in folders:
-        for shard in shards(folder, split):
-            yield from read_shard(shard, columns)
+        for shard in reader.shards(folder, split):
+            yield from reader.read(shard, columns)
 
 
-def train_texts(folders: list[Path]) -> Iterator[str]:
+def train_texts(folders: list, reader: ColumnReader | None = None) -> Iterator[str]:
     """Every piece of train text a trained text tokenizer must cover."""
-    for row in iter_rows(folders, "train", ["text", "prompt_text", "lyrics", "tags", "meta"]):
+    for row in iter_rows(folders, "train", ["text", "prompt_text", "lyrics", "tags", "meta"], reader):
         for key in ("text", "prompt_text", "lyrics"):
             if row.get(key):
                 yield row[key]
@@ -102,11 +108,12 @@ def fit_key(seed: int, row_id: str) -> str:
     return hashlib.sha256(f"{seed}\0{row_id}".encode()).hexdigest()[:16]
 
 
-def fit_candidates(folder: Path, max_seconds: float, seed: int) -> list[tuple[str, str, float]]:
+def fit_candidates(folder: Any, max_seconds: float, seed: int, reader: ColumnReader | None = None
+                   ) -> list[tuple[str, str, float]]:
     """``(key, id, seconds)`` of a folder's train rows in key order, up to the one that brings them to
     ``max_seconds``: all that :func:`choose_fit_rows` can take from this folder (rows without a duration never)."""
     rows = sorted((fit_key(seed, r["id"]), r["id"], float(r["duration_s"]))
-                  for r in iter_rows([folder], "train", ["id", "duration_s"]) if r["duration_s"])
+                  for r in iter_rows([folder], "train", ["id", "duration_s"], reader) if r["duration_s"])
     out, total = [], 0.0
     for row in rows:
         if total >= max_seconds:
@@ -127,14 +134,20 @@ def choose_fit_rows(candidates: list[tuple[str, str, float]], max_seconds: float
     return chosen
 
 
-def fit_sample(folders: list[Path], max_seconds: float, seed: int) -> tuple[list[tuple[np.ndarray, int]], dict]:
-    """The decoded fit sample across ``folders`` (in key order) and where it came from (``rows_per_folder``)."""
-    per_folder = [fit_candidates(f, max_seconds, seed) for f in folders]
+def fit_sample(folders: list, max_seconds: float, seed: int, reader: ColumnReader | None = None
+               ) -> tuple[list[tuple[np.ndarray, int]], dict]:
+    """The decoded fit sample across ``folders`` (in key order) and where it came from (``rows_per_folder``); only
+    the shards that hold a chosen row have their audio read."""
+    reader = reader or ColumnReader()
+    per_folder = [fit_candidates(f, max_seconds, seed, reader) for f in folders]
     chosen = choose_fit_rows([c for cands in per_folder for c in cands], max_seconds)
     rank = {row_id: k for k, row_id in enumerate(chosen)}
     picked, counts = [], []
     for folder in folders:
-        found = [r for r in iter_rows([folder], "train", ["id", "audio"]) if r["id"] in rank]
+        found = []
+        for shard in reader.shards(folder, "train"):
+            if any(r["id"] in rank for r in reader.read(shard, ["id"])):
+                found.extend(r for r in reader.read(shard, ["id", "audio"]) if r["id"] in rank)
         counts.append(len(found))
         picked.extend(found)
     picked.sort(key=lambda r: rank[r["id"]])
@@ -149,7 +162,7 @@ def fit_sample(folders: list[Path], max_seconds: float, seed: int) -> tuple[list
                     "candidates_per_folder": [len(c) for c in per_folder]}
 
 
-def _audio_tokenizer(cfg: AudiotuneConfig, folders: list[Path], tok_dir: Path) -> tuple[Any, dict]:
+def _audio_tokenizer(cfg: AudiotuneConfig, folders: list, tok_dir: Path, reader: ColumnReader) -> tuple[Any, dict]:
     """Build, fit (when it learns from data) and save the audio tokenizer."""
     from audiotune.tokenization.audio_tokenizers import build_audio_tokenizer
 
@@ -158,7 +171,7 @@ def _audio_tokenizer(cfg: AudiotuneConfig, folders: list[Path], tok_dir: Path) -
     fit: dict[str, Any] = {}
     if getattr(tokenizer, "fitted", True) is False:  # learns its codebook from this data
         seconds = t.audio_tokenizer.fit_max_frames / t.audio_tokenizer.token_rate
-        sample, fit = fit_sample(folders, seconds, cfg.run.seed)
+        sample, fit = fit_sample(folders, seconds, cfg.run.seed, reader)
         started = time.perf_counter()
         by_rate: dict[int, list[np.ndarray]] = {}
         for wav, sr in sample:
@@ -186,13 +199,13 @@ def _settings(cfg: AudiotuneConfig, tok_dir: Path) -> features.FeatureSettings:
     )
 
 
-def build(cfg: AudiotuneConfig, folders: list[Path], base_model: str | None, has_audio: bool, tok_dir: Path,
+def build(cfg: AudiotuneConfig, folders: list, base_model: str | None, has_audio: bool, tok_dir: Path,
           moss: bool = False) -> TokenizerSetup:
     """Build every tokenizer from the Dataset ``folders`` (in order) and save them into ``tok_dir``.
 
     Args:
         cfg: The pipeline config (``tokenize``, ``run.seed``, ``llm.trust_remote_code``).
-        folders: The Dataset's folders, in row order (empty for a MOSS-TTSD import).
+        folders: The Dataset's folders (local paths or S3 prefixes), in row order (empty for a MOSS-TTSD import).
         base_model: Base model URI whose text tokenizer is used, or None.
         has_audio: Whether the Dataset has audio (else no audio tokenizer).
         tok_dir: The (new) folder to save into.
@@ -202,22 +215,23 @@ def build(cfg: AudiotuneConfig, folders: list[Path], base_model: str | None, has
     from audiotune.tokenization.speaker import speaker_table
 
     t = cfg.tokenize
+    reader = ColumnReader()
     tok_dir.mkdir(parents=True, exist_ok=True)
     text_tok, text_kind = build_text_tokenizer("base" if moss else t.text_tokenizer, base_model,
-                                               train_texts(folders), t.vocab_size, cfg.llm.trust_remote_code,
+                                               train_texts(folders, reader), t.vocab_size, cfg.llm.trust_remote_code,
                                                (t.max_base_tokenizer_mb, t.max_base_vocab))
     text_tok.save_pretrained(str(tok_dir))
     audio_tok, fit = (None, {})
     if (has_audio or moss) and t.audio_tokenizer.type != "none":
-        audio_tok, fit = _audio_tokenizer(cfg, folders, tok_dir)
+        audio_tok, fit = _audio_tokenizer(cfg, folders, tok_dir, reader)
     mel = MelExtractor.from_config(t.mel)
     (tok_dir / "mel.json").write_text(json.dumps(mel.to_dict(), indent=2) + "\n")
-    speakers = speaker_table(r["speaker"] for s in SPLITS for r in iter_rows(folders, s, ["speaker"]))
+    speakers = speaker_table(r["speaker"] for s in SPLITS for r in iter_rows(folders, s, ["speaker"], reader))
     (tok_dir / "speakers.json").write_text(json.dumps(speakers, indent=2, ensure_ascii=False) + "\n")
     settings = _settings(cfg, tok_dir)
     if t.whisper.enabled:
         (tok_dir / "whisper.json").write_text(json.dumps(settings.whisper, indent=2) + "\n")
-    return TokenizerSetup(tok_dir, text_tok, text_kind, audio_tok, mel, speakers, settings, fit)
+    return TokenizerSetup(tok_dir, text_tok, text_kind, audio_tok, mel, speakers, settings, fit, reader.s3_bytes_read)
 
 
 def load(cfg: AudiotuneConfig, tok_dir: Path, described: dict[str, Any]) -> TokenizerSetup:
