@@ -67,6 +67,34 @@ def export(cfg: AudiotuneConfig, output: str, llm: str | None = None, flow: str 
         tokens: Tokens artifact URI (probe batch, sample texts, audio tokenizer); default: the one the LLM or
             flow was trained on.
     """
+    llm_manifest, flow_manifest, tokens = _setup_inputs(cfg, output, llm, flow, tokens)
+    with tempfile.TemporaryDirectory(prefix="audiotune-export-") as tmp:
+        tokens_dir = _tokens_dir(tokens, Path(tmp))
+        package = Path(tmp) / "package"
+        package.mkdir()
+        verification = _export_llm(cfg, llm, llm_manifest, tokens_dir, package) if llm else None
+        if flow:
+            _export_flow(flow, package / "flow")
+        if tokens_dir is not None and (tokens_dir / "tokenizer" / "audio").is_dir():
+            shutil.copytree(tokens_dir / "tokenizer" / "audio", package / "audio_tokenizer")
+        samples = render_samples(cfg.export, package, tokens_dir)
+        metrics = _metrics(llm_manifest, flow_manifest, verification, samples, package)
+        fields = _describe(cfg, output, package, (llm, flow, tokens), (llm_manifest, flow_manifest), tokens_dir,
+                           verification, samples, metrics)
+        with publish.publish_dir(output, overwrite=cfg.export.overwrite, kind=artifacts.EXPORT,
+                                 inputs=[llm, flow, tokens]) as staging:
+            shutil.copytree(package, staging, dirs_exist_ok=True)
+            manifest = artifacts.write_manifest(staging, artifacts.EXPORT, artifacts.EXPORT_VERSION, **fields)
+        (package / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")  # for the MLflow copy
+        log.info("exported %s (%.1f MiB)", output, metrics["package_mb"])
+        version = _track_and_register(cfg, output, package, manifest, metrics)
+    return ExportResult(output=output, metrics=metrics, manifest=manifest, registered_version=version)
+
+
+def _setup_inputs(cfg: AudiotuneConfig, output: str, llm: str | None, flow: str | None,
+                  tokens: str | None) -> tuple[dict | None, dict | None, str | None]:
+    """The inputs' manifests and the Tokens to read; nothing to export, a registry without tracking or an
+    output to keep refused before any work."""
     E = cfg.export
     if not llm and not flow:
         raise ExportError("nothing to export: give an LLM artifact (--llm), a Flow artifact (--flow), or both")
@@ -78,43 +106,31 @@ def export(cfg: AudiotuneConfig, output: str, llm: str | None = None, flow: str 
     flow_manifest = artifacts.read_manifest(flow, artifacts.FLOW, artifacts.FLOW_VERSION) if flow else None
     tokens = tokens or (llm_manifest or {}).get("tokens") or (flow_manifest or {}).get("tokens")
     log.info("export: llm=%s flow=%s tokens=%s -> %s\n%s", llm, flow, tokens, output, dump_config(cfg))
+    return llm_manifest, flow_manifest, tokens
 
-    with tempfile.TemporaryDirectory(prefix="audiotune-export-") as tmp:
-        tokens_dir = _tokens_dir(tokens, Path(tmp))
-        package = Path(tmp) / "package"
-        package.mkdir()
-        verification = _export_llm(cfg, llm, llm_manifest, tokens_dir, package) if llm else None
-        if flow:
-            _export_flow(flow, package / "flow")
-        if tokens_dir is not None and (tokens_dir / "tokenizer" / "audio").is_dir():
-            shutil.copytree(tokens_dir / "tokenizer" / "audio", package / "audio_tokenizer")
-        samples = render_samples(cfg.export, package, tokens_dir)
-        data = _data_summary(tokens, tokens_dir)
-        metrics = _metrics(llm_manifest, flow_manifest, verification, samples, package)
-        name = E.registered_model_name or cfg.run.name
-        fields = dict(
-            name=name, uri=output, llm=llm, flow=flow, tokens=tokens, code_version=_code_version(),
-            base_model=(llm_manifest or {}).get("base_model"), mode=(llm_manifest or {}).get("mode"),
-            dataset_fingerprint=(llm_manifest or flow_manifest or {}).get("dataset_fingerprint"),
-            verification=verification.to_dict() if verification else None, samples=samples, data=data,
-            metrics=metrics, registered_model_name=E.registered_model_name,
-        )
-        from audiotune.export.card import model_card, verification_record
 
-        record = verification_record(fields["verification"], llm_manifest, flow_manifest)
-        (package / "verification.json").write_text(json.dumps(record, indent=2) + "\n")
+def _describe(cfg: AudiotuneConfig, output: str, package: Path, uris: tuple, manifests: tuple,
+              tokens_dir: Path | None, verification: Verification | None, samples: list,
+              metrics: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's fields; writes ``verification.json`` and the model card (``README.md``) into the package."""
+    from audiotune.export.card import model_card, verification_record
 
-        (package / "README.md").write_text(model_card(name, {**fields, "audiotune_version": __version__},
-                                                      llm_manifest, flow_manifest, data, samples))
-        fields["contents"] = sorted([*(p.name for p in package.iterdir()), "manifest.json"])
-        with publish.publish_dir(output, overwrite=E.overwrite, kind=artifacts.EXPORT,
-                                 inputs=[llm, flow, tokens]) as staging:
-            shutil.copytree(package, staging, dirs_exist_ok=True)
-            manifest = artifacts.write_manifest(staging, artifacts.EXPORT, artifacts.EXPORT_VERSION, **fields)
-        (package / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")  # for the MLflow copy
-        log.info("exported %s (%.1f MiB)", output, metrics["package_mb"])
-        version = _track_and_register(cfg, output, package, manifest, metrics)
-    return ExportResult(output=output, metrics=metrics, manifest=manifest, registered_version=version)
+    (llm, flow, tokens), (llm_manifest, flow_manifest) = uris, manifests
+    data = _data_summary(tokens, tokens_dir)
+    name = cfg.export.registered_model_name or cfg.run.name
+    fields = dict(
+        name=name, uri=output, llm=llm, flow=flow, tokens=tokens, code_version=_code_version(),
+        base_model=(llm_manifest or {}).get("base_model"), mode=(llm_manifest or {}).get("mode"),
+        dataset_fingerprint=(llm_manifest or flow_manifest or {}).get("dataset_fingerprint"),
+        verification=verification.to_dict() if verification else None, samples=samples, data=data,
+        metrics=metrics, registered_model_name=cfg.export.registered_model_name,
+    )
+    record = verification_record(fields["verification"], llm_manifest, flow_manifest)
+    (package / "verification.json").write_text(json.dumps(record, indent=2) + "\n")
+    (package / "README.md").write_text(model_card(name, {**fields, "audiotune_version": __version__},
+                                                  llm_manifest, flow_manifest, data, samples))
+    fields["contents"] = sorted([*(p.name for p in package.iterdir()), "manifest.json"])
+    return fields
 
 
 # ------------------------------------------------------------------------------------------------------ inputs
