@@ -1,7 +1,9 @@
-"""Convert fan-out figures: throughput per core with 1, 2 and 4 units converted at once (one process each,
-as one pod each), peak spool disk and RSS per unit, and S3 bytes read against the corpus size.
+"""Data fan-out figures: convert throughput per core with 1, 2 and 4 units converted at once (one process each,
+as one pod each), peak spool disk and RSS per unit, and S3 bytes read against the corpus size; with
+``--tokenize``, the tokenize fan-out on the same units (the set-up once, then one process per unit).
 
-    python -m benchmarks.fanout [--rows 96] [--seconds 3] [--out benchmarks/results/fanout.json]
+    python -m benchmarks.fanout [--rows 96] [--seconds 3] [--units 1,2,4] [--tokenize]
+                                [--out benchmarks/results/fanout.json]
 
 Units run as concurrent processes with ``run.num_workers=1`` (a pod of one core). The S3 figures need a
 running S3 endpoint in ``AWS_ENDPOINT_URL`` (e.g. ``moto_server``) and ``--bucket``; without it they are skipped.
@@ -22,7 +24,7 @@ import numpy as np
 import soundfile as sf
 
 from audiotune.config import load_config
-from audiotune.stages import convert_units
+from audiotune.stages import convert_units, tokenize_units
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,43 @@ def _unit(cfg_overrides: list[str], plan_dir: str, unit_id: str, out: str, queue
     queue.put(convert_units.convert_unit(cfg, plan_dir, unit_id, out)["figures"])
 
 
+def _tokenize_unit(cfg_overrides: list[str], setup: str, part: str, out: str, queue) -> None:
+    cfg = load_config(None, cfg_overrides)
+    queue.put(tokenize_units.tokenize_unit(cfg, setup, part, out)["figures"])
+
+
+def _tokenize(overrides: list[str], plan_dir: str, units: int, work: Path) -> dict:
+    """Merge the converted parts, set the tokenizers up once, tokenize the units at once (one process each)."""
+    cfg = load_config(None, overrides)
+    parts = sorted(str(p) for p in (work / f"parts-{units}").iterdir())
+    dataset = str(work / f"dataset-{units}")
+    convert_units.merge(cfg, plan_dir, parts, dataset)
+    started = time.perf_counter()
+    described = tokenize_units.prepare(cfg, dataset, parts, str(work / f"setup-{units}"))
+    setup_s = time.perf_counter() - started
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_tokenize_unit, args=(overrides, str(work / f"setup-{units}"), part,
+                                                      str(work / f"tokens-{units}" / f"{k:03d}"), queue))
+             for k, part in enumerate(described["parts"])]
+    start = time.perf_counter()
+    for p in procs:
+        p.start()
+    figures = [queue.get() for _ in procs]
+    for p in procs:
+        p.join()
+    wall = time.perf_counter() - start
+    rows, audio_s = sum(f["rows"] for f in figures), sum(f["audio_s"] for f in figures)
+    cores = min(len(procs), len(os.sched_getaffinity(0)))
+    return {"units": len(procs), "setup_s": round(setup_s, 2), "fit_rows": described["fit"].get("rows"),
+            "wall_s": round(wall, 2), "rows_per_s": round(rows / wall, 1),
+            "rows_per_s_per_core": round(rows / wall / cores, 1),
+            "in_unit_rows_per_s": round(rows / sum(f["elapsed_s"] for f in figures), 1),
+            "audio_s_per_s": round(audio_s / wall, 1),
+            "in_unit_audio_s_per_s": round(audio_s / sum(f["elapsed_s"] for f in figures), 1),
+            "peak_rss_mb_per_unit": round(max(f["peak_rss_bytes"] for f in figures) / 2**20, 1)}
+
+
 def _fanout(source: str, units: int, rows: int, work: Path, extra: list[str]) -> dict:
     overrides = ["tracking.enabled=false", "run.num_workers=1", f"convert.unit_max_rows={-(-rows // units)}", *extra]
     cfg = load_config(None, overrides)
@@ -63,6 +102,9 @@ def _fanout(source: str, units: int, rows: int, work: Path, extra: list[str]) ->
     wall = time.perf_counter() - start
     audio_s = rows * ARGS.seconds
     cores = min(len(procs), len(os.sched_getaffinity(0)))
+    if ARGS.tokenize and not extra:
+        TOKENIZE.append(_tokenize(overrides, plan_dir, units, work))
+        print(json.dumps(TOKENIZE[-1]))
     # wall_s includes starting each unit's process (imports, ~2-3 s), as a pod's start would
     return {"units": len(procs), "wall_s": round(wall, 2), "audio_s_per_s": round(audio_s / wall, 1),
             "audio_s_per_s_per_core": round(audio_s / wall / cores, 1), "cores_used": cores,
@@ -81,6 +123,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--bucket", default=None, help="s3://bucket on AWS_ENDPOINT_URL for the streaming figures")
     parser.add_argument("--cap", type=int, default=4 * 2**20, help="convert.max_local_disk_bytes for the S3 run")
+    parser.add_argument("--units", default="1,2,4", help="units at once, comma-separated")
+    parser.add_argument("--tokenize", action="store_true", help="also the tokenize fan-out on the local units")
     parser.add_argument("--out", default=None)
     ARGS = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -89,7 +133,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         manifest = _corpus(work / "src", ARGS.rows, ARGS.seconds)
-        for units in (1, 2, 4):
+        for units in (int(u) for u in ARGS.units.split(",")):
             results["local"].append(_fanout(str(manifest), units, ARGS.rows, work, []))
             print(json.dumps(results["local"][-1]))
         if ARGS.bucket:
@@ -100,11 +144,14 @@ def main() -> None:
                                     [f"convert.max_local_disk_bytes={ARGS.cap}"])
             results["s3"]["cap_bytes"] = ARGS.cap
             print(json.dumps(results["s3"]))
+    if TOKENIZE:
+        results["tokenize"] = TOKENIZE
     if ARGS.out:
         Path(ARGS.out).write_text(json.dumps(results, indent=1) + "\n")
 
 
-ARGS = argparse.Namespace(seconds=3.0)
+ARGS = argparse.Namespace(seconds=3.0, tokenize=False)
+TOKENIZE: list[dict] = []
 
 if __name__ == "__main__":
     main()

@@ -385,7 +385,7 @@ def test_tokenizer_setup_reads_parts_on_s3_by_columns(tmp_path, s3_env):
     from tests.helpers import write_audio
 
     rows = []
-    for i in range(12):  # 3 s rows, shards of 2: a shard's audio is far more than its footer and other columns
+    for i in range(12):  # 3 s rows in shards of 2 rows: 6 shards of ~180 KB
         write_audio(tmp_path / "src" / f"u{i}.wav", seconds=3.0, seed=i)
         rows.append({"id": f"u{i:02d}", "audio": f"u{i}.wav", "text": f"row {i}", "speaker": f"s{i % 2}"})
     cfg = _cfg(*TOKENIZE, "convert.unit_max_rows=4", "convert.shard_max_rows=2")
