@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -171,14 +172,20 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(file if file.exists() else path / "model.safetensors"))
 
 
-SAVE_EVERY = 8  # periodic checkpoints of the 24 steps of _cli
+SAVE_EVERY = 8  # periodic checkpoints of the 24 steps of the resume runs
+# one intra-op thread in the child (OMP_NUM_THREADS) and in this process (the ``one_thread`` fixture): the killed
+# child's steps and this process's are compared bit for bit
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _resume_sets(*extra: str) -> list[str]:
+    return [*FAST, "llm.mode=lora", "llm.layout=tts", "llm.train.max_steps=24", f"llm.train.save_every={SAVE_EVERY}",
+            "llm.train.lr=5e-3", "llm.lora.dropout=0.1", *extra]
 
 
 def _cli(out: Path, tokens: Path, base: Path, *extra: str) -> list[str]:
-    sets = [*FAST, "llm.mode=lora", "llm.layout=tts", "llm.train.max_steps=24",
-            f"llm.train.save_every={SAVE_EVERY}", "llm.train.lr=5e-3", "llm.lora.dropout=0.1", *extra]
     return [sys.executable, "-m", "audiotune.cli", "train", "llm", "--tokens", str(tokens), "--base-model",
-            str(base), "--output", str(out), *[a for s in sets for a in ("--set", s)]]
+            str(base), "--output", str(out), *[a for s in _resume_sets(*extra) for a in ("--set", s)]]
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120, text: str | None = None) -> None:
@@ -192,28 +199,39 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120, text: st
 
 @pytest.fixture(scope="module")
 def uninterrupted(llm_tokens, llm_base, tmp_path_factory) -> Path:
+    """The 24 steps without a stop, run in this process on one thread (as the killed children run them)."""
     whole = tmp_path_factory.mktemp("whole") / "whole"
-    subprocess.run(_cli(whole, llm_tokens, llm_base), check=True, capture_output=True, timeout=300)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_llm(load_config(None, _resume_sets()), tokens=str(llm_tokens), output=str(whole),
+                  base_model=str(llm_base))
+    finally:
+        torch.set_num_threads(threads)
     return whole
 
 
-def _resume_and_compare(out: Path, tokens: Path, base: Path, whole: Path) -> str:
-    resumed = subprocess.run(_cli(out, tokens, base), capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
+def _resume_and_compare(out: Path, tokens: Path, base: Path, whole: Path, caplog) -> str:
+    """Rerun the stopped run in this process (the same settings and output): it resumes from the newest complete
+    checkpoint, and its weights equal the uninterrupted run's bit for bit. Returns the rerun's log."""
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="audiotune"):
+        train_llm(load_config(None, _resume_sets()), tokens=str(tokens), output=str(out), base_model=str(base))
     a, b = _weights(whole), _weights(out)
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    return resumed.stderr
+    return caplog.text
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_sigterm_checkpoints_the_step_it_stops_at_exits_143_and_resumes_from_there(tokens, base_model,
-                                                                                   uninterrupted, tmp_path):
+                                                                                   uninterrupted, tmp_path, caplog):
     out = tmp_path / "cut"
     ckpts = Path(f"{out}.checkpoints")
     log_file = tmp_path / "cut.log"
     with open(log_file, "w") as err:
-        proc = subprocess.Popen(_cli(out, tokens, base_model), stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(_cli(out, tokens, base_model), stdout=subprocess.DEVNULL, stderr=err, env=ENV)
         _wait_for(ckpts / f"checkpoint-{SAVE_EVERY}" / "manifest.json", proc)
         _wait_for(log_file, proc, text=f"step {SAVE_EVERY + 1}/24")  # past the periodic checkpoint
         os.kill(proc.pid, signal.SIGTERM)
@@ -227,20 +245,23 @@ def test_sigterm_checkpoints_the_step_it_stops_at_exits_143_and_resumes_from_the
     assert step > SAVE_EVERY and step % SAVE_EVERY, step  # its own checkpoint, not a periodic one
     assert stopped.group(2) == str(ckpts / f"checkpoint-{step}")
     assert [p.name for p in checkpoints_of(out)] == [f"checkpoint-{SAVE_EVERY}", f"checkpoint-{step}"]
-    resumed = _resume_and_compare(out, tokens, base_model, uninterrupted)
+    resumed = _resume_and_compare(out, tokens, base_model, uninterrupted, caplog)
     assert f"resumed from {ckpts / f'checkpoint-{step}'} at step {step}" in resumed
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_sigkill_then_resume_from_the_last_periodic_checkpoint_equals_an_uninterrupted_run(tokens, base_model,
-                                                                                          uninterrupted, tmp_path):
+                                                                                          uninterrupted, tmp_path,
+                                                                                          caplog):
     out = tmp_path / "cut"
-    proc = subprocess.Popen(_cli(out, tokens, base_model), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_cli(out, tokens, base_model), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=ENV)
     _wait_for(Path(f"{out}.checkpoints") / f"checkpoint-{SAVE_EVERY}" / "manifest.json", proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=120)
     assert proc.returncode == -signal.SIGKILL and not out.exists()
-    resumed = _resume_and_compare(out, tokens, base_model, uninterrupted)
-    assert "resumed from" in resumed
+    resumed = _resume_and_compare(out, tokens, base_model, uninterrupted, caplog)
+    assert "resumed from" in resumed and "taking over the lease" in resumed  # the killed child's lease
 
 
 def test_resume_refuses_a_checkpoint_written_with_other_settings(tokens, base_model, tmp_path):
