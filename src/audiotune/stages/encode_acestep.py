@@ -87,39 +87,19 @@ def encode_acestep(cfg: AudiotuneConfig, dataset: str, output: str, base_model: 
         EncodeAceStepError: No base model, or no music row to encode.
     """
     from audiotune.models.acestep import latents as L
-    from audiotune.models.acestep.load import load_pipeline
-    from audiotune.train.engine import resolve_dtype
 
     a = cfg.acestep
-    base_model = base_model or a.base_model
-    if not base_model:
-        raise EncodeAceStepError("no ACE-Step base model: pass --base-model or set acestep.base_model")
-    publish.require_missing_or_overwrite(output, a.overwrite, L.KIND, [dataset, base_model])
-    ds_manifest = artifacts.read_manifest(dataset, artifacts.DATASET, artifacts.DATASET_VERSION)
-    log.info("encode acestep: %s -> %s\n%s", dataset, output, dump_config(cfg))
+    base_model, ds_manifest = _setup_inputs(cfg, dataset, output, base_model)
     ds_dir = storage.local_copy(dataset)
-    base_dir = storage.local_copy(base_model)
-    dtype = resolve_dtype(a.train.dtype)
-    pipe = load_pipeline(base_dir, dtype)
-    pipe.to("cuda" if torch.cuda.is_available() else "cpu")
+    pipe, dtype = _setup_pipeline(cfg, base_model)
     start = time.perf_counter()
     skipped: dict[str, list[str]] = {}
     with tracking.stage_run(cfg.tracking, "encode_acestep") as tracker, \
             publish.publish_dir(output, overwrite=a.overwrite, kind=L.KIND, inputs=[dataset, base_model]) as staging:
         tracker.log_params({"acestep": a.model_dump(mode="json"), "run": cfg.run.model_dump(mode="json")})
         counts = {split: _encode_split(pipe, ds_dir, split, staging, a, skipped) for split in ("train", "val")}
-        for reason, ids in skipped.items():
-            log.warning("%d rows skipped: %s (e.g. %s)", len(ids), reason, ", ".join(ids[:SHOWN_IDS]))
-        if not counts["train"]:
-            raise EncodeAceStepError(f"{dataset}: no music row with audio and tags in train "
-                                     f"({sum(len(v) for v in skipped.values())} skipped); convert an ACE-Step "
-                                     "folder (NAME.wav + NAME_prompt.txt) with convert --format acestep")
-        longest = max(e.frames for s in ("train", "val") for e in L.LatentSplit(staging / s).entries)
-        silence = pipe.condition_encoder.silence_latent
-        reps = math.ceil(longest / silence.shape[1])
-        save_file({"silence_latent": silence.repeat(1, reps, 1)[:, :longest].float().cpu().contiguous(),
-                   "null_condition_emb": pipe.condition_encoder.null_condition_emb.detach().float().cpu()},
-                  str(staging / L.SHARED))
+        _check_encoded(dataset, counts, skipped)
+        _write_shared(pipe, staging)
         seconds = time.perf_counter() - start
         metrics = {"train_songs": counts["train"], "val_songs": counts["val"],
                    "skipped": sum(len(v) for v in skipped.values()), "seconds": seconds}
@@ -133,3 +113,51 @@ def encode_acestep(cfg: AudiotuneConfig, dataset: str, output: str, base_model: 
             is_turbo=bool(pipe.is_turbo), metrics=metrics, config=a.model_dump(mode="json"))
     log.info("encoded %d train and %d val songs in %.1f s", counts["train"], counts["val"], seconds)
     return EncodeResult(output=output, manifest=manifest)
+
+
+def _setup_inputs(cfg: AudiotuneConfig, dataset: str, output: str, base_model: str | None) -> tuple[str, dict]:
+    """The base model and the Dataset's manifest; no base, or an output to keep, refused before any work."""
+    from audiotune.models.acestep.latents import KIND
+
+    a = cfg.acestep
+    base_model = base_model or a.base_model
+    if not base_model:
+        raise EncodeAceStepError("no ACE-Step base model: pass --base-model or set acestep.base_model")
+    publish.require_missing_or_overwrite(output, a.overwrite, KIND, [dataset, base_model])
+    ds_manifest = artifacts.read_manifest(dataset, artifacts.DATASET, artifacts.DATASET_VERSION)
+    log.info("encode acestep: %s -> %s\n%s", dataset, output, dump_config(cfg))
+    return base_model, ds_manifest
+
+
+def _setup_pipeline(cfg: AudiotuneConfig, base_model: str):
+    """The base ``AceStepPipeline`` (its encoders) on the GPU when there is one, and its dtype."""
+    from audiotune.models.acestep.load import load_pipeline
+    from audiotune.train.engine import resolve_dtype
+
+    base_dir = storage.local_copy(base_model)
+    dtype = resolve_dtype(cfg.acestep.train.dtype)
+    pipe = load_pipeline(base_dir, dtype)
+    pipe.to("cuda" if torch.cuda.is_available() else "cpu")
+    return pipe, dtype
+
+
+def _check_encoded(dataset: str, counts: dict[str, int], skipped: dict[str, list[str]]) -> None:
+    """Log the skipped rows by reason; no training song is an error."""
+    for reason, ids in skipped.items():
+        log.warning("%d rows skipped: %s (e.g. %s)", len(ids), reason, ", ".join(ids[:SHOWN_IDS]))
+    if not counts["train"]:
+        raise EncodeAceStepError(f"{dataset}: no music row with audio and tags in train "
+                                 f"({sum(len(v) for v in skipped.values())} skipped); convert an ACE-Step "
+                                 "folder (NAME.wav + NAME_prompt.txt) with convert --format acestep")
+
+
+def _write_shared(pipe, staging: Path) -> None:
+    """The silence latent (as long as the longest song) and the null condition, shared by every song."""
+    from audiotune.models.acestep import latents as L
+
+    longest = max(e.frames for s in ("train", "val") for e in L.LatentSplit(staging / s).entries)
+    silence = pipe.condition_encoder.silence_latent
+    reps = math.ceil(longest / silence.shape[1])
+    save_file({"silence_latent": silence.repeat(1, reps, 1)[:, :longest].float().cpu().contiguous(),
+               "null_condition_emb": pipe.condition_encoder.null_condition_emb.detach().float().cpu()},
+              str(staging / L.SHARED))
