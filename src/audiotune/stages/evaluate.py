@@ -136,23 +136,33 @@ def _run(cfg: AudiotuneConfig, package: Path, items: list[EvalItem], metrics: li
         timing["synthesis"]["audio_s"] += speech.seconds
         wav_rel = f"wavs/{item.id}.wav"
         write_wav(work / "eval" / wav_rel, speech)
-        text_ids = synth.tokenizer(item.text, add_special_tokens=False)["input_ids"]
-        longest = max(1, min(int(settings.max_audio_s * synth.token_rate),
-                             int(settings.max_token_text_ratio * len(text_ids))))
-        sample = Sample(text=item.text, wav=np.asarray(speech.wav, np.float32), rate=speech.sample_rate,
-                        reference=decode(item.reference_audio, f"{item.id} reference") if item.reference_audio
-                        else None,
-                        prompt=decode(item.prompt_audio, f"{item.id} prompt") if item.prompt_audio else None,
-                        hit_max_length=int(speech.codes.shape[1]) >= longest)
         row.update({"wav": wav_rel, "frames": int(speech.codes.shape[1])})
-        for metric in metrics:
-            started = time.process_time()
-            row.update(metric.score(sample))
-            timing[metric.name]["cpu_s"] += time.process_time() - started
-            timing[metric.name]["audio_s"] += speech.seconds
-        row["bad"] = float(any(row.get(f, 0.0) for f in ("empty", "truncated", "max_length")))
-        rows.append(row)
+        rows.append(_score(row, _sample(synth, settings, item, speech), metrics, timing, speech.seconds))
     return rows, timing
+
+
+def _sample(synth, settings, item: EvalItem, speech) -> Sample:
+    """What the metrics score: the speech, its text, reference and prompt audio, and whether it hit the length
+    limit (``export.synthesis``: max_audio_s, max_token_text_ratio)."""
+    text_ids = synth.tokenizer(item.text, add_special_tokens=False)["input_ids"]
+    longest = max(1, min(int(settings.max_audio_s * synth.token_rate),
+                         int(settings.max_token_text_ratio * len(text_ids))))
+    return Sample(text=item.text, wav=np.asarray(speech.wav, np.float32), rate=speech.sample_rate,
+                  reference=decode(item.reference_audio, f"{item.id} reference") if item.reference_audio else None,
+                  prompt=decode(item.prompt_audio, f"{item.id} prompt") if item.prompt_audio else None,
+                  hit_max_length=int(speech.codes.shape[1]) >= longest)
+
+
+def _score(row: dict[str, Any], sample: Sample, metrics: list[Metric], timing: dict[str, dict[str, float]],
+           seconds: float) -> dict[str, Any]:
+    """``row`` with every metric's scores and its ``bad`` flag; each metric's time added to ``timing``."""
+    for metric in metrics:
+        started = time.process_time()
+        row.update(metric.score(sample))
+        timing[metric.name]["cpu_s"] += time.process_time() - started
+        timing[metric.name]["audio_s"] += seconds
+    row["bad"] = float(any(row.get(f, 0.0) for f in ("empty", "truncated", "max_length")))
+    return row
 
 
 def _known(synth, speaker: str | None) -> bool:
