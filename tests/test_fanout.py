@@ -349,7 +349,6 @@ def test_tokenize_fanout_equals_the_one_task_tokens_and_fits_once(tmp_path, monk
     sample = fanned.report["fit"]
     assert fits[0] == sample["rows"] and sum(sample["rows_per_folder"]) == sample["rows"]
     assert sum(1 for n in sample["rows_per_folder"] if n) >= 2, sample  # the sample spans units
-    assert max(sample["candidates_per_folder"]) < 8  # each unit offers a bounded prefix, not all its rows
     _same_tokens(tmp_path / "one", tmp_path / "fanned")
     for key in ("rows", "quarantine_reasons", "audio_hours", "text_tokens", "audio_frames", "codebook_usage",
                 "sequence_length_percentiles", "bad_fraction", "audio_tokens_per_second"):
@@ -360,6 +359,25 @@ def test_tokenize_fanout_equals_the_one_task_tokens_and_fits_once(tmp_path, monk
             a, b = ({s: v["rows"] for s, v in x.items()} for x in (a, b))
         assert a == b, key
     assert len(_rows(tmp_path / "fanned")["val"]) > 0
+
+
+def test_the_fit_sample_chosen_from_bounded_unit_prefixes_is_the_whole_datasets():
+    """Each unit offers only its key-order prefix up to fit seconds; the choice among those is the choice over all
+    rows, for any split of the rows into units."""
+    import random
+
+    from audiotune.tokenization.tokenizer_setup import choose_fit_rows, fit_key, seconds_prefix
+
+    rng = random.Random(0)
+    for _ in range(200):
+        units = [[(fit_key(3, f"r{k}-{i}"), f"r{k}-{i}", rng.uniform(0.2, 6.0)) for i in range(rng.randint(0, 25))]
+                 for k in range(rng.randint(1, 6))]
+        max_seconds = rng.uniform(0.5, 80.0)
+        offered = [seconds_prefix(rows, max_seconds) for rows in units]
+        assert choose_fit_rows([r for rows in offered for r in rows], max_seconds) == \
+            choose_fit_rows([r for rows in units for r in rows], max_seconds)
+        for rows, kept in zip(units, offered, strict=True):  # bounded: all but the last row hold < max_seconds
+            assert sum(r[2] for r in kept[:-1]) < max_seconds and len(kept) <= len(rows)
 
 
 def test_tokenize_fanout_refuses_parts_of_another_dataset(tmp_path):

@@ -108,14 +108,10 @@ def fit_key(seed: int, row_id: str) -> str:
     return hashlib.sha256(f"{seed}\0{row_id}".encode()).hexdigest()[:16]
 
 
-def fit_candidates(folder: Any, max_seconds: float, seed: int, reader: ColumnReader | None = None
-                   ) -> list[tuple[str, str, float]]:
-    """``(key, id, seconds)`` of a folder's train rows in key order, up to the one that brings them to
-    ``max_seconds``: all that :func:`choose_fit_rows` can take from this folder (rows without a duration never)."""
-    rows = sorted((fit_key(seed, r["id"]), r["id"], float(r["duration_s"]))
-                  for r in iter_rows([folder], "train", ["id", "duration_s"], reader) if r["duration_s"])
+def seconds_prefix(rows: list[tuple[str, str, float]], max_seconds: float) -> list[tuple[str, str, float]]:
+    """``(key, id, seconds)`` rows in key order, up to the one that brings them to ``max_seconds``."""
     out, total = [], 0.0
-    for row in rows:
+    for row in sorted(rows):
         if total >= max_seconds:
             break
         out.append(row)
@@ -123,15 +119,18 @@ def fit_candidates(folder: Any, max_seconds: float, seed: int, reader: ColumnRea
     return out
 
 
+def fit_candidates(folder: Any, max_seconds: float, seed: int, reader: ColumnReader | None = None
+                   ) -> list[tuple[str, str, float]]:
+    """A folder's train rows (``(key, id, seconds)``, rows without a duration never) in key order, up to the one
+    that brings them to ``max_seconds``: all that :func:`choose_fit_rows` can take from this folder."""
+    return seconds_prefix([(fit_key(seed, r["id"]), r["id"], float(r["duration_s"]))
+                           for r in iter_rows([folder], "train", ["id", "duration_s"], reader) if r["duration_s"]],
+                          max_seconds)
+
+
 def choose_fit_rows(candidates: list[tuple[str, str, float]], max_seconds: float) -> list[str]:
     """The ids of the fit sample, in key order, until they hold ``max_seconds``."""
-    chosen, total = [], 0.0
-    for _, row_id, seconds in sorted(candidates):
-        if total >= max_seconds:
-            break
-        chosen.append(row_id)
-        total += seconds
-    return chosen
+    return [row_id for _, row_id, _ in seconds_prefix(candidates, max_seconds)]
 
 
 def fit_sample(folders: list, max_seconds: float, seed: int, reader: ColumnReader | None = None
