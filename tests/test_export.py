@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
@@ -38,6 +36,16 @@ def trained(llm_tokens, llm_base, tmp_path_factory) -> SimpleNamespace:
     train_flow(cfg, tokens=str(llm_tokens), output=str(root / "flow"))
     return SimpleNamespace(tokens=llm_tokens, qwen2=root / "qwen2", llama=root / "llama", flow=root / "flow",
                            qwen2_base=llm_base, llama_base=llama, root=root)
+
+
+def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """``audiotune <argv>`` in this process: its exit code, stdout and stderr."""
+    from audiotune.cli import main as cli_main
+
+    capsys.readouterr()
+    code = cli_main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def _unmerged_logits(adapter: Path, base: Path, ids: torch.Tensor) -> torch.Tensor:
@@ -159,7 +167,7 @@ def test_s3_export_is_complete_and_loads_after_download(trained, s3_env, tmp_pat
     assert "manifest.json" not in storage.list_files(f"{s3_env}/exports/two")
 
 
-def test_registered_versions_and_champion_promotion(trained, mlflow_server, tmp_path, monkeypatch):
+def test_registered_versions_and_champion_promotion(trained, mlflow_server, tmp_path, monkeypatch, capsys):
     from mlflow import MlflowClient
 
     from audiotune.export import registry
@@ -187,18 +195,17 @@ def test_registered_versions_and_champion_promotion(trained, mlflow_server, tmp_
     outcome = registry.promote(cfg.tracking, name, version=worse)
     assert not outcome.promoted and client.get_model_version_by_alias(name, "champion").version == "1"
     better = registry.register(cfg.tracking, name, "s3://elsewhere/model", None, {}, {"val_loss": val - 1})
-    cli = [sys.executable, "-m", "audiotune.cli", "promote", "--model-name", name, "--metric", "val_loss", "--set",
-           f"tracking.uri={mlflow_server}"]
-    done = subprocess.run(cli, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
+    cli = ["promote", "--model-name", name, "--metric", "val_loss", "--set", f"tracking.uri={mlflow_server}"]
+    code, _, stderr = _cli(cli, capsys)
+    assert code == 0, stderr
     assert client.get_model_version_by_alias(name, "champion").version == better
-    again = subprocess.run([*cli, "--version", worse], capture_output=True, text=True, timeout=120)
-    assert again.returncode == 3 and "did not beat" in again.stdout
+    code, stdout, _ = _cli([*cli, "--version", worse], capsys)
+    assert code == 3 and "did not beat" in stdout
     # a champion set by hand without the metric is kept: there is nothing to compare with
     unmeasured = registry.register(cfg.tracking, name, "s3://elsewhere/model", None, {}, {})
     client.set_registered_model_alias(name, "champion", unmeasured)
-    kept = subprocess.run([*cli, "--version", better], capture_output=True, text=True, timeout=120)
-    assert kept.returncode == 3 and "was not compared" in kept.stdout, kept.stderr
+    code, stdout, stderr = _cli([*cli, "--version", better], capsys)
+    assert code == 3 and "was not compared" in stdout, stderr
     assert client.get_model_version_by_alias(name, "champion").version == unmeasured
 
 
@@ -211,19 +218,19 @@ def test_an_unreachable_registry_leaves_a_complete_export(trained, tmp_path, mon
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["kind"] == "audiotune.export"
 
 
-def test_synthesize_writes_a_wav_of_plausible_length(trained, tmp_path):
+def test_synthesize_writes_a_wav_of_plausible_length(trained, tmp_path, capsys):
     out = tmp_path / "export"
     export(load_config(None, [*QUICK, "export.num_samples=1", "export.synthesis.max_audio_s=2"]), str(out),
            llm=str(trained.qwen2), flow=str(trained.flow))
     samples = json.loads((out / "samples" / "samples.json").read_text())
     assert len(samples) == 1 and (out / samples[0]["file"]).is_file()
     wav = tmp_path / "hello.wav"
-    cmd = [sys.executable, "-m", "audiotune.cli", "synthesize", "--model", str(out), "--text", "hello there",
-           "--out", str(wav), "--set", "export.synthesis.max_audio_s=2", "--set", "export.synthesis.temperature=0",
-           "--set", "export.synthesis.min_token_text_ratio=2"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    cmd = ["synthesize", "--model", str(out), "--text", "hello there", "--out", str(wav), "--set",
+           "export.synthesis.max_audio_s=2", "--set", "export.synthesis.temperature=0", "--set",
+           "export.synthesis.min_token_text_ratio=2"]
+    code, stdout, stderr = _cli(cmd, capsys)
+    assert code == 0, stderr[-3000:]
+    result = json.loads(stdout.strip().splitlines()[-1])
     audio, rate = sf.read(str(wav))
     flow = json.loads((out / "flow" / "manifest.json").read_text())
     hop, token_rate = flow["mel"]["hop_length"], flow["vocab"]["token_rate"]
@@ -237,8 +244,7 @@ def test_synthesize_writes_a_wav_of_plausible_length(trained, tmp_path):
     # one code frame = mel_frames_per_token mel frames = that many hops of audio
     expected = round(result["frames"] * flow["vocab"]["mel_frames_per_token"]) * hop
     assert abs(len(audio) - expected) <= hop and abs(result["seconds"] - len(audio) / rate) < 1e-3
-    bad = subprocess.run([*cmd[:-6], "--prompt-wav", str(wav)], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 1 and "--prompt-text" in bad.stderr
-    clone = subprocess.run([*cmd, "--prompt-wav", str(wav), "--prompt-text", "hello there"], capture_output=True,
-                           text=True, timeout=300)
-    assert clone.returncode == 0, clone.stderr[-3000:]
+    code, _, stderr = _cli([*cmd[:-6], "--prompt-wav", str(wav)], capsys)
+    assert code == 1 and "--prompt-text" in stderr
+    code, _, stderr = _cli([*cmd, "--prompt-wav", str(wav), "--prompt-text", "hello there"], capsys)
+    assert code == 0, stderr[-3000:]
