@@ -380,7 +380,7 @@ def test_the_fit_sample_chosen_from_bounded_unit_prefixes_is_the_whole_datasets(
             assert sum(r[2] for r in kept[:-1]) < max_seconds and len(kept) <= len(rows)
 
 
-def test_tokenize_fanout_refuses_parts_of_another_dataset(tmp_path):
+def test_tokenize_fanout_refuses_parts_of_another_dataset_and_names_a_missing_unit(tmp_path):
     from audiotune.stages import tokenize_units
 
     cfg = _cfg(*TOKENIZE)
@@ -394,6 +394,14 @@ def test_tokenize_fanout_refuses_parts_of_another_dataset(tmp_path):
         tokenize_units.prepare(cfg, str(tmp_path / "a"), parts_a + parts_b[:1], str(tmp_path / "setup"))
     with pytest.raises(tokenize_units.TokenizeUnitsError, match="has no convert part"):
         tokenize_units.prepare(cfg, str(tmp_path / "a"), parts_a[1:], str(tmp_path / "setup"))
+    setup = str(tmp_path / "setup")
+    tokenize_units.prepare(cfg, str(tmp_path / "a"), parts_a, setup)
+    with pytest.raises(tokenize_units.TokenizeUnitsError, match="is not one of the set-up's 3 units"):
+        tokenize_units.tokenize_unit(cfg, setup, parts_b[0], str(tmp_path / "tb"))
+    tokenize_units.tokenize_unit(cfg, setup, parts_a[0], str(tmp_path / "t0"))
+    with pytest.raises(tokenize_units.TokenizeUnitsError, match="has no tokenized part .* re-run its tokenize_unit"):
+        tokenize_units.merge(cfg, setup, [str(tmp_path / "t0")], str(tmp_path / "tokens"))
+    assert not (tmp_path / "tokens").exists()
 
 
 def test_tokenizer_setup_reads_parts_on_s3_by_columns(tmp_path, s3_env):
