@@ -4,8 +4,6 @@ gate (champion re-evaluated on the challenger's eval set)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
@@ -62,7 +60,7 @@ def test_the_stage_writes_an_eval_artifact_of_the_exports_validation_rows(export
     print(json.dumps(manifest["audio_s_per_cpu_s"]), json.dumps(result.means()))
 
 
-def test_a_failed_utterance_is_a_counted_row_and_overlap_is_reported(exported, tmp_path, caplog):
+def test_a_failed_utterance_is_a_counted_row_and_overlap_is_reported(exported, tmp_path, caplog, capsys):
     train = pq.read_table(next((exported.dataset / "train").glob("part-*.parquet")),
                           columns=["id", "text", "speaker"]).to_pylist()[0]
     (tmp_path / "not-audio.wav").write_bytes(b"not audio at all")
@@ -78,11 +76,14 @@ def test_a_failed_utterance_is_a_counted_row_and_overlap_is_reported(exported, t
     assert table["broken"]["failed"] == 1.0 and "cannot read the prompt audio" in table["broken"]["error"]
     assert result.summary["failed_rate"]["mean"] == pytest.approx(1 / 3)
     assert result.manifest["overlap_with_training"] == 1 and "1 of its 3 utterances are training rows" in caplog.text
-    done = subprocess.run([sys.executable, "-m", "audiotune.cli", "evaluate", "--model", str(exported.export),
-                           "--eval-set", str(tmp_path / "set.jsonl"), "--output", str(tmp_path / "refused"),
-                           "--set", "tracking.enabled=false", "--set", "evaluate.forbid_overlap=true"],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 1 and "evaluate.forbid_overlap is on" in done.stderr, done.stderr[-2000:]
+    from audiotune.cli import main as cli_main
+
+    capsys.readouterr()
+    code = cli_main(["evaluate", "--model", str(exported.export), "--eval-set", str(tmp_path / "set.jsonl"),
+                     "--output", str(tmp_path / "refused"), "--set", "tracking.enabled=false", "--set",
+                     "evaluate.forbid_overlap=true"])
+    stderr = capsys.readouterr().err
+    assert code == 1 and "evaluate.forbid_overlap is on" in stderr, stderr[-2000:]
     with pytest.raises(EvaluationError, match="no eval set given and the export records no Dataset"):
         _without_dataset(exported, tmp_path, cfg)
 
