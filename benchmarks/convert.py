@@ -27,7 +27,8 @@ import soundfile as sf
 import soxr
 
 from audiotune.config import load_config
-from audiotune.stages.convert import convert, num_workers
+from audiotune.data.workers import num_workers
+from audiotune.stages.convert import convert
 
 log = logging.getLogger("benchmarks.convert")
 SR_IN, SR_OUT = 44100, 22050

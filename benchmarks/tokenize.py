@@ -24,7 +24,8 @@ import torch
 
 from audiotune.config import load_config
 from audiotune.data.audio import decode_flac
-from audiotune.stages.convert import convert, num_workers
+from audiotune.data.workers import num_workers
+from audiotune.stages.convert import convert
 from audiotune.stages.tokenize import tokenize
 from audiotune.tokenization.audio_tokenizers import load_audio_tokenizer
 from audiotune.tokenization.mel import MelExtractor
