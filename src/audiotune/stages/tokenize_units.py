@@ -148,6 +148,18 @@ def _load_setup(cfg: AudiotuneConfig, setup_uri: str) -> tuple[tokenizer_setup.T
     return tokenizer_setup.load(cfg, folder / "tokenizer", described), described
 
 
+def _peak_rss() -> int:
+    """This process's peak RSS in bytes: ``VmHWM`` where Linux gives it (``ru_maxrss`` keeps the high-water mark
+    of the process that exec'ed this one, e.g. a parent that spawned it), else ``ru_maxrss``."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def tokenize_unit(cfg: AudiotuneConfig, setup_uri: str, part_uri: str, output: str) -> dict[str, Any]:
     """Tokenize one convert part with the set-up's tokenizers into a Tokens part at ``output``: ``train/``,
     ``val/`` shards, ``quarantine.jsonl``, speaker embeddings and ``part.json`` (report state, figures).
@@ -186,7 +198,7 @@ def tokenize_unit(cfg: AudiotuneConfig, setup_uri: str, part_uri: str, output: s
             "splits": {s: {"rows": w.rows, "shards": w.shards} for s, w in out.writers.items()},
             "figures": {"elapsed_s": round(elapsed, 3), "workers": workers, "rows": total,
                         "audio_s": round(out.report.audio_seconds, 3),
-                        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},
+                        "peak_rss_bytes": _peak_rss()},
         }
         (staging / "part.json").write_text(json.dumps(part, ensure_ascii=False) + "\n")
     log.info("unit %s: %d rows tokenized, %d quarantined in %.1f s", unit, total,
