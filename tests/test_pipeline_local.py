@@ -1,15 +1,15 @@
 """Local-runner tier: the pipeline end to end under ``kfp.local`` (subprocess runner) on tiny configs.
 
-- ``mode: both`` with a short joint stage: ``make demo``'s pipeline (examples/demo.yaml, shortened);
-- ``mode: llm`` and ``mode: flow``: smaller still.
+- ``mode: both`` with a short joint stage: ``make demo``'s pipeline (examples/demo.yaml, shortened), by the CLI;
+- ``mode: llm`` then ``mode: flow`` in one folder, by the SDK: the single-model branches, and the second run takes
+  convert and tokenize from the kfp.local cache.
 
-Each asserts what the run leaves behind: the export (it exists and loads), and in MLflow one parent
-run with a nested run per stage.
+Each test has its own folder (MLflow store, kfp.local root and cache), so that what it asserts does not depend on
+which tests ran before it. Each asserts what a run leaves behind: the export (it exists and loads), and in MLflow
+one parent run with a nested run per stage.
 """
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,27 +28,28 @@ TINY = [  # on top of examples/demo.yaml: the fewest steps that still exercise e
     "flow.train.max_steps=2", "flow.train.eval_every=2", "flow.train.save_every=2", "flow.train.log_every=1",
     "flow.sample_every=2", "flow.num_samples=1", "flow.max_frames_in_batch=1500",
     "joint.train.max_steps=1", "joint.train.eval_every=1", "joint.train.save_every=1", "joint.train.log_every=1",
+    # the evaluate task with its two cheapest metrics: the plug-ins themselves (ASR, speaker, DNSMOS models) are
+    # tested in test_evaluate.py and test_evaluate_metrics.py
+    "evaluate.metrics=[duration, mcd]", "evaluate.bootstrap=100",
     "pipeline.retries=0",  # a failure here is a bug, not a preempted node: no retry after a backoff
 ]
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("corpus")
-    subprocess.run([sys.executable, str(EXAMPLES / "make_corpus.py"), "--out", str(out), "--speakers", "2",
-                    "--utts", "4", "--backend", "synth", "--edit-fraction", "0.25"], check=True, capture_output=True)
-    return out / "manifest.jsonl"
+    """A small corpus of the demo's kind (2 speakers, 4 utterances each, a quarter edit rows); only read."""
+    from examples.make_corpus import make_corpus
+
+    return make_corpus(tmp_path_factory.mktemp("corpus"), n_speakers=2, utts_per_speaker=4, backend="synth",
+                       edit_fraction=0.25)
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """One folder for the module's runs: the local MLflow store (./mlruns) and the kfp.local root with its
-    cache, so that later runs take convert and tokenize from the cache (as a cluster would)."""
-    path = tmp_path_factory.mktemp("local-runs")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(path)
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        yield path
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    """The test's own folder: the local MLflow store (./mlruns) and the kfp.local root with its cache."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path
 
 
 def _overrides(corpus: Path, mode: str, *extra: str) -> list[str]:
@@ -78,15 +79,11 @@ def _names(children) -> list[str]:
     return sorted(c.info.run_name.removesuffix(" (cached)") for c in children)
 
 
-_DATA_CACHED: list[bool] = []  # set once a run in this module has converted and tokenized the corpus
-
-
-def _check_cache(children) -> None:
-    """After a first run, convert and tokenize come from the kfp.local cache (same data, same settings)."""
-    cached = {c.info.run_name for c in children if c.info.run_name.endswith(" (cached)")}
-    if _DATA_CACHED:
-        assert cached == {"convert (cached)", "tokenize (cached)"}
-    _DATA_CACHED.append(True)
+def _check_cache(children, cached: bool) -> None:
+    """convert and tokenize came from the kfp.local cache (an earlier run of the same data and settings in this
+    folder), or both ran."""
+    served = {c.info.run_name for c in children if c.info.run_name.endswith(" (cached)")}
+    assert served == ({"convert (cached)", "tokenize (cached)"} if cached else set())
 
 
 class _ByCli:
@@ -109,15 +106,16 @@ class _ByCli:
                             tracking_uri=None)
 
 
-def _run_and_check(cfg, tasks: tuple[str, ...], by_cli: _ByCli | None = None):
-    """Run the pipeline; check the export and MLflow (one parent run, a finished nested run per stage)."""
+def _run_and_check(cfg, tasks: tuple[str, ...], by_cli: _ByCli | None = None, cached: bool = False):
+    """Run the pipeline; check the export and MLflow (one parent run, a finished nested run per stage, the data
+    stages from the cache when ``cached``)."""
     run = by_cli.run if by_cli else (lambda: sdk.run_local(cfg))
     result = run()
     parent, children = _mlflow(cfg)
     assert result.parent_run_id in (None, parent.info.run_id) and parent.info.status == "FINISHED"
     assert _names(children) == sorted(tasks)
     assert all(c.info.status == "FINISHED" for c in children)
-    _check_cache(children)
+    _check_cache(children, cached)
     export = Path(result.export_uri)
     manifest = json.loads((export / "manifest.json").read_text())
     assert manifest["kind"] == "audiotune.export"
@@ -135,14 +133,9 @@ def _run_and_check(cfg, tasks: tuple[str, ...], by_cli: _ByCli | None = None):
     return result
 
 
-def test_llm_path(corpus, workdir):
-    cfg = _config(corpus, "llm")
-    _run_and_check(cfg, ("convert", "tokenize", "llm", "export"))
-
-
-def test_flow_path(corpus, workdir):
-    cfg = _config(corpus, "flow")
-    _run_and_check(cfg, ("convert", "tokenize", "flow", "export"))
+def test_llm_then_flow_mode_the_second_with_the_data_from_the_cache(corpus, workdir):
+    _run_and_check(_config(corpus, "llm"), ("convert", "tokenize", "llm", "export"))
+    _run_and_check(_config(corpus, "flow"), ("convert", "tokenize", "flow", "export"), cached=True)
 
 
 def test_demo_both_with_joint(corpus, workdir, capsys):
