@@ -33,7 +33,8 @@ test: setup
 test-slow: setup
 	$(PY) -m pytest -q --durations=10 -m slow tests
 
-# the unit tier (tests/conftest.py): the library in this process, no child interpreters or servers
+# the unit tier (tests/conftest.py): the library in this process, no child interpreters or servers; 447 tests in
+# 76 s on an idle 2-core machine (make's wall time)
 test-fast: setup
 	$(PY) -m pytest -q --durations=10 -m "unit and not slow" tests
 
