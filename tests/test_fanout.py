@@ -431,3 +431,41 @@ def test_tokenizer_setup_reads_parts_on_s3_by_columns(tmp_path, s3_env):
     # here most of what is read is pyarrow's 64 KiB footer read per shard (6 shards of ~180 KB); the audio of only
     # the two sampled rows' shards is read
     assert a["s3_bytes_read"] == 0 and 0 < b["s3_bytes_read"] < 0.8 * parts_bytes, (b["s3_bytes_read"], parts_bytes)
+
+
+def test_merges_of_parts_on_s3_copy_shards_server_side_and_equal_the_local_merge(tmp_path, s3_env, monkeypatch):
+    """Parts and output on S3: the merge downloads the parts' small files only (no shard passes through its disk),
+    and the merged Dataset and Tokens hold the same rows, with checked checksums, as merges of local parts."""
+    from audiotune import publish
+    from audiotune.stages import tokenize_units
+
+    src = good_corpus(tmp_path / "src", 10)
+    cfg = _cfg(*TOKENIZE)
+    local = convert_units.convert_fanout(cfg, str(tmp_path / "ds"), source=str(src), workdir=str(tmp_path / "w"))
+    storage.upload_dir(tmp_path / "w", f"{s3_env}/w")
+    parts = [f"{s3_env}/w/parts/{p.name}" for p in sorted((tmp_path / "w" / "parts").iterdir())]
+    fetched, copied = [], []
+    download, copy = storage.download, publish._copy_remote
+    monkeypatch.setattr(storage, "download", lambda uri, dest: fetched.append(str(uri)) or download(uri, dest))
+    monkeypatch.setattr(publish, "_copy_remote", lambda uri, remote: copied.extend(remote) or copy(uri, remote))
+    merged = convert_units.merge(cfg, str(tmp_path / "w" / "plan"), parts, f"{s3_env}/ds")
+    assert fetched and not [u for u in fetched if u.endswith(".parquet")]
+    assert sorted(copied) == sorted(e["path"] for e in merged.manifest["shard_files"])
+    assert merged.manifest["shard_files"] == local.manifest["shard_files"]
+    assert _rows(storage.download(f"{s3_env}/ds", tmp_path / "ds-back")) == _rows(tmp_path / "ds")
+
+    setup = tokenize_units.prepare(cfg, str(tmp_path / "ds"), [str(tmp_path / "w" / "parts" / Path(p).name)
+                                                              for p in parts], str(tmp_path / "setup"))
+    done = []
+    for k, part in enumerate(setup["parts"]):
+        done.append(str(tmp_path / "tp" / f"{k:05d}"))
+        tokenize_units.tokenize_unit(cfg, str(tmp_path / "setup"), part, done[-1])
+    one = tokenize_units.merge(cfg, str(tmp_path / "setup"), done, str(tmp_path / "tokens"))
+    storage.upload_dir(tmp_path / "tp", f"{s3_env}/tp")
+    fetched.clear()
+    on_s3 = tokenize_units.merge(cfg, str(tmp_path / "setup"), [f"{s3_env}/tp/{Path(d).name}" for d in done],
+                                 f"{s3_env}/tokens")
+    assert fetched and not [u for u in fetched if u.endswith(".parquet")]
+    assert on_s3.manifest["shard_files"] == one.manifest["shard_files"]
+    back = storage.download(f"{s3_env}/tokens", tmp_path / "tokens-back")
+    artifacts.verify_shards(back, json.loads((back / "manifest.json").read_text()), str(back))

@@ -169,7 +169,7 @@ def test_publish_s3_interrupted_upload_leaves_no_manifest(s3_env, monkeypatch):
 
     files = {f"part-{i}.bin": bytes([i]) for i in range(4)} | {"manifest.json": b"{}"}
     with monkeypatch.context() as patch:
-        patch.setattr(storage, "_run_all", lambda fn, items: [fn(i) for i in items])
+        patch.setattr(storage, "run_all", lambda fn, items: [fn(i) for i in items])
         patch.setattr(storage, "client", lambda: Flaky())
         with pytest.raises(OSError, match="connection dropped"):
             with publish.publish_dir(uri) as staging:

@@ -47,14 +47,14 @@ def _digest(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def shard_files(directory: Path) -> list[dict[str, Any]]:
+def shard_files(directory: Path, pattern: str = SHARD_GLOB) -> list[dict[str, Any]]:
     """``path`` (relative), ``rows``, ``bytes`` and ``sha256`` of every ``<split>/part-*.parquet`` under
-    ``directory``, sorted by path."""
+    ``directory`` (or of the files ``pattern`` names), sorted by path."""
     import pyarrow.parquet as pq
 
     directory = Path(directory)
     return [{"path": p.relative_to(directory).as_posix(), "rows": pq.ParquetFile(p).metadata.num_rows,
-             "bytes": p.stat().st_size, "sha256": _digest(p)} for p in sorted(directory.glob(SHARD_GLOB))]
+             "bytes": p.stat().st_size, "sha256": _digest(p)} for p in sorted(directory.glob(pattern))]
 
 
 def verify_shards(directory: Path, manifest: dict[str, Any], uri: str) -> None:

@@ -12,6 +12,10 @@ work and again at publish time:
 - with ``overwrite`` an existing local directory is replaced only when it is empty or holds an
   artifact; an S3 prefix with objects but no ``manifest.json`` only when a publish marker
   (``<prefix>.publishing``) says an interrupted publish left them. Anything else is refused, naming it.
+
+A file that already exists elsewhere (a fan-out part's shard) need not pass through the staging disk:
+:func:`place_remote` records it, and publishing copies it to the target — S3 to S3 as a server-side copy, so
+merging a corpus's parts on S3 never holds the corpus on one disk.
 """
 
 from __future__ import annotations
@@ -33,6 +37,57 @@ from audiotune.errors import OutputError, OutputExistsError
 log = logging.getLogger(__name__)
 
 MARKER_SUFFIX = ".publishing"
+REMOTE_LIST = ".audiotune-remote.json"  # in a staging folder: {relative path: source URI}, never published
+
+
+def place_remote(staging: Path, rel: str, source: str | os.PathLike) -> None:
+    """Publish the file ``source`` (local or s3://) as ``rel`` of the artifact staged in ``staging``, copied when
+    the artifact is published (on S3, server side from an S3 source) instead of through the staging folder."""
+    listed = Path(staging) / REMOTE_LIST
+    remote = json.loads(listed.read_text(encoding="utf-8")) if listed.exists() else {}
+    remote[storage.check_relative(rel, str(staging))] = str(source)
+    listed.write_text(json.dumps(remote), encoding="utf-8")
+
+
+def _take_remote(staging: Path) -> dict[str, str]:
+    listed = staging / REMOTE_LIST
+    if not listed.exists():
+        return {}
+    remote = json.loads(listed.read_text(encoding="utf-8"))
+    listed.unlink()
+    return remote
+
+
+def _fetch_remote(staging: Path, remote: dict[str, str]) -> None:
+    """Bring the remote files into a local staging folder (a hard link where a local source allows it)."""
+    for rel, source in remote.items():
+        target = staging / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if storage.is_s3(source):
+            storage.download(source, target)
+            continue
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copyfile(source, target)
+
+
+def _copy_remote(uri: str, remote: dict[str, str]) -> None:
+    """Copy the remote files below the S3 prefix ``uri``: server side from S3 (boto3's managed copy, multipart
+    for large objects), uploaded from a local path."""
+    bucket, key = storage.split_s3(uri)
+    prefix = storage.dir_prefix(key)
+    s3 = storage.client()
+
+    def copy(rel: str) -> None:
+        source = remote[rel]
+        if storage.is_s3(source):
+            src_bucket, src_key = storage.split_s3(source)
+            s3.copy({"Bucket": src_bucket, "Key": src_key}, bucket, prefix + rel)
+        else:
+            s3.upload_file(str(source), bucket, prefix + rel)
+
+    storage.run_all(copy, sorted(remote))
 
 
 def holds_artifact(uri: str | os.PathLike) -> bool:
@@ -217,9 +272,11 @@ def publish_dir(uri: str | os.PathLike, overwrite: bool = False, kind: str | Non
     try:
         yield staging
         kind = kind or _staged_kind(staging)
+        remote = _take_remote(staging)
         if storage.is_s3(uri):
-            _publish_s3(staging, str(uri).rstrip("/"), overwrite, kind)
+            _publish_s3(staging, str(uri).rstrip("/"), overwrite, kind, remote)
         else:
+            _fetch_remote(staging, remote)
             _publish_local(staging, Path(uri), overwrite, kind)
     finally:
         storage.delete(staging)
@@ -247,7 +304,7 @@ def _publish_local(staging: Path, target: Path, overwrite: bool, kind: str | Non
     log.info("published %s (replaced the previous one)", target)
 
 
-def _publish_s3(staging: Path, uri: str, overwrite: bool, kind: str | None) -> None:
+def _publish_s3(staging: Path, uri: str, overwrite: bool, kind: str | None, remote: dict[str, str]) -> None:
     marker = uri + MARKER_SUFFIX
     if holds_artifact(uri):
         if not overwrite:
@@ -266,6 +323,8 @@ def _publish_s3(staging: Path, uri: str, overwrite: bool, kind: str | None) -> N
     rels = storage.list_files(staging)
     has_manifest = storage.MANIFEST in rels
     storage.upload_files(staging, uri, [r for r in rels if r != storage.MANIFEST])
+    _copy_remote(uri, remote)
+    rels = sorted({*rels, *remote})
     storage.delete_files(uri, sorted(previous - set(rels)))  # the old artifact's files the new one has not
     if has_manifest:
         storage.upload_files(staging, uri, [storage.MANIFEST])

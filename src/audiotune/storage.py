@@ -302,12 +302,12 @@ def download(uri: str | os.PathLike, local_path: str | os.PathLike) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         s3.download_file(bucket, prefix + rel, str(target))
 
-    _run_all(fetch, files)
+    run_all(fetch, files)
     log.debug("downloaded %d files from %s to %s", len(files), uri, dest)
     return dest
 
 
-def _run_all(fn: Callable[[str], None], items: list[str]) -> None:
+def run_all(fn: Callable[[str], None], items: list[str]) -> None:
     """Apply ``fn`` to every item on a small thread pool; the first error propagates."""
     if len(items) <= 1:
         for item in items:
@@ -328,7 +328,7 @@ def upload_files(local_dir: Path, uri: str, rels: list[str]) -> None:
     def put(rel: str) -> None:
         s3.upload_file(str(local_dir / rel), bucket, prefix + rel)
 
-    _run_all(put, rels)
+    run_all(put, rels)
 
 
 def upload_dir(local_dir: str | os.PathLike, uri: str | os.PathLike) -> None:

@@ -9,6 +9,7 @@ the unit, so the merged Dataset holds the same rows in the same order as the one
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import logging
@@ -18,6 +19,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from audiotune import artifacts, publish, storage
 from audiotune.data.report import ConvertReport
 from audiotune.data.schema import SPLITS
 from audiotune.errors import DataError
@@ -29,25 +31,60 @@ class MergeError(DataError):
     """Parts that do not make up the plan (a unit missing, one twice, one from another plan)."""
 
 
+def fetch_part(uri: str | os.PathLike, workdir: Path) -> tuple[Path, str | Path]:
+    """A part's small files (``part.json``, quarantine, embeddings) as a local folder, and where its shards are.
+
+    A local part is used where it is. Of a part on S3 only the files that are not shards are downloaded (into
+    ``workdir``); its shards stay on S3 and are copied to the merged artifact server side when it is published
+    (:func:`place_shards`), so a merge never holds the corpus on its disk.
+    """
+    if not storage.is_s3(uri):
+        return Path(uri), Path(uri)
+    uri = str(uri).rstrip("/")
+    local = Path(workdir) / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    for rel in storage.list_files(uri):
+        if not fnmatch.fnmatch(rel, artifacts.SHARD_GLOB):
+            storage.download(storage.join(uri, rel), storage.inside(local, rel, uri))
+    return local, uri
+
+
+def place_shards(folder: str | Path, part: dict[str, Any], staging: Path, splits: dict[str, dict[str, Any]],
+                 shard_files: list[dict[str, Any]]) -> None:
+    """Place a part's shards (``part``: its part.json, ``{"splits": {split: {"shards": [{file, rows}]}}}`` and
+    ``shard_files``) into the artifact staged in ``staging``, numbered after those already in ``splits``.
+
+    ``splits`` (the manifest's) and ``shard_files`` (its list of path, rows, bytes and sha256) are extended.
+    A local shard is hard-linked (or copied) into ``staging``; a shard on S3 is copied at publish time
+    (:func:`audiotune.publish.place_remote`) with the checksum its unit recorded. Dataset and Tokens parts alike.
+
+    Raises:
+        MergeError: a part on S3 that recorded no checksums of its shards (written by an older version).
+    """
+    recorded = {e["path"]: e for e in part.get("shard_files") or []}
+    for split in SPLITS:
+        (staging / split).mkdir(exist_ok=True)
+        for shard in part["splits"][split]["shards"]:
+            name = f"{split}/part-{len(splits[split]['shards']):05d}.parquet"
+            source = f"{split}/{shard['file']}"
+            entry = recorded.get(source)
+            if storage.is_s3(folder):
+                if entry is None:
+                    raise MergeError(f"{folder}: part.json lists no checksum of {source}; re-run its unit")
+                publish.place_remote(staging, name, storage.join(str(folder), source))
+            else:
+                _link_or_copy(Path(folder) / source, staging / name)
+                entry = entry or artifacts.shard_files(staging, name)[0]
+            shard_files.append({**entry, "path": name})
+            splits[split]["shards"].append({"file": name.split("/", 1)[1], "rows": shard["rows"]})
+            splits[split]["rows"] += shard["rows"]
+
+
 def _link_or_copy(src: Path, dst: Path) -> None:
     """A hard link to an (immutable) part's shard where the file system allows it, else a copy."""
     try:
         os.link(src, dst)
     except OSError:
         shutil.copyfile(src, dst)
-
-
-def place_shards(folder: Path, part_splits: dict[str, Any], staging: Path, splits: dict[str, dict[str, Any]]) -> None:
-    """Link a part's shards (``part_splits``: its ``{split: {"shards": [{file, rows}]}}``) into ``staging``,
-    numbered after those already in ``splits`` (updated: the manifest's ``splits``). Dataset and Tokens parts
-    alike."""
-    for split in SPLITS:
-        (staging / split).mkdir(exist_ok=True)
-        for shard in part_splits[split]["shards"]:
-            name = f"part-{len(splits[split]['shards']):05d}.parquet"
-            _link_or_copy(folder / split / shard["file"], staging / split / name)
-            splits[split]["shards"].append({"file": name, "rows": shard["rows"]})
-            splits[split]["rows"] += shard["rows"]
 
 
 def read_part(directory: Path) -> dict[str, Any]:
@@ -101,30 +138,38 @@ def sum_reports(plan: dict[str, Any], infos: list[dict[str, Any]]) -> ConvertRep
     return report
 
 
-def merge_parts(plan: dict[str, Any], parts: list[tuple[str, Path]], staging: Path) -> dict[str, Any]:
-    """Copy the parts' shards into ``staging`` renumbered in plan order, concatenate the quarantines.
+Fetched = tuple[Path, str | Path]  # (a local folder of a part's small files, where its shards are)
+
+
+def merge_parts(plan: dict[str, Any], parts: list[tuple[str, Fetched]], staging: Path) -> dict[str, Any]:
+    """Place the parts' shards in ``staging`` renumbered in plan order, concatenate the quarantines.
+
+    Args:
+        parts: ``(unit id, (local folder of its small files, where its shards are))`` (:func:`fetch_part`).
 
     Returns:
         ``report`` (a :class:`ConvertReport`), ``splits`` (rows and shards per split, as the one-task stage
-        writes them), ``fingerprint`` (sha256 of the units' fingerprints in plan order), ``figures`` per unit.
+        writes them), ``shard_files`` (for the manifest), ``fingerprint`` (sha256 of the units' fingerprints in
+        plan order), ``figures`` per unit.
     """
     splits: dict[str, dict[str, Any]] = {s: {"rows": 0, "shards": []} for s in SPLITS}
+    files: list[dict[str, Any]] = []
     fingerprint = hashlib.sha256()
     infos, figures = [], {}
     with open(staging / "quarantine.jsonl", "w", encoding="utf-8") as quarantine:
         for bad in plan["quarantine"]:
             quarantine.write(json.dumps(bad, ensure_ascii=False) + "\n")
-        for unit_id, folder in parts:
+        for unit_id, (folder, shards) in parts:
             info = read_part(folder)
             if info.get("unit") != unit_id:
                 raise MergeError(f"{folder}: holds unit {info.get('unit')!r}, expected {unit_id!r}")
             infos.append(info)
             figures[unit_id] = info["figures"]
             fingerprint.update(info["fingerprint"].encode())
-            place_shards(Path(folder), info["splits"], staging, splits)
+            place_shards(shards, info, staging, splits, files)
             with open(Path(folder) / "quarantine.jsonl", encoding="utf-8") as f:
                 shutil.copyfileobj(f, quarantine)
     counts = Counter({s: splits[s]["rows"] for s in SPLITS})
     log.info("merged %d units: %d train / %d val rows", len(parts), counts["train"], counts["val"])
     return {"report": sum_reports(plan, infos), "splits": splits, "fingerprint": fingerprint.hexdigest(),
-            "figures": figures}
+            "figures": figures, "shard_files": sorted(files, key=lambda e: e["path"])}

@@ -170,6 +170,7 @@ def convert_unit(cfg: AudiotuneConfig, plan_dir: str, unit_id: str, output: str)
             "speakers": {k: dict(v) for k, v in report.speakers.items()},
             "reason_fields": dict(report.reason_fields), "seconds": dict(report.seconds),
             "splits": {s: {"rows": w.rows, "shards": w.shards} for s, w in writers.items()},
+            "shard_files": artifacts.shard_files(staging),  # the merge copies them with these checksums
             "fingerprint": fingerprint.hexdigest(),
             "figures": {"elapsed_s": round(elapsed, 3), "workers": workers, "s3_bytes_read": spool.bytes_read,
                         "peak_spool_bytes": budget.peak,
@@ -220,9 +221,10 @@ def merge(cfg: AudiotuneConfig, plan_dir: str, parts: list[str], output: str) ->
     source = planned["source"]
     publish.require_missing_or_overwrite(output, c.overwrite, artifacts.DATASET, [source, c.val_source])
     local = {}
-    for uri in parts:
-        folder = storage.local_copy(uri)
-        local[merge_mod.read_part(folder)["unit"]] = folder
+    work = Path(tempfile.mkdtemp(prefix="audiotune-merge-"))
+    for uri in parts:  # their small files only: shards on S3 are copied server side at publish
+        folder, shards = merge_mod.fetch_part(uri, work)
+        local[merge_mod.read_part(folder)["unit"]] = (folder, shards)
     with tracking.stage_run(cfg.tracking, "convert") as tracker, \
             publish.publish_dir(output, overwrite=c.overwrite, kind=artifacts.DATASET,
                                 inputs=[source, c.val_source]) as staging:
@@ -249,9 +251,10 @@ def merge(cfg: AudiotuneConfig, plan_dir: str, parts: list[str], output: str) ->
             staging, artifacts.DATASET, artifacts.DATASET_VERSION, source=source, format=planned["format"],
             sample_rate=c.sample_rate, columns=COLUMNS, splits=merged["splits"], quarantined=report.quarantined,
             fingerprint=merged["fingerprint"], units=[u["id"] for u in planned["units"]],
-            config=c.model_dump(mode="json"),
+            config=c.model_dump(mode="json"), shard_files=merged["shard_files"],
         )
         tracker.set_tags({"dataset_fingerprint": manifest["fingerprint"]})
+    shutil.rmtree(work, ignore_errors=True)
     log.info("published dataset %s from %d units", output, len(parts))
     return ConvertResult(output=output, report=report_dict, manifest=manifest)
 

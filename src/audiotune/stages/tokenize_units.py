@@ -196,6 +196,7 @@ def tokenize_unit(cfg: AudiotuneConfig, setup_uri: str, part_uri: str, output: s
             "kind": PART, "unit": unit, "input_rows": total, "report": row_pass.report_state(out),
             "embedding_speakers": [s for s, _ in out.embeddings],
             "splits": {s: {"rows": w.rows, "shards": w.shards} for s, w in out.writers.items()},
+            "shard_files": artifacts.shard_files(staging),  # the merge copies them with these checksums
             "figures": {"elapsed_s": round(elapsed, 3), "workers": workers, "rows": total,
                         "audio_s": round(out.report.audio_seconds, 3),
                         "peak_rss_bytes": _peak_rss()},
@@ -239,10 +240,11 @@ def merge(cfg: AudiotuneConfig, setup_uri: str, parts: list[str], output: str) -
     dataset, base_model = described["dataset"], described["base_model"]
     publish.require_missing_or_overwrite(output, t.overwrite, artifacts.TOKENS, [dataset, base_model])
     found = {}
-    for uri in parts:
-        folder = storage.local_copy(uri)
+    work = Path(tempfile.mkdtemp(prefix="audiotune-merge-"))
+    for uri in parts:  # their small files only: shards on S3 are copied server side at publish
+        folder, shards = merge_mod.fetch_part(uri, work)
         info = merge_mod.read_part(folder)
-        found[info["unit"]] = (folder, info)
+        found[info["unit"]] = (folder, shards, info)
     ordered = _ordered(described["units"], found, "tokenized part", "tokenize_unit")
     with tracking.stage_run(cfg.tracking, "tokenize") as tracker, \
             publish.publish_dir(output, overwrite=t.overwrite, kind=artifacts.TOKENS,
@@ -250,20 +252,21 @@ def merge(cfg: AudiotuneConfig, setup_uri: str, parts: list[str], output: str) -
         tracker.log_params({"tokenize": t.model_dump(mode="json"), "run": cfg.run.model_dump(mode="json")})
         shutil.copytree(setup.tok_dir, staging / "tokenizer")
         splits: dict[str, dict[str, Any]] = {s: {"rows": 0, "shards": []} for s in SPLITS}
+        files: list[dict[str, Any]] = []
         embeddings: list[tuple[str, np.ndarray]] = []
         with open(staging / "quarantine.jsonl", "w", encoding="utf-8") as quarantine:
-            for folder, info in ordered:
-                merge_mod.place_shards(folder, info["splits"], staging, splits)
+            for folder, shards, info in ordered:
+                merge_mod.place_shards(shards, info, staging, splits, files)
                 with open(folder / "quarantine.jsonl", encoding="utf-8") as f:
                     shutil.copyfileobj(f, quarantine)
                 embeddings.extend(_embeddings(folder, info))
         row_pass.save_speaker_means(embeddings, staging / "tokenizer")
         audio = setup.audio_tok
-        report = row_pass.report_from_states([info["report"] for _, info in ordered], audio.num_codebooks if audio
+        report = row_pass.report_from_states([info["report"] for _, _, info in ordered], audio.num_codebooks if audio
                                              else 0, audio.codebook_size if audio else None)
-        total = sum(info["input_rows"] for _, info in ordered)
+        total = sum(info["input_rows"] for _, _, info in ordered)
         quarantined = sum(report.reasons.values())
-        throughput = _throughput([info["figures"] for _, info in ordered], report.audio_seconds,
+        throughput = _throughput([info["figures"] for _, _, info in ordered], report.audio_seconds,
                                  described["elapsed_s"])
         report_dict = report.write(staging, dataset=dataset, text_tokenizer=setup.text_kind,
                                    audio_tokenizer=audio.name if audio else None, throughput=throughput,
@@ -277,7 +280,9 @@ def merge(cfg: AudiotuneConfig, setup_uri: str, parts: list[str], output: str) -
             staging, artifacts.TOKENS, artifacts.TOKENS_VERSION,
             **row_pass.manifest_fields(setup, t, base_model, dataset, described["dataset_fields"], moss=False),
             splits=splits, quarantined=quarantined, config=t.model_dump(mode="json"), units=described["units"],
+            shard_files=sorted(files, key=lambda e: e["path"]),
         )
+    shutil.rmtree(work, ignore_errors=True)
     log.info("published tokens %s from %d units: %d train / %d val rows", output, len(ordered),
              splits["train"]["rows"], splits["val"]["rows"])
     return MergedTokens(output=output, report=report_dict, manifest=manifest)
