@@ -47,6 +47,7 @@ def convert_unit(
     config: str,
     part: Output[Dataset],
     metrics: Output[Metrics],
+    part_uri: dsl.OutputPath(str),
     plan: Optional[Input[Artifact]] = None,
 ):
     """Convert one work unit: stream its audio (ranged GETs, at most convert.max_local_disk_bytes on disk),
@@ -65,12 +66,13 @@ def convert_unit(
     steps.setup()
     outcome = data_fanout.convert_unit(config, plan.path if plan else "", unit_id, part.path)
     steps.record(outcome, part, metrics)
+    data_fanout.write_parameter(part_uri, data_fanout.readable_uri(part.uri))
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False, packages_to_install=[])
 def merge_data(
     plan: Input[Artifact],
-    parts: Input[List[Dataset]],
+    parts: List[str],
     config: str,
     dataset: Output[Dataset],
     metrics: Output[Metrics],
@@ -82,9 +84,11 @@ def merge_data(
 
     Args:
         plan: The plan the parts were converted from (every unit must have its part).
-        parts: The parts written by convert_unit (dsl.Collected over the fan-out).
+        parts: The URIs of the parts written by convert_unit (dsl.Collected over the fan-out): parameters, not
+            input artifacts, so that KFP's launcher does not download the corpus to this pod first.
         config: The run, tracking and convert sections of the run's config (JSON).
-        dataset: The Dataset artifact, as convert_data writes it.
+        dataset: The Dataset artifact, as convert_data writes it (published straight to its URI when that is on
+            S3: the parts' shards are copied server side).
         metrics: Rows kept and quarantined, hours, S3 bytes read, peak disk and RSS of a unit.
         dataset_uri: The Dataset's URI (the tokenize fan-out reads its manifest only).
         part_uris: The parts' URIs (each tokenize unit fetches its own part only).
@@ -95,9 +99,9 @@ def merge_data(
     from audiotune.orchestration import data_fanout, steps
 
     steps.setup()
-    outcome = data_fanout.merge(config, plan.path, [p.path for p in parts], dataset.path)
+    outcome = data_fanout.merge(config, plan.path, parts, data_fanout.publish_target(dataset.uri, dataset.path))
     steps.record(outcome, dataset, metrics)
-    data_fanout.hand_on(dataset_uri, dataset.uri, part_uris, [p.uri for p in parts])
+    data_fanout.hand_on(dataset_uri, dataset.uri, part_uris, parts)
     return outcome.run_id
 
 
@@ -137,6 +141,7 @@ def tokenize_unit(
     config: str,
     part: Output[Dataset],
     metrics: Output[Metrics],
+    tokens_part_uri: dsl.OutputPath(str),
 ):
     """Tokenize one unit's convert part with the set-up's tokenizers: text ids, audio codes, mels, speaker
     features, its shards, quarantine and partial report.
@@ -147,18 +152,20 @@ def tokenize_unit(
         config: The run, tracking and tokenize sections of the run's config (JSON).
         part: The unit's part of the Tokens.
         metrics: Rows, audio seconds, seconds and peak RSS of the unit.
+        tokens_part_uri: The URI of ``part`` (merge_tokens reads the parts by URI).
     """
     from audiotune.orchestration import data_fanout, steps
 
     steps.setup()
     outcome = data_fanout.tokenize_unit(config, setup.path, part_uri, part.path)
     steps.record(outcome, part, metrics)
+    data_fanout.write_parameter(tokens_part_uri, data_fanout.readable_uri(part.uri))
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False, packages_to_install=[])
 def merge_tokens(
     setup: Input[Artifact],
-    parts: Input[List[Dataset]],
+    parts: List[str],
     config: str,
     tokens: Output[Dataset],
     metrics: Output[Metrics],
@@ -168,7 +175,8 @@ def merge_tokens(
 
     Args:
         setup: The tokenizer set-up the parts were tokenized with.
-        parts: The parts written by tokenize_unit (dsl.Collected over the fan-out).
+        parts: The URIs of the parts written by tokenize_unit (dsl.Collected over the fan-out; parameters, so
+            that the launcher does not download them to this pod).
         config: The run, tracking and tokenize sections of the run's config (JSON).
         tokens: The Tokens artifact.
         metrics: Rows, audio hours, token counts, sequence lengths, throughput.
@@ -179,6 +187,6 @@ def merge_tokens(
     from audiotune.orchestration import data_fanout, steps
 
     steps.setup()
-    outcome = data_fanout.merge_tokens(config, setup.path, [p.path for p in parts], tokens.path)
+    outcome = data_fanout.merge_tokens(config, setup.path, parts, data_fanout.publish_target(tokens.uri, tokens.path))
     steps.record(outcome, tokens, metrics)
     return outcome.run_id

@@ -80,8 +80,8 @@ def convert_fanout(cfg: AudiotuneConfig, cluster: Any, cache: bool, source_uri: 
                       cluster, "convert unit", cache=cache)
         unit.set_retry(num_retries=cfg.pipeline.retries, backoff_duration=f"{cfg.pipeline.retry_backoff_s}s",
                        backoff_factor=2.0, backoff_max_duration="3600s")
-    return _small(merge_data(plan=planned.outputs["plan"], parts=dsl.Collected(unit.outputs["part"]), config=conf),
-                  cluster, "merge data", cache=cache)
+    return _small(merge_data(plan=planned.outputs["plan"], parts=dsl.Collected(unit.outputs["part_uri"]),
+                             config=conf), cluster, "merge data", cache=cache)
 
 
 def tokenize_fanout(cfg: AudiotuneConfig, cluster: Any, cache: bool, merged: dsl.PipelineTask, base_model_uri: Any,
@@ -99,7 +99,8 @@ def tokenize_fanout(cfg: AudiotuneConfig, cluster: Any, cache: bool, merged: dsl
                       cluster, "tokenize unit", cache=cache)
         unit.set_retry(num_retries=cfg.pipeline.retries, backoff_duration=f"{cfg.pipeline.retry_backoff_s}s",
                        backoff_factor=2.0, backoff_max_duration="3600s")
-    return _small(merge_tokens(setup=setup.outputs["setup"], parts=dsl.Collected(unit.outputs["part"]), config=conf),
+    return _small(merge_tokens(setup=setup.outputs["setup"], parts=dsl.Collected(unit.outputs["tokens_part_uri"]),
+                               config=conf),
                   cluster, "merge tokens", cache=cache)
 
 

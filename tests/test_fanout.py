@@ -235,7 +235,8 @@ def test_a_failed_unit_is_redone_alone(tmp_path, s3_env):
 
 def test_the_fanout_compiles_into_the_pipeline(tmp_path):
     """pipeline.data_parallelism > 0: plan-data → a ParallelFor (its parallelism limit) of convert-unit (retried,
-    cached) → merge-data (collected parts) → prepare-tokenizer → a ParallelFor of tokenize-unit → merge-tokens,
+    cached) → merge-data (the collected parts' URIs) → prepare-tokenizer → a ParallelFor of tokenize-unit →
+    merge-tokens,
     which feeds training; 0 keeps the one convert-data and tokenize-data tasks."""
     import yaml
 
@@ -252,8 +253,10 @@ def test_the_fanout_compiles_into_the_pipeline(tmp_path):
     unit = tasks["convert-unit"]
     assert unit["cachingOptions"] == {"enableCache": True} and unit["retryPolicy"]["maxRetryCount"] == 2
     assert "plan" not in unit.get("inputs", {}).get("artifacts", {})  # the durable plan: cache keys hold
-    parts = tasks["merge-data"]["inputs"]["artifacts"]["parts"]
-    assert parts["taskOutputArtifact"]["producerTask"].startswith("for-loop")
+    # the parts reach the merges as collected URIs (parameters): KFP's launcher downloads input artifacts
+    parts = tasks["merge-data"]["inputs"]["parameters"]["parts"]["taskOutputParameter"]
+    assert parts["producerTask"].startswith("for-loop") and parts["outputParameterKey"].endswith("part_uri")
+    assert "parts" not in tasks["merge-data"]["inputs"].get("artifacts", {})
     assert "tokenize-data" not in tasks and {"prepare-tokenizer", "tokenize-unit", "merge-tokens"} <= set(tasks)
     setup = tasks["prepare-tokenizer"]["inputs"]["parameters"]
     assert setup["part_uris"]["componentInputParameter"].endswith("merge-data-part_uris")  # URIs, not artifacts
@@ -261,7 +264,7 @@ def test_the_fanout_compiles_into_the_pipeline(tmp_path):
     assert token_loop["parameterIterator"]["items"]["inputParameter"].endswith("prepare-tokenizer-Output")
     tok_unit = tasks["tokenize-unit"]
     assert tok_unit["cachingOptions"] == {"enableCache": True} and tok_unit["retryPolicy"]["maxRetryCount"] == 2
-    assert tasks["merge-tokens"]["inputs"]["artifacts"]["parts"]["taskOutputArtifact"]["producerTask"] == \
+    assert tasks["merge-tokens"]["inputs"]["parameters"]["parts"]["taskOutputParameter"]["producerTask"] == \
         next(n for n, t in tasks.items() if t is token_loop)
     assert "merge-tokens" in json.dumps(tasks["train-llm"]["inputs"]["artifacts"]["tokens"])
 
@@ -469,3 +472,13 @@ def test_merges_of_parts_on_s3_copy_shards_server_side_and_equal_the_local_merge
     assert on_s3.manifest["shard_files"] == one.manifest["shard_files"]
     back = storage.download(f"{s3_env}/tokens", tmp_path / "tokens-back")
     artifacts.verify_shards(back, json.loads((back / "manifest.json").read_text()), str(back))
+
+
+def test_a_merge_publishes_straight_to_an_s3_artifact_uri(tmp_path):
+    from audiotune.orchestration import data_fanout
+
+    local = tmp_path / "minio" / "b" / "merge-data" / "dataset"
+    assert data_fanout.publish_target("minio://b/merge-data/dataset", str(local)) == "s3://b/merge-data/dataset"
+    assert local.is_dir() and not any(local.iterdir())  # the launcher's upload finds an empty folder
+    assert data_fanout.publish_target(str(tmp_path / "x"), str(tmp_path / "x")) == str(tmp_path / "x")
+    assert data_fanout.publish_target("gs://b/x", str(tmp_path / "g")) == str(tmp_path / "g")

@@ -13,7 +13,7 @@ import json
 import logging
 from pathlib import Path
 
-from audiotune import artifacts
+from audiotune import artifacts, storage
 from audiotune.orchestration import runs
 from audiotune.orchestration.steps import Outcome, StepError, load, numeric
 
@@ -66,13 +66,28 @@ def readable_uri(uri: str) -> str:
     return "s3://" + uri[len("minio://"):] if uri.startswith("minio://") else uri
 
 
+def publish_target(artifact_uri: str, local_path: str) -> str:
+    """Where a merge publishes its output artifact: straight to the artifact's URI when storage reads it as
+    ``s3://`` (the parts' shards are then copied server side, and the launcher finds an empty local folder to
+    upload), else the local path KFP gives (kfp.local, a mounted store)."""
+    uri = readable_uri(artifact_uri)
+    if not storage.is_s3(uri):
+        return local_path
+    Path(local_path).mkdir(parents=True, exist_ok=True)
+    return uri
+
+
+def write_parameter(path: str, value: str) -> None:
+    """An output parameter of a component (``dsl.OutputPath(str)``)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(value, encoding="utf-8")
+
+
 def hand_on(dataset_uri_path: str, dataset_uri: str, part_uris_path: str, part_uris: list[str]) -> None:
     """Write the merged Dataset's URI and its parts' URIs (the merge task's parameter outputs) for the tokenize
     fan-out, which reads only the manifest of the one and one part each of the others."""
-    for path, value in ((dataset_uri_path, readable_uri(dataset_uri)),
-                        (part_uris_path, json.dumps([readable_uri(u) for u in part_uris]))):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(value, encoding="utf-8")
+    write_parameter(dataset_uri_path, readable_uri(dataset_uri))
+    write_parameter(part_uris_path, json.dumps([readable_uri(u) for u in part_uris]))
 
 
 def prepare_tokenizer(config: str, dataset_uri: str, part_uris: list[str], base_model_uri: str,
