@@ -61,21 +61,12 @@ def _tokenize(overrides: list[str], plan_dir: str, units: int, work: Path) -> di
     started = time.perf_counter()
     described = tokenize_units.prepare(cfg, dataset, parts, str(work / f"setup-{units}"))
     setup_s = time.perf_counter() - started
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_tokenize_unit, args=(overrides, str(work / f"setup-{units}"), part,
-                                                      str(work / f"tokens-{units}" / f"{k:03d}"), queue))
-             for k, part in enumerate(described["parts"])]
-    start = time.perf_counter()
-    for p in procs:
-        p.start()
-    figures = [queue.get() for _ in procs]
-    for p in procs:
-        p.join()
-    wall = time.perf_counter() - start
+    figures, wall = _in_processes(_tokenize_unit, [
+        (overrides, str(work / f"setup-{units}"), part, str(work / f"tokens-{units}" / f"{k:03d}"))
+        for k, part in enumerate(described["parts"])])
     rows, audio_s = sum(f["rows"] for f in figures), sum(f["audio_s"] for f in figures)
-    cores = min(len(procs), len(os.sched_getaffinity(0)))
-    return {"units": len(procs), "setup_s": round(setup_s, 2), "fit_rows": described["fit"].get("rows"),
+    cores = min(len(figures), len(os.sched_getaffinity(0)))
+    return {"units": len(figures), "setup_s": round(setup_s, 2), "fit_rows": described["fit"].get("rows"),
             "wall_s": round(wall, 2), "rows_per_s": round(rows / wall, 1),
             "rows_per_s_per_core": round(rows / wall / cores, 1),
             "in_unit_rows_per_s": round(rows / sum(f["elapsed_s"] for f in figures), 1),
@@ -84,29 +75,35 @@ def _tokenize(overrides: list[str], plan_dir: str, units: int, work: Path) -> di
             "peak_rss_mb_per_unit": round(max(f["peak_rss_bytes"] for f in figures) / 2**20, 1)}
 
 
-def _fanout(source: str, units: int, rows: int, work: Path, extra: list[str]) -> dict:
-    overrides = ["tracking.enabled=false", "run.num_workers=1", f"convert.unit_max_rows={-(-rows // units)}", *extra]
-    cfg = load_config(None, overrides)
-    plan_dir = str(work / f"plan-{units}")
-    planned = convert_units.plan(cfg, plan_dir, source)
-    queue = multiprocessing.get_context("spawn").Queue()
-    procs = [multiprocessing.get_context("spawn").Process(
-        target=_unit, args=(overrides, plan_dir, u["id"], str(work / f"parts-{units}" / u["id"]), queue))
-        for u in planned["units"]]
+def _in_processes(target, args: list[tuple]) -> tuple[list[dict], float]:
+    """Run ``target(*a, queue)`` for every ``a`` in its own spawned process at once: the figures each puts on the
+    queue, and the wall time of them all."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*a, queue)) for a in args]
     start = time.perf_counter()
     for p in procs:
         p.start()
     figures = [queue.get() for _ in procs]
     for p in procs:
         p.join()
-    wall = time.perf_counter() - start
+    return figures, time.perf_counter() - start
+
+
+def _fanout(source: str, units: int, rows: int, work: Path, extra: list[str]) -> dict:
+    overrides = ["tracking.enabled=false", "run.num_workers=1", f"convert.unit_max_rows={-(-rows // units)}", *extra]
+    cfg = load_config(None, overrides)
+    plan_dir = str(work / f"plan-{units}")
+    planned = convert_units.plan(cfg, plan_dir, source)
+    figures, wall = _in_processes(_unit, [(overrides, plan_dir, u["id"], str(work / f"parts-{units}" / u["id"]))
+                                          for u in planned["units"]])
     audio_s = rows * ARGS.seconds
-    cores = min(len(procs), len(os.sched_getaffinity(0)))
+    cores = min(len(figures), len(os.sched_getaffinity(0)))
     if ARGS.tokenize and not extra:
         TOKENIZE.append(_tokenize(overrides, plan_dir, units, work))
         print(json.dumps(TOKENIZE[-1]))
     # wall_s includes starting each unit's process (imports, ~2-3 s), as a pod's start would
-    return {"units": len(procs), "wall_s": round(wall, 2), "audio_s_per_s": round(audio_s / wall, 1),
+    return {"units": len(figures), "wall_s": round(wall, 2), "audio_s_per_s": round(audio_s / wall, 1),
             "audio_s_per_s_per_core": round(audio_s / wall / cores, 1), "cores_used": cores,
             "in_unit_audio_s_per_s_per_core": round(audio_s / sum(f["elapsed_s"] for f in figures), 1),
             "source_bytes": planned["source_bytes"],

@@ -99,21 +99,32 @@ def read_part(directory: Path) -> dict[str, Any]:
         raise MergeError(f"{directory}: not a converted unit (part.json: {err})") from None
 
 
-def order_parts(plan: dict[str, Any], parts: dict[str, Path]) -> list[tuple[str, Path]]:
-    """``parts`` (``{unit id: folder}``) in the plan's unit order; every unit of the plan exactly once.
+def in_unit_order(units: list[str], found: dict[str, Any], what: str, task: str, where: str,
+                  error: type[Exception] = MergeError) -> list[Any]:
+    """``found`` (unit id → anything) in ``units`` order, every unit exactly once.
+
+    Raises:
+        error: naming the first unit missing (and the task to re-run), or a unit ``where`` does not have.
+    """
+    extra = sorted(set(found) - set(units))
+    if extra:
+        raise error(f"{what} of unit {extra[0]!r} is not in {where}")
+    missing = [u for u in units if u not in found]
+    if missing:
+        raise error(f"unit {missing[0]!r} has no {what} ({len(missing)} of {len(units)} missing); "
+                    f"re-run its {task} task")
+    return [found[u] for u in units]
+
+
+def order_parts(plan: dict[str, Any], parts: dict[str, Any]) -> list[tuple[str, Any]]:
+    """``parts`` (``{unit id: part}``) as ``(unit id, part)`` in the plan's unit order; every unit exactly once.
 
     Raises:
         MergeError: naming the first unit missing, or a part of a unit the plan does not have.
     """
     wanted = [u["id"] for u in plan["units"]]
-    extra = sorted(set(parts) - set(wanted))
-    if extra:
-        raise MergeError(f"part of unit {extra[0]!r} is not in the plan (a part of another plan?)")
-    missing = [u for u in wanted if u not in parts]
-    if missing:
-        raise MergeError(f"unit {missing[0]!r} has no converted part ({len(missing)} of {len(wanted)} missing); "
-                         "re-run its convert task")
-    return [(u, parts[u]) for u in wanted]
+    ordered = in_unit_order(wanted, parts, "converted part", "convert", "the plan (a part of another plan?)")
+    return list(zip(wanted, ordered, strict=True))
 
 
 def sum_reports(plan: dict[str, Any], infos: list[dict[str, Any]]) -> ConvertReport:

@@ -63,14 +63,8 @@ class MergedTokens:
 
 def _ordered(units: list[str], found: dict[str, Any], what: str, task: str) -> list[Any]:
     """``found`` (unit id → anything) in ``units`` order, every unit exactly once."""
-    extra = sorted(set(found) - set(units))
-    if extra:
-        raise TokenizeUnitsError(f"{what} of unit {extra[0]!r} is not in the Dataset's units (another Dataset?)")
-    missing = [u for u in units if u not in found]
-    if missing:
-        raise TokenizeUnitsError(f"unit {missing[0]!r} has no {what} ({len(missing)} of {len(units)} missing); "
-                                 f"re-run its {task} task")
-    return [found[u] for u in units]
+    return merge_mod.in_unit_order(units, found, what, task, "the Dataset's units (another Dataset?)",
+                                   error=TokenizeUnitsError)
 
 
 def _convert_part(uri: str) -> dict[str, Any]:
