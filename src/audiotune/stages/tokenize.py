@@ -17,7 +17,6 @@ import logging
 import tempfile
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
@@ -31,21 +30,13 @@ from audiotune.data.workers import num_workers, stop_on_signals
 from audiotune.errors import DataError
 from audiotune.tokenization import features, row_pass, tokenizer_setup
 from audiotune.tokenization.audio_tokenizers.base import CodesOutOfRange
+from audiotune.tokenization.row_pass import TokenizeResult
 
 log = logging.getLogger(__name__)
 
 
 class TokenizeError(DataError):
     """The tokenize stage failed as a whole."""
-
-
-@dataclass
-class TokenizeResult:
-    """What the stage produced."""
-
-    output: str
-    report: dict[str, Any]
-    manifest: dict[str, Any]
 
 
 def tokenize(cfg: AudiotuneConfig, dataset: str | None, output: str, base_model: str | None = None) -> TokenizeResult:

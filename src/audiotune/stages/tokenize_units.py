@@ -27,7 +27,6 @@ import shutil
 import tempfile
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ from audiotune.data.schema import SPLITS
 from audiotune.data.workers import num_workers, stop_on_signals
 from audiotune.errors import DataError
 from audiotune.tokenization import row_pass, tokenizer_setup
+from audiotune.tokenization.row_pass import TokenizeResult
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +50,6 @@ EMBEDDINGS_FILE = "embeddings.safetensors"
 
 class TokenizeUnitsError(DataError):
     """The tokenize fan-out's inputs do not fit together (a part of another Dataset, a unit missing)."""
-
-
-@dataclass
-class MergedTokens:
-    """What the merge published."""
-
-    output: str
-    report: dict[str, Any]
-    manifest: dict[str, Any]
 
 
 def _ordered(units: list[str], found: dict[str, Any], what: str, task: str) -> list[Any]:
@@ -222,7 +213,7 @@ def _throughput(figures: list[dict[str, Any]], audio_seconds: float, setup_s: fl
             "peak_rss_bytes": max((f["peak_rss_bytes"] for f in figures), default=0)}
 
 
-def merge(cfg: AudiotuneConfig, setup_uri: str, parts: list[str], output: str) -> MergedTokens:
+def merge(cfg: AudiotuneConfig, setup_uri: str, parts: list[str], output: str) -> TokenizeResult:
     """Assemble the units' Tokens parts into one Tokens artifact at ``output``, published atomically.
 
     Raises:
@@ -279,11 +270,11 @@ def merge(cfg: AudiotuneConfig, setup_uri: str, parts: list[str], output: str) -
     shutil.rmtree(work, ignore_errors=True)
     log.info("published tokens %s from %d units: %d train / %d val rows", output, len(ordered),
              splits["train"]["rows"], splits["val"]["rows"])
-    return MergedTokens(output=output, report=report_dict, manifest=manifest)
+    return TokenizeResult(output=output, report=report_dict, manifest=manifest)
 
 
 def tokenize_fanout(cfg: AudiotuneConfig, dataset: str, parts: list[str], output: str,
-                    base_model: str | None = None, workdir: str | None = None) -> MergedTokens:
+                    base_model: str | None = None, workdir: str | None = None) -> TokenizeResult:
     """Set up, tokenize every unit (here, one after another) and merge: the pipeline's fan-out in one process."""
     own = workdir is None
     root = Path(workdir or tempfile.mkdtemp(prefix="audiotune-tokenize-fanout-"))

@@ -39,6 +39,15 @@ class TooManyBadRows(DataError):
 
 
 @dataclass
+class TokenizeResult:
+    """What a tokenize stage published (the one-task stage or the fan-out's merge)."""
+
+    output: str
+    report: dict[str, Any]
+    manifest: dict[str, Any]
+
+
+@dataclass
 class RowOutputs:
     """Where the row pass writes: shards per split, the report, the quarantine, the speaker embeddings.
 
